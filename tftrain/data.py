@@ -1,0 +1,260 @@
+"""Datasets: Fashion-MNIST IDX files, TFDS, synthetic; and the tf.data pipeline.
+
+The training order is a pure function of ``(seed, step)``: epoch ``e`` visits
+the examples in a permutation drawn from the stateless seed ``(seed, e)``,
+cut into global batches. A resumed run therefore rebuilds exactly the batch
+sequence it left, from the global step alone, and every strategy (one
+device, mirrored, multi-worker) sees the same global batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import struct
+
+import numpy as np
+
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IDX_DATASETS = ("fashion_mnist", "mnist")
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4",
+               0x0D: ">f4", 0x0E: ">f8"}
+SYNTHETIC_SHAPE = (28, 28, 1)
+SYNTHETIC_CLASSES = 10
+
+
+class DataError(ValueError):
+    """Data that cannot be found or read: one clear message for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split in memory: uint8 images (N, H, W, C) and int32 labels (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, n: int | None) -> Split:
+        if n is None or n >= len(self):
+            return self
+        return Split(self.images[:n], self.labels[:n])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.images.shape[1:])
+
+
+# --------------------------------------------------------------------------
+# Reading.
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads one IDX file (optionally gzipped) into a NumPy array.
+
+    The format (LeCun et al.): two zero bytes, a type byte, a dimension
+    count byte, then one big-endian uint32 per dimension, then the data.
+
+    Raises:
+      DataError: when the file is missing, truncated or not IDX.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number).")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated: its header is incomplete.")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path} holds {len(raw) - header} data bytes; its header "
+            f"{tuple(shape)} promises {expected}.")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _find(data_dir: str, stem: str) -> str | None:
+    for name in (stem, stem + ".gz"):
+        path = os.path.join(data_dir, name)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def load_idx(name: str, data_dir: str | None) -> Dataset:
+    """Loads MNIST-format IDX files (train and t10k) from ``data_dir``."""
+    data_dir = data_dir or DEFAULT_FASHION_MNIST_DIR
+    splits = {}
+    for split, stems in _IDX_FILES.items():
+        paths = [_find(data_dir, stem) for stem in stems]
+        if None in paths:
+            missing = stems[paths.index(None)]
+            raise DataError(
+                f"--dataset={name}: no {missing}[.gz] in --data_dir={data_dir}. "
+                "Install the embedded Fashion-MNIST with "
+                "`sudo apt-get install dataset-fashion-mnist` (it fills "
+                f"{DEFAULT_FASHION_MNIST_DIR}), point --data_dir at a folder of "
+                "IDX files, or name a TFDS dataset that TFDS can load.")
+        images, labels = (read_idx(p) for p in paths)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(
+                f"{data_dir}: {split} images {images.shape} and labels "
+                f"{labels.shape} do not match (expected (N, H, W) and (N,)).")
+        splits[split] = Split(images[..., None].astype(np.uint8),
+                              labels.astype(np.int32))
+    num_classes = int(max(splits["train"].labels.max(), splits["test"].labels.max())) + 1
+    return Dataset(name, splits["train"], splits["test"], num_classes)
+
+
+def load_tfds(name: str, data_dir: str | None) -> Dataset:
+    """Loads an image classification dataset from TFDS into memory."""
+    import tensorflow_datasets as tfds  # heavy: imported only when used
+
+    try:
+        loaded, info = tfds.load(name, data_dir=data_dir, as_supervised=True,
+                                 batch_size=-1, with_info=True)
+    except Exception as e:  # TFDS raises many types; all mean "not loadable"
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"--dataset={name}: TFDS could not load it ({first_line}). Use a "
+            "TFDS name that is downloaded in --data_dir (or can be downloaded), "
+            "or --dataset=fashion_mnist for the embedded IDX files.") from None
+    test_split = "test" if "test" in info.splits else None
+    if "train" not in info.splits or test_split is None:
+        raise DataError(f"--dataset={name}: expected 'train' and 'test' splits, "
+                        f"found {', '.join(info.splits)}.")
+    label_feature = info.features["label"]
+    splits = {}
+    for split in ("train", "test"):
+        images, labels = (np.asarray(t) for t in tfds.as_numpy(loaded[split]))
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise DataError(f"--dataset={name}: expected uint8 images, got "
+                            f"{images.dtype} of shape {images.shape}.")
+        splits[split] = Split(images, labels.astype(np.int32))
+    return Dataset(name, splits["train"], splits["test"], int(label_feature.num_classes))
+
+
+def make_synthetic(seed: int, num_train: int = 6000, num_test: int = 1000) -> Dataset:
+    """A learnable synthetic dataset: labels from a fixed random linear teacher.
+
+    Deterministic in ``seed``. Used by benchmarks (no I/O) and tests.
+    """
+    rng = np.random.default_rng(seed)
+    dim = int(np.prod(SYNTHETIC_SHAPE))
+    teacher = rng.normal(size=(dim, SYNTHETIC_CLASSES)).astype(np.float32)
+
+    def split(n):
+        images = rng.integers(0, 256, size=(n, *SYNTHETIC_SHAPE), dtype=np.uint8)
+        centred = images.reshape(n, dim).astype(np.float32) / 255.0 - 0.5
+        return Split(images, np.argmax(centred @ teacher, axis=1).astype(np.int32))
+
+    return Dataset("synthetic", split(num_train), split(num_test), SYNTHETIC_CLASSES)
+
+
+def load(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
+    """Loads a dataset by name: IDX files first for the MNIST family, else TFDS."""
+    if name == "synthetic":
+        return make_synthetic(seed)
+    if name == "fashion_mnist" or (name == "mnist" and data_dir
+                                   and _find(data_dir, _IDX_FILES["train"][0])):
+        return load_idx(name, data_dir)
+    return load_tfds(name, data_dir)
+
+
+# --------------------------------------------------------------------------
+# The tf.data pipeline.
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    """Whole global batches in one epoch (the remainder is dropped)."""
+    return num_examples // global_batch_size
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch):
+    """The order of epoch ``epoch``: a stateless permutation of the examples."""
+    import tensorflow as tf
+
+    keys = tf.random.stateless_uniform(
+        [num_examples], seed=tf.stack([tf.cast(seed, tf.int64),
+                                       tf.cast(epoch, tf.int64)]),
+        dtype=tf.float32)
+    return tf.argsort(keys, stable=True)
+
+
+def train_dataset(split: Split, *, global_batch_size: int, seed: int,
+                  start_step: int = 0):
+    """Global batches of ``(float32 images, int32 labels)``, forever.
+
+    Batch ``k`` of the stream is training step ``start_step + k`` of the run;
+    the stream depends only on the data, the batch size, the seed and
+    ``start_step``. Pixel values stay in [0, 255]; the model rescales them.
+    """
+    import tensorflow as tf
+
+    n = len(split)
+    per_epoch = steps_per_epoch(n, global_batch_size)
+    if per_epoch == 0:
+        raise DataError(f"--batch_size={global_batch_size} is larger than the "
+                        f"{n} training examples: expected at most {n}.")
+    images = tf.constant(split.images)
+    labels = tf.constant(split.labels)
+    first_epoch, first_batch = divmod(start_step, per_epoch)
+
+    def epoch_batches(epoch):
+        order = epoch_permutation(n, seed, epoch)[: per_epoch * global_batch_size]
+        batches = tf.data.Dataset.from_tensor_slices(
+            tf.reshape(order, [per_epoch, global_batch_size]))
+        # Only the first epoch of a resumed run starts part-way through.
+        return batches.skip(tf.where(epoch == first_epoch, tf.constant(first_batch, tf.int64),
+                                    tf.constant(0, tf.int64)))
+
+    ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch_batches)
+    ds = ds.map(lambda idx: (tf.cast(tf.gather(images, idx), tf.float32),
+                             tf.gather(labels, idx)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _with_options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def eval_dataset(split: Split, *, batch_size: int):
+    """The whole split once, in order, in batches (the last may be short)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+    return _with_options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _with_options(ds):
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.deterministic = True
+    # Shard by element: each worker keeps its slice of every global batch,
+    # so N workers together still take one global batch per step.
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return ds.with_options(options)

@@ -1,0 +1,1 @@
+"""Clusters, strategies and the local launcher."""

@@ -1,0 +1,145 @@
+"""TF_CONFIG: parsed and validated in one place, one clear message per mistake.
+
+``TF_CONFIG`` is JSON: ``{"cluster": {"worker": ["host:port", ...],
+"chief": [...], "ps": [...]}, "task": {"type": "worker", "index": 0}}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+
+from tftrain.config import ConfigError
+
+TASK_TYPES = ("chief", "worker", "ps", "evaluator")
+_ADDRESS = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterInfo:
+    """Where this process stands in its cluster."""
+
+    cluster: Mapping[str, tuple[str, ...]]
+    task_type: str
+    task_index: int
+
+    @property
+    def num_workers(self) -> int:
+        """Tasks that train: workers plus the chief, if any."""
+        return len(self.cluster.get("worker", ())) + len(self.cluster.get("chief", ()))
+
+    @property
+    def is_chief(self) -> bool:
+        """The chief task, or worker 0 when the cluster has no chief."""
+        if "chief" in self.cluster:
+            return self.task_type == "chief"
+        return self.task_type == "worker" and self.task_index == 0
+
+    @property
+    def address(self) -> str:
+        return self.cluster[self.task_type][self.task_index]
+
+
+def parse_tf_config(raw: str | None) -> ClusterInfo | None:
+    """Parses and validates the text of ``TF_CONFIG``.
+
+    Returns:
+      None when ``raw`` is unset or empty (a single-process run).
+
+    Raises:
+      ConfigError: naming what is wrong and what is expected.
+    """
+    if raw is None or not raw.strip():
+        return None
+    try:
+        spec = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({e.msg} at character "
+                          f"{e.pos}): expected an object like "
+                          '{"cluster": {"worker": ["host:port"]}, '
+                          '"task": {"type": "worker", "index": 0}}.') from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"TF_CONFIG is a JSON {type(spec).__name__}: expected "
+                          "an object with 'cluster' and 'task'.")
+    cluster = spec.get("cluster")
+    if not isinstance(cluster, dict) or not cluster:
+        raise ConfigError("TF_CONFIG has no 'cluster': expected a mapping from task "
+                          "type (chief, worker, ps) to a list of host:port addresses.")
+    parsed: dict[str, tuple[str, ...]] = {}
+    seen: dict[str, str] = {}
+    for task_type, addresses in cluster.items():
+        if task_type not in TASK_TYPES:
+            raise ConfigError(f"TF_CONFIG cluster has task type {task_type!r}: "
+                              f"expected {', '.join(TASK_TYPES)}.")
+        if not isinstance(addresses, list) or not addresses:
+            raise ConfigError(f"TF_CONFIG cluster[{task_type!r}] is {addresses!r}: "
+                              "expected a non-empty list of host:port strings.")
+        for i, address in enumerate(addresses):
+            where = f"TF_CONFIG cluster[{task_type!r}][{i}]"
+            if not isinstance(address, str) or not (m := _ADDRESS.match(address)):
+                raise ConfigError(f"{where} is {address!r}: expected host:port.")
+            if not 0 < int(m["port"]) < 65536:
+                raise ConfigError(f"{where} is {address!r}: port {m['port']} is "
+                                  "outside 1-65535.")
+            if address in seen:
+                raise ConfigError(f"{where} is {address!r}, the same address as "
+                                  f"{seen[address]}: every task needs its own port.")
+            seen[address] = where
+        parsed[task_type] = tuple(addresses)
+    if len(parsed.get("chief", ())) > 1:
+        raise ConfigError(f"TF_CONFIG cluster has {len(parsed['chief'])} chiefs: "
+                          "expected at most one.")
+    task = spec.get("task")
+    if not isinstance(task, dict):
+        raise ConfigError("TF_CONFIG has no 'task': expected "
+                          '{"type": "<chief|worker|ps>", "index": <n>}.')
+    task_type, index = task.get("type"), task.get("index", 0)
+    if task_type not in parsed:
+        raise ConfigError(f"TF_CONFIG task type {task_type!r} is not in the cluster, "
+                          f"which has {', '.join(parsed)}.")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ConfigError(f"TF_CONFIG task index {index!r}: expected an integer >= 0.")
+    if index >= len(parsed[task_type]):
+        raise ConfigError(f"TF_CONFIG task index {index} is out of range: cluster "
+                          f"has {len(parsed[task_type])} {task_type} task(s), "
+                          f"indices 0-{len(parsed[task_type]) - 1}.")
+    return ClusterInfo(parsed, task_type, index)
+
+
+def check_cluster_for_strategy(info: ClusterInfo | None, strategy: str) -> None:
+    """Checks that the cluster's roles fit the chosen strategy.
+
+    Raises:
+      ConfigError: when they do not.
+    """
+    if strategy == "multi_worker_mirrored":
+        if info is None:
+            return  # one worker on its own: a valid, if trivial, cluster
+        extra = sorted(set(info.cluster) - {"chief", "worker", "evaluator"})
+        if extra:
+            raise ConfigError(
+                f"--strategy=multi_worker_mirrored does not use {', '.join(extra)} "
+                "tasks, but TF_CONFIG's cluster has them: expected only chief and "
+                "worker tasks (use --strategy=parameter_server for ps tasks).")
+        if info.task_type == "evaluator":
+            raise ConfigError("TF_CONFIG task type 'evaluator' is not supported by "
+                              "tftrain train: expected a chief or worker task.")
+    elif strategy == "parameter_server":
+        if info is None or "ps" not in info.cluster:
+            raise ConfigError("--strategy=parameter_server needs a TF_CONFIG cluster "
+                              "with ps tasks (tftrain launch --num_ps=M sets one up).")
+    elif info is not None and info.num_workers > 1:
+        raise ConfigError(
+            f"TF_CONFIG describes a cluster of {info.num_workers} workers, but "
+            f"--strategy={strategy} runs on one machine: expected "
+            "--strategy=multi_worker_mirrored (or unset TF_CONFIG).")
+
+
+def from_environment(strategy: str) -> ClusterInfo | None:
+    """Reads, validates and checks ``TF_CONFIG`` from the environment."""
+    info = parse_tf_config(os.environ.get("TF_CONFIG"))
+    check_cluster_for_strategy(info, strategy)
+    return info

@@ -1,0 +1,115 @@
+"""A pure strategy factory: the strategy follows from its arguments alone.
+
+Call it before any other TensorFlow work: logical CPU devices and the
+multi-worker collectives can only be configured at program start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tftrain.config import ConfigError
+from tftrain.distribute.cluster import ClusterInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """What the trainer needs to know about the strategy it runs under."""
+
+    strategy: object  # tf.distribute.Strategy
+    is_chief: bool
+    num_workers: int
+    worker_index: int
+
+    @property
+    def num_replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+
+def configure_threads(intra_op: int = 0, inter_op: int = 0) -> None:
+    """Sizes TensorFlow's thread pools (0 leaves TensorFlow's default)."""
+    import tensorflow as tf
+
+    if intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+
+
+def _local_devices(num_replicas: int) -> list[str]:
+    """``num_replicas`` GPUs where there are enough, else logical CPU devices."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) >= num_replicas:
+        return [f"/gpu:{i}" for i in range(num_replicas)]
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * num_replicas)
+    return [f"/cpu:{i}" for i in range(num_replicas)]
+
+
+def _cross_device_ops(name: str, devices: list[str]):
+    import tensorflow as tf
+
+    if name == "auto":
+        return None
+    if name == "nccl":
+        if not devices[0].startswith("/gpu"):
+            raise ConfigError("--all_reduce=nccl needs GPUs; this machine has none: "
+                              "expected auto or hierarchical_copy.")
+        return tf.distribute.NcclAllReduce()
+    if name == "hierarchical_copy":
+        return tf.distribute.HierarchicalCopyAllReduce()
+    raise ConfigError(f"--all_reduce={name} applies to --strategy=multi_worker_mirrored "
+                      "(as --collective=ring); for mirrored expected auto, nccl or "
+                      "hierarchical_copy.")
+
+
+def create(strategy: str, *, num_replicas: int = 1, all_reduce: str = "auto",
+           collective: str = "auto", collective_timeout_secs: float | None = None,
+           cluster: ClusterInfo | None = None) -> Placement:
+    """Creates the tf.distribute strategy by name.
+
+    Args:
+      strategy: ``one_device``, ``mirrored`` or ``multi_worker_mirrored``.
+      num_replicas: local replicas for ``mirrored``.
+      all_reduce: the cross-device reduction for ``mirrored``.
+      collective: the collective implementation for ``multi_worker_mirrored``.
+      collective_timeout_secs: a collective that waits longer fails (a worker
+        that died or never came) instead of hanging.
+      cluster: the parsed TF_CONFIG, if any.
+
+    Raises:
+      ConfigError: for a choice this machine or cluster cannot run.
+    """
+    import tensorflow as tf
+
+    if strategy == "one_device":
+        device = "/gpu:0" if tf.config.list_physical_devices("GPU") else "/cpu:0"
+        return Placement(tf.distribute.OneDeviceStrategy(device), True, 1, 0)
+    if strategy == "mirrored":
+        devices = _local_devices(num_replicas)
+        return Placement(
+            tf.distribute.MirroredStrategy(
+                devices, cross_device_ops=_cross_device_ops(all_reduce, devices)),
+            True, 1, 0)
+    if strategy == "multi_worker_mirrored":
+        implementation = {
+            "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+            "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+            "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+        }[collective]
+        if collective == "nccl" and not tf.config.list_physical_devices("GPU"):
+            raise ConfigError("--collective=nccl needs GPUs; this machine has none: "
+                              "expected auto or ring.")
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=implementation, timeout_seconds=collective_timeout_secs)
+        mwms = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        if cluster is None:
+            return Placement(mwms, True, 1, 0)
+        workers = sorted(
+            (t, i) for t in ("chief", "worker") for i in range(len(cluster.cluster.get(t, ()))))
+        return Placement(mwms, cluster.is_chief, cluster.num_workers,
+                         workers.index((cluster.task_type, cluster.task_index)))
+    raise ConfigError(f"--strategy={strategy} is not available in this version.")
