@@ -163,6 +163,12 @@ def _train_main(argv):
     from tftrain import controller
     from tftrain.distribute import strategies
 
+    from tftrain.distribute.watchdog import NoWatchdog, Watchdog
+
+    watchdog = NoWatchdog()
+    if config.strategy == "multi_worker_mirrored" and cluster and cluster.num_workers > 1:
+        watchdog = Watchdog(config.collective_timeout_secs)
+        watchdog.kick("waiting for every worker of the cluster to start")
     try:
         strategies.configure_threads(flag_values.intra_op_threads,
                                      flag_values.inter_op_threads)
@@ -170,7 +176,8 @@ def _train_main(argv):
             config.strategy, num_replicas=config.num_replicas,
             all_reduce=config.all_reduce, collective=config.collective,
             collective_timeout_secs=config.collective_timeout_secs, cluster=cluster)
-        controller.run(config, placement)
+        controller.run(config, placement, watchdog=watchdog)
+        watchdog.stop()
     except (ConfigError, DataError, controller.RunError) as e:
         _fail(str(e))
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,

@@ -23,6 +23,7 @@ from tftrain import data as data_lib
 from tftrain import models, optimizers
 from tftrain.config import ConfigError, ExperimentConfig
 from tftrain.distribute.strategies import Placement
+from tftrain.distribute.watchdog import NoWatchdog
 from tftrain.trainer import Trainer
 
 
@@ -103,7 +104,7 @@ def _export(model, image_shape, out: _Output) -> str:
 
 
 def run(config: ExperimentConfig, placement: Placement, *,
-        log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print, watchdog=None) -> dict:
     """Trains, evaluates and exports one run; returns what metrics.json holds.
 
     Raises:
@@ -127,14 +128,15 @@ def run(config: ExperimentConfig, placement: Placement, *,
     out = _Output(config.model_dir, placement.is_chief, placement.worker_index)
     try:
         return _run(config, placement, dataset, train_split, test_split, per_epoch,
-                    total_steps, out, log)
+                    total_steps, out, log, watchdog or NoWatchdog())
     finally:
         out.close()
 
 
 def _run(config, placement, dataset, train_split, test_split, per_epoch, total_steps,
-         out: _Output, log) -> dict:
+         out: _Output, log, watchdog) -> dict:
     strategy = placement.strategy
+    watchdog.kick("creating the model's variables (all workers must join)")
     with strategy.scope():
         model = models.build_model(config.model, input_shape=dataset.image_shape,
                                    num_classes=dataset.num_classes, seed=config.seed,
@@ -151,6 +153,7 @@ def _run(config, placement, dataset, train_split, test_split, per_epoch, total_s
         checkpoint, out.path("checkpoints"), max_to_keep=config.keep_checkpoints,
         step_counter=trainer.global_step)
     latest = tf.train.latest_checkpoint(shared_dir)
+    watchdog.kick("restoring the latest checkpoint")
     if latest:
         try:
             checkpoint.restore(latest).assert_existing_objects_matched()
@@ -195,6 +198,7 @@ def _run(config, placement, dataset, train_split, test_split, per_epoch, total_s
         # Stop each loop at the next evaluation or checkpoint boundary.
         n = min(config.steps_per_loop, total_steps - step,
                 eval_every - step % eval_every, ckpt_every - step % ckpt_every)
+        watchdog.kick(f"training steps {step + 1}-{step + n}")
         t0 = time.time()
         trainer.train(iterator, n)
         metrics = trainer.take_train_metrics()  # reads: waits for the loop
@@ -222,6 +226,7 @@ def _run(config, placement, dataset, train_split, test_split, per_epoch, total_s
                 f"lr {lr:.3g}  {speed:,.0f} examples/s  "
                 f"elapsed {_format_duration(now - run_start)}  ETA {_format_duration(eta)}")
         if step % eval_every == 0 or step == total_steps:
+            watchdog.kick(f"evaluating at step {step}")
             eval_metrics = trainer.evaluate(eval_ds)
             with eval_writer.as_default(step=step):
                 tf.summary.scalar("loss", eval_metrics["loss"])
@@ -229,6 +234,7 @@ def _run(config, placement, dataset, train_split, test_split, per_epoch, total_s
             log(f"eval at step {step}: loss {eval_metrics['loss']:.4f}  "
                 f"accuracy {eval_metrics['accuracy']:.4f}")
         if step % ckpt_every == 0 or step == total_steps:
+            watchdog.kick(f"saving the checkpoint of step {step}")
             saved = manager.save(checkpoint_number=step)
             if not placement.is_chief:
                 shutil.rmtree(os.path.dirname(saved), ignore_errors=True)
@@ -236,7 +242,9 @@ def _run(config, placement, dataset, train_split, test_split, per_epoch, total_s
         eval_writer.flush()
 
     if eval_metrics is None:  # resumed a finished run: evaluate what it left
+        watchdog.kick("evaluating")
         eval_metrics = trainer.evaluate(eval_ds)
+    watchdog.kick("exporting the SavedModel")
     export_dir = _export(model, dataset.image_shape, out)
     result = {
         "eval_accuracy": eval_metrics["accuracy"],

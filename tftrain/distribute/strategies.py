@@ -44,8 +44,16 @@ def _local_devices(num_replicas: int) -> list[str]:
     if len(gpus) >= num_replicas:
         return [f"/gpu:{i}" for i in range(num_replicas)]
     cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * num_replicas)
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * num_replicas)
+    except RuntimeError:  # already initialised (a test process): use what is there
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have < num_replicas:
+            raise ConfigError(
+                f"--num_replicas={num_replicas}: TensorFlow was already started with "
+                f"{have} CPU device(s); logical devices must be set up before any "
+                "other TensorFlow work.") from None
     return [f"/cpu:{i}" for i in range(num_replicas)]
 
 
@@ -105,7 +113,13 @@ def create(strategy: str, *, num_replicas: int = 1, all_reduce: str = "auto",
                               "expected auto or ring.")
         options = tf.distribute.experimental.CommunicationOptions(
             implementation=implementation, timeout_seconds=collective_timeout_secs)
-        mwms = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        try:
+            mwms = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        except tf.errors.OpError as e:
+            where = f" on {cluster.address}" if cluster else ""
+            raise ConfigError(f"could not start this task's server{where} "
+                              f"({e.message.strip().splitlines()[0]}): is another "
+                              "program using that port?") from None
         if cluster is None:
             return Placement(mwms, True, 1, 0)
         workers = sorted(

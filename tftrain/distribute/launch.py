@@ -1,0 +1,294 @@
+"""``tftrain launch``: a local cluster, one process per task, like torchrun.
+
+Each task gets its own ``TF_CONFIG`` over free loopback ports, a share of
+the machine's cores, and its output prefixed with its name. The first task
+to fail stops the rest (non-zero exit) unless ``--max_restarts`` allows a
+restart, which resumes from the last checkpoint in ``--model_dir``. A
+worker of a parameter-server run is restarted on its own: the coordinator
+tolerates its loss. Ctrl-C and SIGTERM stop every task; no process is left
+behind.
+
+``--emit=tfjob`` prints a Kubeflow TFJob manifest for the same run instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+
+
+def define_flags(flag_values) -> None:
+    from absl import flags
+
+    flags.DEFINE_integer("num_workers", 2, "worker tasks", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("num_ps", 0, "parameter-server tasks; with them a chief "
+                         "(the coordinator) is started too", lower_bound=0,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("max_restarts", 0, "restarts of the whole cluster after a "
+                         "task fails; each resumes from the last checkpoint",
+                         lower_bound=0, flag_values=flag_values)
+    flags.DEFINE_float("stop_grace_secs", 10.0, "seconds a task gets to stop after "
+                       "SIGTERM before SIGKILL", lower_bound=0.0, flag_values=flag_values)
+    flags.DEFINE_integer("threads_per_task", 0, "intra-op threads per task (0: the "
+                         "machine's cores shared out among the tasks)", lower_bound=0,
+                         flag_values=flag_values)
+    flags.DEFINE_enum("emit", "", ["", "tfjob"], "print a manifest instead of running: "
+                      "tfjob (Kubeflow)", flag_values=flag_values)
+    flags.DEFINE_string("image", "tftrain:latest", "container image, for --emit",
+                        flag_values=flag_values)
+    flags.DEFINE_string("job_name", "tftrain", "job name, for --emit",
+                        flag_values=flag_values)
+
+
+# -- the cluster ------------------------------------------------------------
+
+
+def reserve_ports(count: int, host: str = "127.0.0.1") -> tuple[list[int], list[socket.socket]]:
+    """Picks ``count`` distinct free ports and keeps them bound until released.
+
+    Holding them all at once keeps them distinct and keeps other programs
+    off them while the cluster is planned. TensorFlow's gRPC server will not
+    share a port, so the caller closes the sockets just before it starts the
+    tasks; the window left is the time a process takes to start.
+    """
+    sockets, ports = [], []
+    for _ in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind((host, 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    return ports, sockets
+
+
+def cluster_spec(num_workers: int, num_ps: int, ports: Sequence[int],
+                 host: str = "127.0.0.1") -> dict[str, list[str]]:
+    """The cluster: a chief only when there are parameter servers."""
+    addresses = iter(f"{host}:{p}" for p in ports)
+    spec: dict[str, list[str]] = {}
+    if num_ps:
+        spec["chief"] = [next(addresses)]
+    spec["worker"] = [next(addresses) for _ in range(num_workers)]
+    if num_ps:
+        spec["ps"] = [next(addresses) for _ in range(num_ps)]
+    return spec
+
+
+def tasks_of(spec: dict[str, list[str]]) -> list[tuple[str, int]]:
+    return [(t, i) for t in ("chief", "worker", "ps") for i in range(len(spec.get(t, ())))]
+
+
+def task_env(spec, task_type: str, index: int, threads: int, num_workers: int) -> dict:
+    env = dict(os.environ)
+    env["TF_CONFIG"] = json.dumps({"cluster": spec,
+                                   "task": {"type": task_type, "index": index}})
+    env["TFTRAIN_INTRA_OP_THREADS"] = str(threads)
+    # Collectives and parameter-server RPCs block inter-op threads; with fewer
+    # than workers + 1 of them a small machine deadlocks.
+    env["TFTRAIN_INTER_OP_THREADS"] = str(max(num_workers + 1, 2))
+    env["GRPC_FAIL_FAST"] = "use_caller"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class _Task:
+    def __init__(self, name: str, argv: list[str], env: dict, lock: threading.Lock):
+        self.name = name
+        self.process = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+        self._pump = threading.Thread(target=self._forward, args=(lock,), daemon=True)
+        self._pump.start()
+
+    def _forward(self, lock: threading.Lock) -> None:
+        for raw in iter(self.process.stdout.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            with lock:
+                print(f"[{self.name}] {line}", flush=True)
+        self.process.stdout.close()
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)  # the task and anything it started
+        except ProcessLookupError:
+            pass
+
+    def drain(self, timeout: float = 5.0) -> None:
+        self._pump.join(timeout)
+
+
+class Cluster:
+    """Starts, watches and stops the tasks of one local cluster."""
+
+    def __init__(self, *, num_workers: int, num_ps: int, train_argv: list[str],
+                 threads_per_task: int = 0, stop_grace_secs: float = 10.0):
+        self.num_workers = num_workers
+        self.num_ps = num_ps
+        self.train_argv = train_argv
+        self.stop_grace_secs = stop_grace_secs
+        tasks = num_workers + num_ps + (1 if num_ps else 0)
+        self.threads = threads_per_task or max(1, (os.cpu_count() or 1) // max(
+            num_workers + (1 if num_ps else 0), 1))
+        self._lock = threading.Lock()
+        self._ports, self._sockets = reserve_ports(tasks)
+        self.spec = cluster_spec(num_workers, num_ps, self._ports)
+        self.tasks: dict[tuple[str, int], _Task] = {}
+
+    def start_task(self, task_type: str, index: int) -> None:
+        env = task_env(self.spec, task_type, index, self.threads, self.num_workers)
+        argv = [sys.executable, "-m", "tftrain", "train", *self.train_argv]
+        task = _Task(f"{task_type}:{index}", argv, env, self._lock)
+        self.tasks[(task_type, index)] = task
+        self._say(f"started {task.name} (pid {task.process.pid})")
+
+    def start(self) -> None:
+        self._release_ports()
+        for task_type, index in tasks_of(self.spec):
+            self.start_task(task_type, index)
+
+    def stop(self) -> None:
+        """SIGTERM to every live task, SIGKILL after the grace period."""
+        live = [t for t in self.tasks.values() if t.process.poll() is None]
+        for task in live:
+            task.signal(signal.SIGTERM)
+        deadline = time.time() + self.stop_grace_secs
+        for task in live:
+            try:
+                task.process.wait(max(deadline - time.time(), 0))
+            except subprocess.TimeoutExpired:
+                task.signal(signal.SIGKILL)
+                task.process.wait()
+        for task in self.tasks.values():
+            task.drain()
+        self._release_ports()
+
+    def _release_ports(self) -> None:
+        for s in self._sockets:
+            s.close()
+        self._sockets = []
+
+    def watch(self, poll_secs: float = 0.2) -> tuple[int, str | None]:
+        """Waits until the run ends.
+
+        Returns:
+          ``(exit code, name of the failed task or None)``.
+        """
+        coordinator = ("chief", 0) if self.num_ps else None
+        while True:
+            for key, task in list(self.tasks.items()):
+                code = task.process.poll()
+                if code is None or code == 0:
+                    continue
+                if self.num_ps and key[0] == "worker":
+                    self._say(f"{task.name} exited with {code}; restarting it (the "
+                              "coordinator tolerates a lost worker).")
+                    task.drain()
+                    self.start_task(*key)
+                    continue
+                return code, task.name
+            codes = {k: t.process.poll() for k, t in self.tasks.items()}
+            if coordinator is not None:
+                if codes[coordinator] == 0:
+                    return 0, None
+            elif all(c == 0 for c in codes.values()):
+                return 0, None
+            time.sleep(poll_secs)
+
+    def _say(self, message: str) -> None:
+        with self._lock:
+            print(f"[launch] {message}", flush=True)
+
+
+def run(*, num_workers: int, num_ps: int, train_argv: list[str], max_restarts: int = 0,
+        threads_per_task: int = 0, stop_grace_secs: float = 10.0) -> int:
+    """Runs the cluster to the end, restarting it up to ``max_restarts`` times."""
+    attempt = 0
+    stopping = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stopping["signal"] = signum
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            cluster = Cluster(num_workers=num_workers, num_ps=num_ps,
+                              train_argv=train_argv, threads_per_task=threads_per_task,
+                              stop_grace_secs=stop_grace_secs)
+            cluster._say(f"cluster {json.dumps(cluster.spec)}; "
+                         f"{cluster.threads} intra-op thread(s) per task"
+                         + (f"; attempt {attempt + 1}" if attempt else ""))
+            try:
+                cluster.start()
+                code, failed = cluster.watch()
+            except KeyboardInterrupt:
+                cluster._say("interrupted: stopping every task.")
+                cluster.stop()
+                return 128 + (stopping["signal"] or signal.SIGINT)
+            cluster.stop()
+            if failed is None:
+                cluster._say("every task finished.")
+                return 0
+            if attempt < max_restarts:
+                attempt += 1
+                cluster._say(f"{failed} failed with exit code {code}; restarting the "
+                             f"cluster from the last checkpoint ({attempt}/{max_restarts}).")
+                continue
+            cluster._say(f"{failed} failed with exit code {code}; stopped the other tasks.")
+            return code if code > 0 else 1
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# -- Kubeflow ---------------------------------------------------------------
+
+
+def tfjob_manifest(*, job_name: str, image: str, num_workers: int, num_ps: int,
+                   train_argv: list[str]) -> str:
+    """A Kubeflow TFJob whose operator sets TF_CONFIG for every replica.
+
+    JSON-quoted strings keep it valid YAML whatever the flags hold.
+    """
+    command = json.dumps(["tftrain", "train", *train_argv])
+    lines = ["apiVersion: kubeflow.org/v1", "kind: TFJob", "metadata:",
+             f"  name: {json.dumps(job_name)}", "spec:", "  tfReplicaSpecs:"]
+    roles = ([("Chief", 1)] if num_ps else []) + [("Worker", num_workers)] + (
+        [("PS", num_ps)] if num_ps else [])
+    for role, replicas in roles:
+        lines += [f"    {role}:", f"      replicas: {replicas}",
+                  "      restartPolicy: OnFailure", "      template:", "        spec:",
+                  "          containers:", "            - name: tensorflow",
+                  f"              image: {json.dumps(image)}",
+                  f"              command: {command}",
+                  "              env:", "                - name: GRPC_FAIL_FAST",
+                  '                  value: "use_caller"']
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    fv = flags.FLAGS
+    train_argv = list(argv[1:])
+    if not train_argv:
+        print("tftrain: error: no training flags: expected "
+              "tftrain launch --num_workers=N -- --experiment=... --model_dir=...",
+              file=sys.stderr)
+        sys.exit(2)
+    if fv.emit == "tfjob":
+        sys.stdout.write(tfjob_manifest(job_name=fv.job_name, image=fv.image,
+                                        num_workers=fv.num_workers, num_ps=fv.num_ps,
+                                        train_argv=train_argv))
+        return
+    sys.exit(run(num_workers=fv.num_workers, num_ps=fv.num_ps, train_argv=train_argv,
+                 max_restarts=fv.max_restarts, threads_per_task=fv.threads_per_task,
+                 stop_grace_secs=fv.stop_grace_secs))

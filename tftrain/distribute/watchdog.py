@@ -1,0 +1,84 @@
+"""A hang is a failure: end a multi-worker run that stops making progress.
+
+TensorFlow waits forever for a worker that never starts (collective group
+formation has no deadline), and a collective's own timeout does not cover
+every wait. While it waits, TensorFlow can hold Python's GIL, so neither a
+thread nor a signal handler of the stuck process gets to run. The watchdog
+is therefore a small separate process: the run sends it a line at each
+stage; if none comes for ``timeout_secs``, it prints what the run was
+waiting for and SIGKILLs the run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+# The watcher: no TensorFlow, starts in milliseconds. It reads stage lines on
+# stdin; "\x04" (or end of input: the run exited) ends it quietly.
+_WATCHER = r"""
+import os, select, signal, sys, time
+parent, timeout = int(sys.argv[1]), float(sys.argv[2])
+stage, last, buf = "starting", time.monotonic(), b""
+while True:
+    ready, _, _ = select.select([0], [], [], 1.0)
+    if ready:
+        chunk = os.read(0, 4096)
+        if not chunk:
+            sys.exit(0)
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if line == b"\x04":
+                sys.exit(0)
+            stage, last = line.decode(errors="replace"), time.monotonic()
+    elif time.monotonic() - last > timeout:
+        idle = time.monotonic() - last
+        sys.stderr.write(
+            f"tftrain: error: no progress for {idle:.0f} s while {stage}: another task "
+            "of the cluster died or never started (or --collective_timeout_secs="
+            f"{timeout:g} is too short for one loop of --steps_per_loop steps).\n")
+        sys.stderr.flush()
+        try:
+            os.kill(parent, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        sys.exit(1)
+"""
+
+
+class Watchdog:
+    """Kills this process when ``kick`` has not been called for ``timeout_secs``."""
+
+    def __init__(self, timeout_secs: float):
+        self.timeout_secs = float(timeout_secs)
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _WATCHER, str(os.getpid()), str(self.timeout_secs)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+
+    def kick(self, stage: str) -> None:
+        """Reports progress; ``stage`` says what the run does next."""
+        self._send(stage.replace("\n", " ") + "\n")
+
+    def stop(self) -> None:
+        self._send("\x04\n")
+        self._process.stdin.close()
+        self._process.wait()
+
+    def _send(self, text: str) -> None:
+        try:
+            self._process.stdin.write(text.encode())
+            self._process.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+
+class NoWatchdog:
+    """The single-process stand-in: nothing to wait for."""
+
+    def kick(self, stage: str) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
