@@ -8,6 +8,7 @@ that they delete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tftrain import data as data_lib
@@ -43,6 +45,14 @@ def _write_json_atomically(path: str, payload: dict) -> None:
         json.dump(payload, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def weights_fingerprint(model) -> str:
+    """SHA-256 of the model's weights, bit for bit: equal on every worker."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.hexdigest()
 
 
 def build_optimizer(config: ExperimentConfig, steps_per_epoch: int, total_steps: int):
@@ -262,7 +272,10 @@ def _run(config, placement, dataset, train_split, test_split, per_epoch, total_s
         "num_workers": placement.num_workers,
         "batch_size": config.batch_size,
         "seed": config.seed,
+        "weights_sha256": weights_fingerprint(model),
     }
+    log(f"Final weights sha256 {result['weights_sha256'][:16]} "
+        f"(worker {placement.worker_index} of {placement.num_workers}).")
     if placement.is_chief:
         _write_json_atomically(os.path.join(config.model_dir, "metrics.json"), result)
         log(f"Done: step {result['global_step']}, eval accuracy "

@@ -133,28 +133,29 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
     import tensorflow_datasets as tfds  # heavy: imported only when used
 
     try:
-        loaded, info = tfds.load(name, data_dir=data_dir, as_supervised=True,
-                                 batch_size=-1, with_info=True)
+        loaded, info = tfds.load(name, split=["train", "test"], data_dir=data_dir,
+                                 as_supervised=True, with_info=True)
     except Exception as e:  # TFDS raises many types; all mean "not loadable"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
-            f"--dataset={name}: TFDS could not load it ({first_line}). Use a "
-            "TFDS name that is downloaded in --data_dir (or can be downloaded), "
-            "or --dataset=fashion_mnist for the embedded IDX files.") from None
-    test_split = "test" if "test" in info.splits else None
-    if "train" not in info.splits or test_split is None:
-        raise DataError(f"--dataset={name}: expected 'train' and 'test' splits, "
-                        f"found {', '.join(info.splits)}.")
-    label_feature = info.features["label"]
+            f"--dataset={name}: TFDS could not load its train and test splits "
+            f"({first_line}). Use a TFDS name that is downloaded in --data_dir (or can "
+            "be downloaded), or --dataset=fashion_mnist for the embedded IDX "
+            "files.") from None
     splits = {}
-    for split in ("train", "test"):
-        images, labels = (np.asarray(t) for t in tfds.as_numpy(loaded[split]))
+    for split, ds in zip(("train", "test"), loaded):
+        chunks = list(ds.batch(8192).as_numpy_iterator())
+        if not chunks:
+            raise DataError(f"--dataset={name}: its {split} split is empty.")
+        images = np.concatenate([c[0] for c in chunks])
+        labels = np.concatenate([c[1] for c in chunks])
         if images.ndim == 3:
             images = images[..., None]
         if images.ndim != 4 or images.dtype != np.uint8:
             raise DataError(f"--dataset={name}: expected uint8 images, got "
                             f"{images.dtype} of shape {images.shape}.")
         splits[split] = Split(images, labels.astype(np.int32))
+    label_feature = info.features["label"]
     return Dataset(name, splits["train"], splits["test"], int(label_feature.num_classes))
 
 

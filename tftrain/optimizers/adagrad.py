@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from tftrain.optimizers._base import Optimizer, as_tf_variable, deduplicate
 
 
+@keras.saving.register_keras_serializable(package="tftrain")
 class Adagrad(Optimizer):
     """Adagrad: per-coordinate steps scaled by the accumulated squared gradients.
 
@@ -53,8 +55,6 @@ class Adagrad(Optimizer):
         if self.built:
             return
         super().build(var_list)
-        import keras
-
         self._accumulators = self.add_optimizer_variables(
             var_list, "accumulator",
             initializer=keras.initializers.Constant(self.initial_accumulator_value))

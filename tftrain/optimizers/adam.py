@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from tftrain.optimizers._base import Optimizer, as_tf_variable, deduplicate
 
 
+@keras.saving.register_keras_serializable(package="tftrain")
 class Adam(Optimizer):
     """Adam in the efficient form of Kingma and Ba's section 2.
 

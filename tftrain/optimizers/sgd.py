@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from tftrain.optimizers._base import FUSED_DTYPES, Optimizer, as_tf_variable, deduplicate
 
 
+@keras.saving.register_keras_serializable(package="tftrain")
 class SGD(Optimizer):
     """Stochastic gradient descent, as Keras defines it.
 
