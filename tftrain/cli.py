@@ -192,7 +192,11 @@ def _train_main(argv):
 def _run_absl(main, define, command: str, argv: list[str]) -> None:
     from absl import app, flags
 
+    known = set(flags.FLAGS)
     define(flags.FLAGS)
+    # --helpshort lists the main module's key flags: make the command's flags so.
+    for name in sorted(set(flags.FLAGS) - known):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
     try:
         app.run(main, argv=[f"tftrain {command}", *argv])
     except KeyboardInterrupt:

@@ -1,0 +1,175 @@
+"""tftrain launch: local clusters on loopback ports, for real."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, run_tftrain
+from tftrain.distribute import launch
+
+pytestmark = pytest.mark.cluster
+
+SMOKE = ["--experiment=fashion_mnist_mlp:smoke", "--train_steps=60", "--steps_per_loop=20"]
+
+
+def metrics(model_dir):
+    return json.load(open(os.path.join(model_dir, "metrics.json")))
+
+
+def test_reserved_ports_are_distinct_and_the_cluster_is_well_formed():
+    ports, sockets = launch.reserve_ports(5)
+    try:
+        assert len(set(ports)) == 5
+        spec = launch.cluster_spec(2, 2, ports)
+        assert spec["chief"] == [f"127.0.0.1:{ports[0]}"] and len(spec["ps"]) == 2
+        assert launch.tasks_of(spec) == [("chief", 0), ("worker", 0), ("worker", 1),
+                                         ("ps", 0), ("ps", 1)]
+        env = launch.task_env(spec, "worker", 1, threads=1, num_workers=2)
+        assert json.loads(env["TF_CONFIG"])["task"] == {"type": "worker", "index": 1}
+        assert env["GRPC_FAIL_FAST"] == "use_caller"
+        assert int(env["TFTRAIN_INTER_OP_THREADS"]) >= 3
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_tfjob_manifest():
+    result = run_tftrain("launch", "--num_workers=4", "--emit=tfjob", "--image=me/tftrain:1",
+                         "--", "--experiment=fashion_mnist_mlp",
+                         "--strategy=multi_worker_mirrored", "--model_dir=gs://b/run")
+    text = result.stdout
+    assert "kind: TFJob" in text and "apiVersion: kubeflow.org/v1" in text
+    assert "Worker:" in text and "replicas: 4" in text and "PS:" not in text
+    assert '"me/tftrain:1"' in text
+    command = json.loads(re.search(r"command: (\[.*\])", text).group(1))
+    assert command == ["tftrain", "train", "--experiment=fashion_mnist_mlp",
+                       "--strategy=multi_worker_mirrored", "--model_dir=gs://b/run"]
+
+
+@pytest.mark.slow
+def test_one_device_mirrored_and_two_launched_workers_agree(tmp_path):
+    """Same seed, data order and global batch: the same model after 60 steps."""
+    runs = {}
+    for name, flags in (("one", ["--strategy=one_device"]),
+                        ("mirrored", ["--strategy=mirrored", "--num_replicas=2"])):
+        runs[name] = str(tmp_path / name)
+        run_tftrain("train", *SMOKE, *flags, f"--model_dir={runs[name]}")
+    runs["mwms"] = str(tmp_path / "mwms")
+    result = run_tftrain("launch", "--num_workers=2", "--", *SMOKE,
+                         "--strategy=multi_worker_mirrored", f"--model_dir={runs['mwms']}",
+                         "--collective_timeout_secs=120")
+    # Both workers end with bit-identical weights ...
+    prints = re.findall(r"\[worker:(\d)\] Final weights sha256 (\w+)", result.stdout)
+    assert sorted(w for w, _ in prints) == ["0", "1"]
+    assert prints[0][1] == prints[1][1]
+    # ... and all three runs with the same eval loss, to float32 rounding of
+    # gradient sums taken in another order.
+    losses = {k: metrics(v)["eval_loss"] for k, v in runs.items()}
+    assert losses["mirrored"] == pytest.approx(losses["one"], rel=1e-5)
+    assert losses["mwms"] == pytest.approx(losses["one"], rel=1e-5)
+    assert metrics(runs["mwms"])["num_replicas"] == 2
+    assert metrics(runs["mwms"])["global_step"] == 60
+
+
+def _launch(args, model_dir):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CONFIG", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tftrain", "launch", *args, "--", *SMOKE[:1],
+         "--strategy=multi_worker_mirrored", f"--model_dir={model_dir}",
+         "--collective_timeout_secs=60", "--train_steps=400", "--steps_per_loop=10",
+         "--checkpoint_interval=20", "--eval_interval=1000"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _read_until(proc, pattern, lines, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if m := re.search(pattern, line):
+            return m
+    raise AssertionError(f"never saw {pattern!r}:\n{''.join(lines[-40:])}")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_the_cluster_from_the_last_checkpoint(tmp_path):
+    model_dir = str(tmp_path / "run")
+    proc = _launch(["--num_workers=2", "--max_restarts=1"], model_dir)
+    lines = []
+    pid = int(_read_until(proc, r"started worker:1 \(pid (\d+)\)", lines).group(1))
+    _read_until(proc, r"\[worker:0\] step (6\d|[7-9]\d|\d{3})/400", lines)
+    os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    text = "".join(lines) + out
+    assert proc.returncode == 0, text
+    assert "restarting the cluster from the last checkpoint (1/1)" in text
+    resumed = int(re.search(r"\[worker:0\] Resumed from .*ckpt-(\d+) at step", text).group(1))
+    assert resumed >= 40  # lost at most the steps since the last checkpoint
+    assert metrics(model_dir)["global_step"] == 400
+
+
+@pytest.mark.slow
+def test_first_failure_stops_the_others_and_leaves_no_orphans(tmp_path):
+    proc = _launch(["--num_workers=2"], str(tmp_path / "run"))
+    lines = []
+    pids = {}
+    for _ in range(2):
+        m = _read_until(proc, r"started (worker:\d) \(pid (\d+)\)", lines)
+        pids[m.group(1)] = int(m.group(2))
+    _read_until(proc, r"\[worker:1\] step \d+/400", lines)
+    os.kill(pids["worker:1"], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "worker:1 failed with exit code -9; stopped the other tasks" in out
+    assert not _alive(pids["worker:0"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_task(tmp_path):
+    proc = _launch(["--num_workers=2"], str(tmp_path / "run"))
+    lines, pids = [], []
+    for _ in range(2):
+        pids.append(int(_read_until(proc, r"started worker:\d \(pid (\d+)\)", lines).group(1)))
+    _read_until(proc, r"\[worker:0\] step \d+/400", lines)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted: stopping every task" in out
+    assert not any(_alive(p) for p in pids)
+
+
+@pytest.mark.slow
+def test_a_worker_that_never_comes_is_a_failure_not_a_hang(tmp_path):
+    ports, sockets = launch.reserve_ports(2)
+    for s in sockets:
+        s.close()
+    tf_config = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                            "task": {"type": "worker", "index": 0}})
+    start = time.time()
+    result = run_tftrain("train", *SMOKE, "--strategy=multi_worker_mirrored",
+                         f"--model_dir={tmp_path / 'r'}", "--collective_timeout_secs=10",
+                         env={"TF_CONFIG": tf_config}, check=False, timeout=120)
+    assert result.returncode != 0
+    assert "no progress for" in result.stderr and "never started" in result.stderr
+    assert time.time() - start < 60

@@ -1,0 +1,92 @@
+"""The inner loop, in-process, on synthetic data."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tftrain import data, models, optimizers
+from tftrain.trainer import Trainer
+
+
+def make(strategy, *, batch=32, model="mlp", optimizer="adam", seed=0):
+    with strategy.scope():
+        m = models.build_model(model, input_shape=(28, 28, 1), num_classes=10, seed=seed,
+                               hidden_units=(32,))
+        opt = optimizers.get(optimizer, learning_rate=0.01)
+        opt.build(m.trainable_variables)
+    return Trainer(strategy=strategy, model=m, optimizer=opt, global_batch_size=batch)
+
+
+def iterator(strategy, split, batch, start_step=0):
+    ds = data.train_dataset(split, global_batch_size=batch, seed=0, start_step=start_step)
+    return iter(strategy.experimental_distribute_dataset(ds))
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return data.make_synthetic(0, num_train=640, num_test=200)
+
+
+def weights(trainer):
+    return [w.numpy() for w in trainer.model.weights]
+
+
+def test_training_reduces_the_loss_and_counts_steps(synthetic):
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    t = make(strategy)
+    it = iterator(strategy, synthetic.train, 32)
+    t.train(it, 5)
+    first = t.take_train_metrics()
+    t.train(it, 60)
+    later = t.take_train_metrics()
+    assert later["loss"] < first["loss"]
+    assert first["examples"] == 5 * 32 and later["examples"] == 60 * 32
+    assert int(t.global_step.numpy()) == 65
+    assert int(t.optimizer.iterations.numpy()) == 65
+
+
+def test_steps_per_loop_does_not_change_the_result(synthetic):
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    a, b = make(strategy), make(strategy)
+    ia, ib = iterator(strategy, synthetic.train, 32), iterator(strategy, synthetic.train, 32)
+    a.train(ia, 12)
+    for n in (5, 4, 3):
+        b.train(ib, n)
+    for x, y in zip(weights(a), weights(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adagrad", "adam"])
+def test_mirrored_two_replicas_equal_one_device(synthetic, optimizer):
+    """Loss averaged over the global batch and gradients summed across replicas
+    give the one-device update, to float32 rounding (the replicas' partial
+    sums are added in a different order)."""
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    a, b = make(one, optimizer=optimizer), make(two, optimizer=optimizer)
+    a.train(iterator(one, synthetic.train, 32), 50)
+    b.train(iterator(two, synthetic.train, 32), 50)
+    for x, y in zip(weights(a), weights(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    assert int(b.optimizer.iterations.numpy()) == 50
+    eval_one = a.evaluate(one.experimental_distribute_dataset(
+        data.eval_dataset(synthetic.test, batch_size=64)))
+    eval_two = b.evaluate(two.experimental_distribute_dataset(
+        data.eval_dataset(synthetic.test, batch_size=64)))
+    assert eval_two["examples"] == 200  # the short last batch is counted once
+    assert eval_two["loss"] == pytest.approx(eval_one["loss"], rel=1e-4)
+
+
+def test_evaluate_matches_a_direct_computation(synthetic):
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    t = make(strategy)
+    t.train(iterator(strategy, synthetic.train, 32), 10)
+    got = t.evaluate(strategy.experimental_distribute_dataset(
+        data.eval_dataset(synthetic.test, batch_size=64)))
+    logits = t.model(synthetic.test.images.astype("float32")).numpy()
+    loss = keras.losses.sparse_categorical_crossentropy(
+        synthetic.test.labels, logits, from_logits=True).numpy().mean()
+    accuracy = (logits.argmax(-1) == synthetic.test.labels).mean()
+    assert got["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert got["accuracy"] == pytest.approx(float(accuracy))
