@@ -21,6 +21,7 @@ def get_config(variant: str | None = None) -> ExperimentConfig:
         steps_per_loop=100,
     )
     if variant == "smoke":
-        config = config.replace(max_train_examples=1000, max_eval_examples=500,
-                                epochs=1, steps_per_loop=5)
+        config = config.replace(
+            max_train_examples=1000, max_eval_examples=500, epochs=1, steps_per_loop=5
+        )
     return config

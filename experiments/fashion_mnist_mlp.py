@@ -22,6 +22,7 @@ def get_config(variant: str | None = None) -> ExperimentConfig:
         steps_per_loop=100,
     )
     if variant == "smoke":
-        config = config.replace(max_train_examples=2000, max_eval_examples=1000,
-                                epochs=1, steps_per_loop=10)
+        config = config.replace(
+            max_train_examples=2000, max_eval_examples=1000, epochs=1, steps_per_loop=10
+        )
     return config

@@ -21,6 +21,7 @@ def get_config(variant: str | None = None) -> ExperimentConfig:
     )
     if variant == "smoke":
         # A subset small enough for a test: 20 steps, 1,000 eval images.
-        config = config.replace(max_train_examples=2000, max_eval_examples=1000,
-                                epochs=1, steps_per_loop=10)
+        config = config.replace(
+            max_train_examples=2000, max_eval_examples=1000, epochs=1, steps_per_loop=10
+        )
     return config

@@ -23,28 +23,37 @@ def pytest_configure(config):
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
 @pytest.fixture(scope="session")
 def fashion_mnist_dir():
     if not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
-        pytest.fail(f"Fashion-MNIST is missing from {FASHION_MNIST_DIR}: "
-                    "apt-get install dataset-fashion-mnist (.ci/run does).")
+        pytest.fail(
+            f"Fashion-MNIST is missing from {FASHION_MNIST_DIR}: "
+            "apt-get install dataset-fashion-mnist (.ci/run does)."
+        )
     return FASHION_MNIST_DIR
 
 
-def run_tftrain(*args: str, env: dict | None = None, timeout: float = 600,
-                check: bool = True) -> subprocess.CompletedProcess:
+def run_tftrain(
+    *args: str, env: dict | None = None, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """Runs ``python -m tftrain ARGS`` as a user would, capturing its output."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
     full_env.pop("TF_CONFIG", None)
     full_env.update(env or {})
-    result = subprocess.run([sys.executable, "-m", "tftrain", *args], cwd=ROOT,
-                            env=full_env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "tftrain", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"tftrain {' '.join(args)} exited {result.returncode}:\n"
-                             f"{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"tftrain {' '.join(args)} exited {result.returncode}:\n"
+            f"{result.stdout}\n{result.stderr}"
+        )
     return result

@@ -32,13 +32,14 @@ def snapshot(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", ["fashion_mnist_softmax", "fashion_mnist_mlp",
-                                        "fashion_mnist_cnn"])
-def test_each_experiment_smoke_run_leaves_everything_in_model_dir(tmp_path, experiment,
-                                                                   fashion_mnist_dir):
+@pytest.mark.parametrize(
+    "experiment", ["fashion_mnist_softmax", "fashion_mnist_mlp", "fashion_mnist_cnn"]
+)
+def test_each_experiment_smoke_run_leaves_everything_in_model_dir(
+    tmp_path, experiment, fashion_mnist_dir
+):
     model_dir = str(tmp_path / "run")
-    result = run_tftrain("train", f"--experiment={experiment}:smoke",
-                         f"--model_dir={model_dir}")
+    result = run_tftrain("train", f"--experiment={experiment}:smoke", f"--model_dir={model_dir}")
     assert "Traceback" not in result.stderr
     metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
     for key in ("eval_accuracy", "eval_loss", "global_step", "examples_per_second"):
@@ -46,7 +47,8 @@ def test_each_experiment_smoke_run_leaves_everything_in_model_dir(tmp_path, expe
     assert metrics["global_step"] > 0 and metrics["eval_examples"] > 0
     assert metrics["eval_accuracy"] > 0.3  # far above chance (0.1) after a few steps
     assert {"loss", "accuracy", "learning_rate", "examples_per_second"} <= event_tags(
-        os.path.join(model_dir, "train"))
+        os.path.join(model_dir, "train")
+    )
     assert {"loss", "accuracy"} <= event_tags(os.path.join(model_dir, "eval"))
     assert os.listdir(os.path.join(model_dir, "checkpoints"))
     # The console shows progress and a final summary.
@@ -60,8 +62,7 @@ def test_each_experiment_smoke_run_leaves_everything_in_model_dir(tmp_path, expe
 
     test = data.load("fashion_mnist", fashion_mnist_dir).test.take(metrics["eval_examples"])
     served = tf.saved_model.load(os.path.join(model_dir, "export"))
-    logits = served.signatures["serving_default"](
-        images=tf.constant(test.images, tf.float32))
+    logits = served.signatures["serving_default"](images=tf.constant(test.images, tf.float32))
     logits = next(iter(logits.values())).numpy()
     assert logits.shape == (len(test), 10)
     accuracy = float((logits.argmax(-1) == test.labels).mean())
@@ -70,21 +71,31 @@ def test_each_experiment_smoke_run_leaves_everything_in_model_dir(tmp_path, expe
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint_exactly(tmp_path):
-    common = ["--experiment=fashion_mnist_mlp:smoke", "--train_steps=200",
-              "--checkpoint_interval=20", "--steps_per_loop=20", "--eval_interval=1000"]
+    common = [
+        "--experiment=fashion_mnist_mlp:smoke",
+        "--train_steps=200",
+        "--checkpoint_interval=20",
+        "--steps_per_loop=20",
+        "--eval_interval=1000",
+    ]
     straight = str(tmp_path / "straight")
     run_tftrain("train", *common, f"--model_dir={straight}")
 
     model_dir = str(tmp_path / "killed")
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen([sys.executable, "-m", "tftrain", "train", *common,
-                             f"--model_dir={model_dir}"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tftrain", "train", *common, f"--model_dir={model_dir}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt_dir = os.path.join(model_dir, "checkpoints")
     deadline = time.time() + 120
     while time.time() < deadline:  # wait for a checkpoint past the first
-        if os.path.exists(ckpt_dir) and any(f.startswith("ckpt-40.index")
-                                            for f in os.listdir(ckpt_dir)):
+        if os.path.exists(ckpt_dir) and any(
+            f.startswith("ckpt-40.index") for f in os.listdir(ckpt_dir)
+        ):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -108,8 +119,10 @@ BAD_INPUT = [
     (["--learning_rate=-0.5"], "--learning_rate=-0.5: expected a number > 0"),
     (["--model=resnet"], "--model=resnet: expected one of softmax, mlp, cnn"),
     (["--optimizer=rmsprop"], "--optimizer=rmsprop: expected one of"),
-    (["--strategy=mirrored", "--num_replicas=3", "--batch_size=100"],
-     "--batch_size=100 does not split evenly over 3 replicas"),
+    (
+        ["--strategy=mirrored", "--num_replicas=3", "--batch_size=100"],
+        "--batch_size=100 does not split evenly over 3 replicas",
+    ),
     (["--experiment=nope"], "--experiment=nope: no experiment 'nope'"),
     (["--data_dir=/nonexistent"], "apt-get install dataset-fashion-mnist"),
     (["--batch_size=abc"], "--batch_size=abc"),
@@ -125,25 +138,41 @@ def test_bad_input_one_message_no_traceback_model_dir_untouched(tmp_path, flags,
     model_dir.mkdir()
     (model_dir / "notes.txt").write_text("the user's own file")
     before = snapshot(str(model_dir))
-    result = run_tftrain("train", "--experiment=fashion_mnist_softmax:smoke",
-                         f"--model_dir={model_dir}", *flags, check=False)
+    result = run_tftrain(
+        "train",
+        "--experiment=fashion_mnist_softmax:smoke",
+        f"--model_dir={model_dir}",
+        *flags,
+        check=False,
+    )
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert snapshot(str(model_dir)) == before
 
 
-@pytest.mark.parametrize("tf_config, message", [
-    ("{oops", "TF_CONFIG is not valid JSON"),
-    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}',
-     "task index 3 is out of range"),
-    ('{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker"}}',
-     "but --strategy=one_device runs on one machine"),
-])
+@pytest.mark.parametrize(
+    "tf_config, message",
+    [
+        ("{oops", "TF_CONFIG is not valid JSON"),
+        (
+            '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}',
+            "task index 3 is out of range",
+        ),
+        (
+            '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker"}}',
+            "but --strategy=one_device runs on one machine",
+        ),
+    ],
+)
 def test_bad_tf_config_is_reported_before_any_work(tmp_path, tf_config, message):
-    result = run_tftrain("train", "--experiment=fashion_mnist_softmax:smoke",
-                         f"--model_dir={tmp_path / 'r'}", env={"TF_CONFIG": tf_config},
-                         check=False)
+    result = run_tftrain(
+        "train",
+        "--experiment=fashion_mnist_softmax:smoke",
+        f"--model_dir={tmp_path / 'r'}",
+        env={"TF_CONFIG": tf_config},
+        check=False,
+    )
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()
@@ -151,11 +180,16 @@ def test_bad_tf_config_is_reported_before_any_work(tmp_path, tf_config, message)
 
 def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
     model_dir = str(tmp_path / "run")
-    run_tftrain("train", "--experiment=fashion_mnist_softmax:smoke", "--train_steps=5",
-                f"--model_dir={model_dir}")
+    run_tftrain(
+        "train",
+        "--experiment=fashion_mnist_softmax:smoke",
+        "--train_steps=5",
+        f"--model_dir={model_dir}",
+    )
     before = snapshot(model_dir)
-    result = run_tftrain("train", "--experiment=fashion_mnist_mlp:smoke",
-                         f"--model_dir={model_dir}", check=False)
+    result = run_tftrain(
+        "train", "--experiment=fashion_mnist_mlp:smoke", f"--model_dir={model_dir}", check=False
+    )
     assert result.returncode == 2
     assert "does not fit this run's model or optimizer" in result.stderr
     assert "Traceback" not in result.stderr
@@ -165,18 +199,20 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
 def test_usage_and_help():
     result = run_tftrain(check=False)
     assert result.returncode == 2 and "usage: tftrain <command>" in result.stdout
+    # absl programs print their help and exit with status 1.
     helped = run_tftrain("train", "--helpshort", check=False)
-    assert helped.returncode == 0 and "--strategy" in helped.stdout
-    flagfile_help = run_tftrain("launch", "--helpshort", check=False)
-    assert "--num_workers" in flagfile_help.stdout
+    assert helped.returncode == 1 and "--strategy: one_device, mirrored" in helped.stdout
+    launch_help = run_tftrain("launch", "--helpshort", check=False)
+    assert "--num_workers" in launch_help.stdout and "--max_restarts" in launch_help.stdout
 
 
 def test_flagfile_and_flags_override_the_experiment(tmp_path):
     flagfile = tmp_path / "flags.txt"
     flagfile.write_text("--experiment=fashion_mnist_softmax:smoke\n--train_steps=3\n")
     model_dir = tmp_path / "run"
-    run_tftrain("train", f"--flagfile={flagfile}", "--batch_size=50", "--seed=4",
-                f"--model_dir={model_dir}")
+    run_tftrain(
+        "train", f"--flagfile={flagfile}", "--batch_size=50", "--seed=4", f"--model_dir={model_dir}"
+    )
     config = json.load(open(model_dir / "config.json"))
     assert config["batch_size"] == 50 and config["train_steps"] == 3
     assert config["seed"] == 4 and config["learning_rate"] == 0.01  # the experiment's
@@ -186,8 +222,14 @@ def test_flagfile_and_flags_override_the_experiment(tmp_path):
 def test_same_seed_same_run(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
-        run_tftrain("train", "--dataset=synthetic", "--model=mlp", "--train_steps=30",
-                    "--batch_size=50", f"--model_dir={d}")
+        run_tftrain(
+            "train",
+            "--dataset=synthetic",
+            "--model=mlp",
+            "--train_steps=30",
+            "--batch_size=50",
+            f"--model_dir={d}",
+        )
     ma, mb = (json.load(open(d / "metrics.json")) for d in (a, b))
     assert ma["weights_sha256"] == mb["weights_sha256"]
     assert np.isclose(ma["eval_loss"], mb["eval_loss"], rtol=0, atol=0)

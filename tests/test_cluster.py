@@ -29,35 +29,51 @@ def test_unset_is_a_single_process_run():
     assert cluster.parse_tf_config("  ") is None
 
 
-@pytest.mark.parametrize("raw, message", [
-    ("{not json", "TF_CONFIG is not valid JSON"),
-    ("[1, 2]", "TF_CONFIG is a JSON list"),
-    (json.dumps({"task": {"type": "worker", "index": 0}}), "TF_CONFIG has no 'cluster'"),
-    (tf_config({"master": ["h:1"]}), "task type 'master'"),
-    (tf_config({"worker": []}), "expected a non-empty list"),
-    (tf_config({"worker": ["nohostport"]}), "cluster['worker'][0] is 'nohostport': expected host:port"),
-    (tf_config({"worker": ["h:99999"]}), "port 99999 is outside 1-65535"),
-    (tf_config({"worker": ["h:1", "h:1"]}), "the same address as TF_CONFIG cluster['worker'][0]"),
-    (tf_config({"worker": ["h:1"], "chief": ["h:2", "h:3"]}), "2 chiefs"),
-    (json.dumps({"cluster": TWO}), "TF_CONFIG has no 'task'"),
-    (tf_config(task_type="ps"), "task type 'ps' is not in the cluster"),
-    (tf_config(index=2), "task index 2 is out of range: cluster has 2 worker task(s)"),
-    (tf_config(index=-1), "task index -1: expected an integer >= 0"),
-    (tf_config(index="0"), "task index '0'"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ("{not json", "TF_CONFIG is not valid JSON"),
+        ("[1, 2]", "TF_CONFIG is a JSON list"),
+        (json.dumps({"task": {"type": "worker", "index": 0}}), "TF_CONFIG has no 'cluster'"),
+        (tf_config({"master": ["h:1"]}), "task type 'master'"),
+        (tf_config({"worker": []}), "expected a non-empty list"),
+        (
+            tf_config({"worker": ["nohostport"]}),
+            "cluster['worker'][0] is 'nohostport': expected host:port",
+        ),
+        (tf_config({"worker": ["h:99999"]}), "port 99999 is outside 1-65535"),
+        (
+            tf_config({"worker": ["h:1", "h:1"]}),
+            "the same address as TF_CONFIG cluster['worker'][0]",
+        ),
+        (tf_config({"worker": ["h:1"], "chief": ["h:2", "h:3"]}), "2 chiefs"),
+        (json.dumps({"cluster": TWO}), "TF_CONFIG has no 'task'"),
+        (tf_config(task_type="ps"), "task type 'ps' is not in the cluster"),
+        (tf_config(index=2), "task index 2 is out of range: cluster has 2 worker task(s)"),
+        (tf_config(index=-1), "task index -1: expected an integer >= 0"),
+        (tf_config(index="0"), "task index '0'"),
+    ],
+)
 def test_malformed_tf_config_gets_one_clear_message(raw, message):
     with pytest.raises(ConfigError) as e:
         cluster.parse_tf_config(raw)
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("spec, task, strategy, message", [
-    ({"worker": ["h:1"], "ps": ["h:2"]}, ("worker", 0), "multi_worker_mirrored",
-     "does not use ps tasks"),
-    (TWO, ("worker", 0), "mirrored", "cluster of 2 workers, but --strategy=mirrored"),
-    (TWO, ("worker", 0), "one_device", "--strategy=multi_worker_mirrored"),
-    (TWO, ("worker", 0), "parameter_server", "needs a TF_CONFIG cluster with ps tasks"),
-])
+@pytest.mark.parametrize(
+    "spec, task, strategy, message",
+    [
+        (
+            {"worker": ["h:1"], "ps": ["h:2"]},
+            ("worker", 0),
+            "multi_worker_mirrored",
+            "does not use ps tasks",
+        ),
+        (TWO, ("worker", 0), "mirrored", "cluster of 2 workers, but --strategy=mirrored"),
+        (TWO, ("worker", 0), "one_device", "--strategy=multi_worker_mirrored"),
+        (TWO, ("worker", 0), "parameter_server", "needs a TF_CONFIG cluster with ps tasks"),
+    ],
+)
 def test_strategy_must_fit_the_cluster(spec, task, strategy, message):
     info = cluster.parse_tf_config(tf_config(spec, *task))
     with pytest.raises(ConfigError) as e:
@@ -66,8 +82,9 @@ def test_strategy_must_fit_the_cluster(spec, task, strategy, message):
 
 
 def test_fitting_clusters_pass():
-    cluster.check_cluster_for_strategy(cluster.parse_tf_config(tf_config()),
-                                       "multi_worker_mirrored")
+    cluster.check_cluster_for_strategy(
+        cluster.parse_tf_config(tf_config()), "multi_worker_mirrored"
+    )
     cluster.check_cluster_for_strategy(None, "one_device")
     single = cluster.parse_tf_config(tf_config({"worker": ["h:1"]}))
     cluster.check_cluster_for_strategy(single, "one_device")

@@ -12,7 +12,8 @@ from tftrain import data
 def write_idx(path, array, gz=False):
     codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
     header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(
-        f">{array.ndim}I", *array.shape)
+        f">{array.ndim}I", *array.shape
+    )
     opener = gzip.open if gz else open
     with opener(path, "wb") as f:
         f.write(header + array.tobytes())
@@ -22,10 +23,16 @@ def fake_idx_dir(tmp_path, n_train=50, n_test=20, gz=True):
     rng = np.random.default_rng(0)
     suffix = ".gz" if gz else ""
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}",
-                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz)
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}",
-                  rng.integers(0, 10, (n,), dtype=np.uint8), gz)
+        write_idx(
+            tmp_path / f"{prefix}-images-idx3-ubyte{suffix}",
+            rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+            gz,
+        )
+        write_idx(
+            tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}",
+            rng.integers(0, 10, (n,), dtype=np.uint8),
+            gz,
+        )
     return str(tmp_path)
 
 
@@ -110,11 +117,13 @@ def test_train_order_depends_on_seed_only_and_covers_each_epoch():
     c = batches(split, 10, global_batch_size=10, seed=2)
     for (xa, ya), (xb, yb) in zip(a, b):
         np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
     assert any(not np.array_equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
     # One epoch is a permutation: every example exactly once.
     seen = np.concatenate([x for x, _ in a]).reshape(100, -1)
     assert len({row.tobytes() for row in seen}) == len(
-        {row.tobytes() for row in split.images.reshape(100, -1)})
+        {row.tobytes() for row in split.images.reshape(100, -1)}
+    )
 
 
 def test_resumed_stream_continues_the_same_batches():

@@ -28,8 +28,13 @@ def test_reserved_ports_are_distinct_and_the_cluster_is_well_formed():
         assert len(set(ports)) == 5
         spec = launch.cluster_spec(2, 2, ports)
         assert spec["chief"] == [f"127.0.0.1:{ports[0]}"] and len(spec["ps"]) == 2
-        assert launch.tasks_of(spec) == [("chief", 0), ("worker", 0), ("worker", 1),
-                                         ("ps", 0), ("ps", 1)]
+        assert launch.tasks_of(spec) == [
+            ("chief", 0),
+            ("worker", 0),
+            ("worker", 1),
+            ("ps", 0),
+            ("ps", 1),
+        ]
         env = launch.task_env(spec, "worker", 1, threads=1, num_workers=2)
         assert json.loads(env["TF_CONFIG"])["task"] == {"type": "worker", "index": 1}
         assert env["GRPC_FAIL_FAST"] == "use_caller"
@@ -40,30 +45,50 @@ def test_reserved_ports_are_distinct_and_the_cluster_is_well_formed():
 
 
 def test_tfjob_manifest():
-    result = run_tftrain("launch", "--num_workers=4", "--emit=tfjob", "--image=me/tftrain:1",
-                         "--", "--experiment=fashion_mnist_mlp",
-                         "--strategy=multi_worker_mirrored", "--model_dir=gs://b/run")
+    result = run_tftrain(
+        "launch",
+        "--num_workers=4",
+        "--emit=tfjob",
+        "--image=me/tftrain:1",
+        "--",
+        "--experiment=fashion_mnist_mlp",
+        "--strategy=multi_worker_mirrored",
+        "--model_dir=gs://b/run",
+    )
     text = result.stdout
     assert "kind: TFJob" in text and "apiVersion: kubeflow.org/v1" in text
     assert "Worker:" in text and "replicas: 4" in text and "PS:" not in text
     assert '"me/tftrain:1"' in text
     command = json.loads(re.search(r"command: (\[.*\])", text).group(1))
-    assert command == ["tftrain", "train", "--experiment=fashion_mnist_mlp",
-                       "--strategy=multi_worker_mirrored", "--model_dir=gs://b/run"]
+    assert command == [
+        "tftrain",
+        "train",
+        "--experiment=fashion_mnist_mlp",
+        "--strategy=multi_worker_mirrored",
+        "--model_dir=gs://b/run",
+    ]
 
 
 @pytest.mark.slow
 def test_one_device_mirrored_and_two_launched_workers_agree(tmp_path):
     """Same seed, data order and global batch: the same model after 60 steps."""
     runs = {}
-    for name, flags in (("one", ["--strategy=one_device"]),
-                        ("mirrored", ["--strategy=mirrored", "--num_replicas=2"])):
+    for name, flags in (
+        ("one", ["--strategy=one_device"]),
+        ("mirrored", ["--strategy=mirrored", "--num_replicas=2"]),
+    ):
         runs[name] = str(tmp_path / name)
         run_tftrain("train", *SMOKE, *flags, f"--model_dir={runs[name]}")
     runs["mwms"] = str(tmp_path / "mwms")
-    result = run_tftrain("launch", "--num_workers=2", "--", *SMOKE,
-                         "--strategy=multi_worker_mirrored", f"--model_dir={runs['mwms']}",
-                         "--collective_timeout_secs=120")
+    result = run_tftrain(
+        "launch",
+        "--num_workers=2",
+        "--",
+        *SMOKE,
+        "--strategy=multi_worker_mirrored",
+        f"--model_dir={runs['mwms']}",
+        "--collective_timeout_secs=120",
+    )
     # Both workers end with bit-identical weights ...
     prints = re.findall(r"\[worker:(\d)\] Final weights sha256 (\w+)", result.stdout)
     assert sorted(w for w, _ in prints) == ["0", "1"]
@@ -81,11 +106,28 @@ def _launch(args, model_dir):
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("TF_CONFIG", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "tftrain", "launch", *args, "--", *SMOKE[:1],
-         "--strategy=multi_worker_mirrored", f"--model_dir={model_dir}",
-         "--collective_timeout_secs=60", "--train_steps=400", "--steps_per_loop=10",
-         "--checkpoint_interval=20", "--eval_interval=1000"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tftrain",
+            "launch",
+            *args,
+            "--",
+            *SMOKE[:1],
+            "--strategy=multi_worker_mirrored",
+            f"--model_dir={model_dir}",
+            "--collective_timeout_secs=60",
+            "--train_steps=400",
+            "--steps_per_loop=10",
+            "--checkpoint_interval=20",
+            "--eval_interval=1000",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _read_until(proc, pattern, lines, timeout=180):
@@ -164,12 +206,23 @@ def test_a_worker_that_never_comes_is_a_failure_not_a_hang(tmp_path):
     ports, sockets = launch.reserve_ports(2)
     for s in sockets:
         s.close()
-    tf_config = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                            "task": {"type": "worker", "index": 0}})
+    tf_config = json.dumps(
+        {
+            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+            "task": {"type": "worker", "index": 0},
+        }
+    )
     start = time.time()
-    result = run_tftrain("train", *SMOKE, "--strategy=multi_worker_mirrored",
-                         f"--model_dir={tmp_path / 'r'}", "--collective_timeout_secs=10",
-                         env={"TF_CONFIG": tf_config}, check=False, timeout=120)
+    result = run_tftrain(
+        "train",
+        *SMOKE,
+        "--strategy=multi_worker_mirrored",
+        f"--model_dir={tmp_path / 'r'}",
+        "--collective_timeout_secs=10",
+        env={"TF_CONFIG": tf_config},
+        check=False,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "no progress for" in result.stderr and "never started" in result.stderr
     assert time.time() - start < 60

@@ -19,8 +19,9 @@ def test_softmax_is_linear_regression_from_zero():
 
 def test_seed_fixes_the_initial_weights():
     def weights(seed):
-        m = models.build_model("mlp", input_shape=(28, 28, 1), num_classes=10, seed=seed,
-                               hidden_units=(16,))
+        m = models.build_model(
+            "mlp", input_shape=(28, 28, 1), num_classes=10, seed=seed, hidden_units=(16,)
+        )
         return [w.numpy() for w in m.trainable_weights]
 
     for a, b in zip(weights(1), weights(1)):

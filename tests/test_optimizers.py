@@ -14,6 +14,7 @@ STEPS = 100
 
 # -- independent references (NumPy, written from the papers) ---------------
 
+
 class NumpyRule:
     """One published update rule over NumPy arrays, in the given float dtype."""
 
@@ -61,24 +62,45 @@ class NumpyRule:
 
 
 CASES = {
-    "sgd": (dict(learning_rate=0.1), lambda: optimizers.get("sgd", learning_rate=0.1),
-            lambda: keras.optimizers.SGD(0.1)),
-    "momentum": (dict(learning_rate=0.05, momentum=0.9),
-                 lambda: optimizers.get("momentum", learning_rate=0.05),
-                 lambda: keras.optimizers.SGD(0.05, momentum=0.9)),
-    "nesterov": (dict(learning_rate=0.05, momentum=0.8, nesterov=True),
-                 lambda: optimizers.SGD(0.05, momentum=0.8, nesterov=True),
-                 lambda: keras.optimizers.SGD(0.05, momentum=0.8, nesterov=True)),
-    "adagrad": (dict(learning_rate=0.1), lambda: optimizers.get("adagrad", learning_rate=0.1),
-                lambda: keras.optimizers.Adagrad(0.1)),
-    "adam": (dict(learning_rate=0.01), lambda: optimizers.get("adam", learning_rate=0.01),
-             lambda: keras.optimizers.Adam(0.01)),
-    "amsgrad": (dict(learning_rate=0.01, amsgrad=True),
-                lambda: optimizers.Adam(0.01, amsgrad=True),
-                lambda: keras.optimizers.Adam(0.01, amsgrad=True)),
+    "sgd": (
+        dict(learning_rate=0.1),
+        lambda: optimizers.get("sgd", learning_rate=0.1),
+        lambda: keras.optimizers.SGD(0.1),
+    ),
+    "momentum": (
+        dict(learning_rate=0.05, momentum=0.9),
+        lambda: optimizers.get("momentum", learning_rate=0.05),
+        lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+    ),
+    "nesterov": (
+        dict(learning_rate=0.05, momentum=0.8, nesterov=True),
+        lambda: optimizers.SGD(0.05, momentum=0.8, nesterov=True),
+        lambda: keras.optimizers.SGD(0.05, momentum=0.8, nesterov=True),
+    ),
+    "adagrad": (
+        dict(learning_rate=0.1),
+        lambda: optimizers.get("adagrad", learning_rate=0.1),
+        lambda: keras.optimizers.Adagrad(0.1),
+    ),
+    "adam": (
+        dict(learning_rate=0.01),
+        lambda: optimizers.get("adam", learning_rate=0.01),
+        lambda: keras.optimizers.Adam(0.01),
+    ),
+    "amsgrad": (
+        dict(learning_rate=0.01, amsgrad=True),
+        lambda: optimizers.Adam(0.01, amsgrad=True),
+        lambda: keras.optimizers.Adam(0.01, amsgrad=True),
+    ),
 }
-RULE = {"sgd": "sgd", "momentum": "momentum", "nesterov": "momentum", "adagrad": "adagrad",
-        "adam": "adam", "amsgrad": "adam"}
+RULE = {
+    "sgd": "sgd",
+    "momentum": "momentum",
+    "nesterov": "momentum",
+    "adagrad": "adagrad",
+    "adam": "adam",
+    "amsgrad": "adam",
+}
 SHAPES = [(7,), (5, 3), (2, 3, 4)]
 
 
@@ -143,9 +165,11 @@ def test_low_precision_tracks_keras_and_reference(case, dtype, tolerance):
 def test_adagrad_epsilon_outside_the_root_is_duchis_form():
     init = np.full((4,), 1.0, np.float32)
     var = keras.Variable(init)
-    opt = optimizers.Adagrad(0.1, initial_accumulator_value=0.0, epsilon=1e-3,
-                             epsilon_inside_sqrt=False)
-    ref, w = NumpyRule("adagrad", learning_rate=0.1, init=0.0, epsilon=1e-3, inside=False), init.copy()
+    opt = optimizers.Adagrad(
+        0.1, initial_accumulator_value=0.0, epsilon=1e-3, epsilon_inside_sqrt=False
+    )
+    ref = NumpyRule("adagrad", learning_rate=0.1, init=0.0, epsilon=1e-3, inside=False)
+    w = init.copy()
     for g in gradients((4,), 7):
         opt.apply_gradients([(tf.constant(g), var)])
         ref.step(w, g)
@@ -157,14 +181,16 @@ def test_epsilon_placement_matters_for_tiny_gradients():
     steps = {}
     for inside in (True, False):
         var = keras.Variable(np.zeros((1,), np.float32))
-        opt = optimizers.Adagrad(1.0, initial_accumulator_value=0.0, epsilon=1e-7,
-                                 epsilon_inside_sqrt=inside)
+        opt = optimizers.Adagrad(
+            1.0, initial_accumulator_value=0.0, epsilon=1e-7, epsilon_inside_sqrt=inside
+        )
         opt.apply_gradients([(tf.constant([1e-5]), var)])
         steps[inside] = abs(float(var.numpy()[0]))
     assert steps[False] > 0.9 and steps[True] < 0.05
 
 
 # -- sparse gradients --------------------------------------------------------
+
 
 def sparse_gradients(rows, cols, seed):
     rng = np.random.default_rng(seed)
@@ -191,8 +217,16 @@ def test_sparse_updates_touch_only_their_rows_as_the_dense_rule_would(case):
     ref, w = NumpyRule(RULE[case], **hp), init.copy()
     for idx, values in sparse_gradients(rows, cols, 9):
         before = var.numpy().copy()
-        opt.apply_gradients([(tf.IndexedSlices(tf.constant(values), tf.constant(idx),
-                                               tf.constant([rows, cols])), var)])
+        opt.apply_gradients(
+            [
+                (
+                    tf.IndexedSlices(
+                        tf.constant(values), tf.constant(idx), tf.constant([rows, cols])
+                    ),
+                    var,
+                )
+            ]
+        )
         touched = np.unique(idx)
         untouched = np.setdiff1d(np.arange(rows), touched)
         np.testing.assert_array_equal(var.numpy()[untouched], before[untouched])
@@ -230,6 +264,7 @@ def test_embedding_gradients_take_the_sparse_path():
 
 # -- configuration, saving, restoring --------------------------------------
 
+
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "adam"])
 def test_get_config_round_trip(name):
     opt = optimizers.get(name, learning_rate=0.123, clipnorm=1.5)
@@ -252,8 +287,10 @@ def test_get_defaults_follow_keras():
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "adam"])
 def test_save_and_load_a_compiled_model(tmp_path, name):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    model.compile(optimizer=optimizers.get(name, learning_rate=0.01),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=optimizers.get(name, learning_rate=0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     x, y = np.random.default_rng(0).normal(size=(16, 4)), np.arange(16) % 3
     model.train_on_batch(x, y)
     path = str(tmp_path / "m.keras")
@@ -311,7 +348,8 @@ def test_warmup_cosine_and_step_schedules():
     assert values[14] == pytest.approx(0.0, abs=1e-7)
     step = optimizers.WarmupDecay(0.4, decay="step", boundaries=[3, 6], decay_rate=0.5)
     assert [float(step(i)) for i in (0, 2, 3, 5, 6, 9)] == pytest.approx(
-        [0.4, 0.4, 0.2, 0.2, 0.1, 0.1])
+        [0.4, 0.4, 0.2, 0.2, 0.1, 0.1]
+    )
     assert optimizers.scaled_learning_rate(0.1, 1024, 256) == pytest.approx(0.4)
     again = optimizers.WarmupDecay.from_config(s.get_config())
     assert float(again(9)) == pytest.approx(0.5)

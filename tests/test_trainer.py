@@ -11,8 +11,9 @@ from tftrain.trainer import Trainer
 
 def make(strategy, *, batch=32, model="mlp", optimizer="adam", seed=0):
     with strategy.scope():
-        m = models.build_model(model, input_shape=(28, 28, 1), num_classes=10, seed=seed,
-                               hidden_units=(32,))
+        m = models.build_model(
+            model, input_shape=(28, 28, 1), num_classes=10, seed=seed, hidden_units=(32,)
+        )
         opt = optimizers.get(optimizer, learning_rate=0.01)
         opt.build(m.trainable_variables)
     return Trainer(strategy=strategy, model=m, optimizer=opt, global_batch_size=batch)
@@ -70,10 +71,12 @@ def test_mirrored_two_replicas_equal_one_device(synthetic, optimizer):
     for x, y in zip(weights(a), weights(b)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
     assert int(b.optimizer.iterations.numpy()) == 50
-    eval_one = a.evaluate(one.experimental_distribute_dataset(
-        data.eval_dataset(synthetic.test, batch_size=64)))
-    eval_two = b.evaluate(two.experimental_distribute_dataset(
-        data.eval_dataset(synthetic.test, batch_size=64)))
+    eval_one = a.evaluate(
+        one.experimental_distribute_dataset(data.eval_dataset(synthetic.test, batch_size=64))
+    )
+    eval_two = b.evaluate(
+        two.experimental_distribute_dataset(data.eval_dataset(synthetic.test, batch_size=64))
+    )
     assert eval_two["examples"] == 200  # the short last batch is counted once
     assert eval_two["loss"] == pytest.approx(eval_one["loss"], rel=1e-4)
 
@@ -82,11 +85,17 @@ def test_evaluate_matches_a_direct_computation(synthetic):
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     t = make(strategy)
     t.train(iterator(strategy, synthetic.train, 32), 10)
-    got = t.evaluate(strategy.experimental_distribute_dataset(
-        data.eval_dataset(synthetic.test, batch_size=64)))
+    got = t.evaluate(
+        strategy.experimental_distribute_dataset(data.eval_dataset(synthetic.test, batch_size=64))
+    )
     logits = t.model(synthetic.test.images.astype("float32")).numpy()
-    loss = keras.losses.sparse_categorical_crossentropy(
-        synthetic.test.labels, logits, from_logits=True).numpy().mean()
+    loss = (
+        keras.losses.sparse_categorical_crossentropy(
+            synthetic.test.labels, logits, from_logits=True
+        )
+        .numpy()
+        .mean()
+    )
     accuracy = (logits.argmax(-1) == synthetic.test.labels).mean()
     assert got["loss"] == pytest.approx(float(loss), rel=1e-5)
     assert got["accuracy"] == pytest.approx(float(accuracy))

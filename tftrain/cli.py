@@ -21,7 +21,7 @@ commands:
 
 _HELP = {
     "experiment": "a named experiment from experiments/ (NAME or NAME:smoke); it "
-                  "sets the defaults of every other flag",
+    "sets the defaults of every other flag",
     "dataset": "fashion_mnist, mnist, cifar10, synthetic, or any TFDS name",
     "data_dir": "where local data lives (IDX files, or TFDS's data folder)",
     "max_train_examples": "use only the first N training examples",
@@ -35,10 +35,8 @@ _HELP = {
     "warmup_epochs": "epochs of linear learning-rate warm-up",
     "lr_decay_epochs": "epochs where the step schedule decays, e.g. 30,60",
     "lr_decay_rate": "the step schedule's factor",
-    "scale_lr_with_batch": "linear scaling rule: learning_rate * batch_size / "
-                           "base_batch_size",
-    "base_batch_size": "the batch size --learning_rate is quoted for (with "
-                       "--scale_lr_with_batch)",
+    "scale_lr_with_batch": "linear scaling rule: learning_rate * batch_size / base_batch_size",
+    "base_batch_size": "the batch size --learning_rate is quoted for (with --scale_lr_with_batch)",
     "batch_size": "the global batch size, all replicas together",
     "eval_batch_size": "the global evaluation batch size",
     "epochs": "epochs to train",
@@ -48,13 +46,12 @@ _HELP = {
     "eval_interval": "steps between evaluations (default: one epoch)",
     "keep_checkpoints": "checkpoints kept in model_dir/checkpoints",
     "log_interval_secs": "seconds between progress lines",
-    "strategy": "one_device, mirrored, multi_worker_mirrored, parameter_server, "
-                "model_parallel",
+    "strategy": "one_device, mirrored, multi_worker_mirrored, parameter_server, model_parallel",
     "num_replicas": "local replicas for mirrored: GPUs, or logical CPU devices",
     "all_reduce": "mirrored's cross-device reduction: auto, nccl, hierarchical_copy",
     "collective": "multi_worker_mirrored's collective implementation: auto, ring, nccl",
     "collective_timeout_secs": "a collective waiting longer than this fails the run "
-                               "(a worker that died or never came)",
+    "(a worker that died or never came)",
     "num_stages": "pipeline stages for model_parallel",
     "num_microbatches": "micro-batches per step for model_parallel",
     "model_dir": "the run's folder; a run resumes from the latest checkpoint there",
@@ -62,10 +59,11 @@ _HELP = {
     "export": "write a SavedModel to model_dir/export at the end",
 }
 _THREAD_FLAGS = {
-    "intra_op_threads": ("TFTRAIN_INTRA_OP_THREADS", "threads inside one op "
-                         "(0: TensorFlow's default)"),
-    "inter_op_threads": ("TFTRAIN_INTER_OP_THREADS", "ops run at once "
-                         "(0: TensorFlow's default)"),
+    "intra_op_threads": (
+        "TFTRAIN_INTRA_OP_THREADS",
+        "threads inside one op (0: TensorFlow's default)",
+    ),
+    "inter_op_threads": ("TFTRAIN_INTER_OP_THREADS", "ops run at once (0: TensorFlow's default)"),
 }
 
 
@@ -89,9 +87,13 @@ def define_train_flags(flag_values) -> None:
         else:
             flags.DEFINE_string(field.name, None, help_text, flag_values=flag_values)
     for name, (env, help_text) in _THREAD_FLAGS.items():
-        flags.DEFINE_integer(name, int(os.environ.get(env, "0") or 0),
-                             f"{help_text}; default from ${env}", lower_bound=0,
-                             flag_values=flag_values)
+        flags.DEFINE_integer(
+            name,
+            int(os.environ.get(env, "0") or 0),
+            f"{help_text}; default from ${env}",
+            lower_bound=0,
+            flag_values=flag_values,
+        )
 
 
 def config_from_flags(flag_values):
@@ -117,8 +119,10 @@ def config_from_flags(flag_values):
             try:
                 value = tuple(cast(v) for v in value)
             except ValueError:
-                raise ConfigError(f"--{field.name}={','.join(value)}: expected a "
-                                  f"comma-separated list of {cast.__name__}s.") from None
+                raise ConfigError(
+                    f"--{field.name}={','.join(value)}: expected a "
+                    f"comma-separated list of {cast.__name__}s."
+                ) from None
         changes[field.name] = value
     return config.replace(**changes).validate()
 
@@ -140,14 +144,18 @@ def _train_main(argv):
     from tftrain.data import DataError
 
     if len(argv) > 1:
-        _fail(f"unexpected argument {argv[1]!r}: train takes flags only "
-              "(see tftrain train --helpshort).")
+        _fail(
+            f"unexpected argument {argv[1]!r}: train takes flags only "
+            "(see tftrain train --helpshort)."
+        )
     flag_values = flags.FLAGS
     try:
         config = config_from_flags(flag_values)
         if os.path.exists(config.model_dir) and not os.path.isdir(config.model_dir):
-            raise ConfigError(f"--model_dir={config.model_dir} is a file: expected a "
-                              "folder (new or from an earlier run).")
+            raise ConfigError(
+                f"--model_dir={config.model_dir} is a file: expected a "
+                "folder (new or from an earlier run)."
+            )
         from tftrain.distribute import cluster as cluster_lib
 
         cluster = cluster_lib.from_environment(config.strategy)
@@ -162,7 +170,6 @@ def _train_main(argv):
 
     from tftrain import controller
     from tftrain.distribute import strategies
-
     from tftrain.distribute.watchdog import NoWatchdog, Watchdog
 
     watchdog = NoWatchdog()
@@ -170,23 +177,31 @@ def _train_main(argv):
         watchdog = Watchdog(config.collective_timeout_secs)
         watchdog.kick("waiting for every worker of the cluster to start")
     try:
-        strategies.configure_threads(flag_values.intra_op_threads,
-                                     flag_values.inter_op_threads)
+        strategies.configure_threads(flag_values.intra_op_threads, flag_values.inter_op_threads)
         placement = strategies.create(
-            config.strategy, num_replicas=config.num_replicas,
-            all_reduce=config.all_reduce, collective=config.collective,
-            collective_timeout_secs=config.collective_timeout_secs, cluster=cluster)
+            config.strategy,
+            num_replicas=config.num_replicas,
+            all_reduce=config.all_reduce,
+            collective=config.collective,
+            collective_timeout_secs=config.collective_timeout_secs,
+            cluster=cluster,
+        )
         controller.run(config, placement, watchdog=watchdog)
         watchdog.stop()
     except (ConfigError, DataError, controller.RunError) as e:
         _fail(str(e))
-    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-            tf.errors.CancelledError) as e:
+    except (
+        tf.errors.UnavailableError,
+        tf.errors.DeadlineExceededError,
+        tf.errors.CancelledError,
+    ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _fail(f"lost contact with another task of the cluster ({type(e).__name__}: "
-              f"{first[:300]}). A worker died, or never started, or a collective "
-              f"waited past --collective_timeout_secs={config.collective_timeout_secs}.",
-              code=1)
+        _fail(
+            f"lost contact with another task of the cluster ({type(e).__name__}: "
+            f"{first[:300]}). A worker died, or never started, or a collective "
+            f"waited past --collective_timeout_secs={config.collective_timeout_secs}.",
+            code=1,
+        )
 
 
 def _run_absl(main, define, command: str, argv: list[str]) -> None:
@@ -217,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
 
         _run_absl(launch.main, launch.define_flags, "launch", rest)
     else:
-        print(f"tftrain: error: unknown command {command!r}: expected train or "
-              "launch.\n", file=sys.stderr)
+        print(
+            f"tftrain: error: unknown command {command!r}: expected train or launch.\n",
+            file=sys.stderr,
+        )
         print(USAGE, end="", file=sys.stderr)
         sys.exit(2)

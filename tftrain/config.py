@@ -105,44 +105,53 @@ class ExperimentConfig:
         _positive_int("num_replicas", self.num_replicas)
         _positive_int("base_batch_size", self.base_batch_size)
         _positive_float("collective_timeout_secs", self.collective_timeout_secs)
-        for name in ("train_steps", "checkpoint_interval", "eval_interval",
-                     "max_train_examples", "max_eval_examples"):
+        for name in (
+            "train_steps",
+            "checkpoint_interval",
+            "eval_interval",
+            "max_train_examples",
+            "max_eval_examples",
+        ):
             value = getattr(self, name)
             if value is not None:
                 _positive_int(name, value)
         if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(
-                f"--momentum={self.momentum}: expected a number in [0, 1).")
+            raise ConfigError(f"--momentum={self.momentum}: expected a number in [0, 1).")
         if not 0.0 < self.lr_decay_rate <= 1.0:
-            raise ConfigError(
-                f"--lr_decay_rate={self.lr_decay_rate}: expected a number in (0, 1].")
+            raise ConfigError(f"--lr_decay_rate={self.lr_decay_rate}: expected a number in (0, 1].")
         if self.warmup_epochs < 0 or not math.isfinite(self.warmup_epochs):
-            raise ConfigError(
-                f"--warmup_epochs={self.warmup_epochs}: expected a number >= 0.")
+            raise ConfigError(f"--warmup_epochs={self.warmup_epochs}: expected a number >= 0.")
         if any(b <= 0 for b in self.lr_decay_epochs):
             raise ConfigError(
                 f"--lr_decay_epochs={','.join(map(str, self.lr_decay_epochs))}: "
-                "expected positive epoch numbers.")
+                "expected positive epoch numbers."
+            )
         if not self.hidden_units or any(u <= 0 for u in self.hidden_units):
             raise ConfigError(
                 f"--hidden_units={','.join(map(str, self.hidden_units))}: "
-                "expected a comma-separated list of positive layer widths.")
+                "expected a comma-separated list of positive layer widths."
+            )
         if self.strategy != "mirrored" and self.num_replicas != 1:
             raise ConfigError(
                 f"--num_replicas={self.num_replicas} applies to "
-                f"--strategy=mirrored only (got --strategy={self.strategy}).")
+                f"--strategy=mirrored only (got --strategy={self.strategy})."
+            )
         if self.batch_size % self.num_replicas:
             raise ConfigError(
                 f"--batch_size={self.batch_size} does not split evenly over "
                 f"{self.num_replicas} replicas: expected a multiple of "
-                f"{self.num_replicas}.")
+                f"{self.num_replicas}."
+            )
         if self.strategy not in STRATEGIES_AVAILABLE:
             raise ConfigError(
                 f"--strategy={self.strategy} is not available in this version "
-                f"of tftrain yet; available: {', '.join(STRATEGIES_AVAILABLE)}.")
+                f"of tftrain yet; available: {', '.join(STRATEGIES_AVAILABLE)}."
+            )
         if not self.model_dir:
-            raise ConfigError("--model_dir is required: the folder for this run's "
-                              "checkpoints, summaries, metrics and export.")
+            raise ConfigError(
+                "--model_dir is required: the folder for this run's "
+                "checkpoints, summaries, metrics and export."
+            )
         return self
 
 
@@ -160,6 +169,10 @@ def _positive_int(name: str, value: Any):
 
 
 def _positive_float(name: str, value: Any):
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value <= 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ConfigError(f"--{name}={value}: expected a number > 0.")

@@ -22,8 +22,7 @@ _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4",
-               0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 SYNTHETIC_SHAPE = (28, 28, 1)
 SYNTHETIC_CLASSES = 10
 
@@ -91,7 +90,8 @@ def read_idx(path: str) -> np.ndarray:
     if len(raw) - header != expected:
         raise DataError(
             f"{path} holds {len(raw) - header} data bytes; its header "
-            f"{tuple(shape)} promises {expected}.")
+            f"{tuple(shape)} promises {expected}."
+        )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
@@ -116,14 +116,15 @@ def load_idx(name: str, data_dir: str | None) -> Dataset:
                 "Install the embedded Fashion-MNIST with "
                 "`sudo apt-get install dataset-fashion-mnist` (it fills "
                 f"{DEFAULT_FASHION_MNIST_DIR}), point --data_dir at a folder of "
-                "IDX files, or name a TFDS dataset that TFDS can load.")
+                "IDX files, or name a TFDS dataset that TFDS can load."
+            )
         images, labels = (read_idx(p) for p in paths)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(
                 f"{data_dir}: {split} images {images.shape} and labels "
-                f"{labels.shape} do not match (expected (N, H, W) and (N,)).")
-        splits[split] = Split(images[..., None].astype(np.uint8),
-                              labels.astype(np.int32))
+                f"{labels.shape} do not match (expected (N, H, W) and (N,))."
+            )
+        splits[split] = Split(images[..., None].astype(np.uint8), labels.astype(np.int32))
     num_classes = int(max(splits["train"].labels.max(), splits["test"].labels.max())) + 1
     return Dataset(name, splits["train"], splits["test"], num_classes)
 
@@ -133,15 +134,17 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
     import tensorflow_datasets as tfds  # heavy: imported only when used
 
     try:
-        loaded, info = tfds.load(name, split=["train", "test"], data_dir=data_dir,
-                                 as_supervised=True, with_info=True)
+        loaded, info = tfds.load(
+            name, split=["train", "test"], data_dir=data_dir, as_supervised=True, with_info=True
+        )
     except Exception as e:  # TFDS raises many types; all mean "not loadable"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
             f"--dataset={name}: TFDS could not load its train and test splits "
             f"({first_line}). Use a TFDS name that is downloaded in --data_dir (or can "
             "be downloaded), or --dataset=fashion_mnist for the embedded IDX "
-            "files.") from None
+            "files."
+        ) from None
     splits = {}
     for split, ds in zip(("train", "test"), loaded):
         chunks = list(ds.batch(8192).as_numpy_iterator())
@@ -152,8 +155,10 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
         if images.ndim == 3:
             images = images[..., None]
         if images.ndim != 4 or images.dtype != np.uint8:
-            raise DataError(f"--dataset={name}: expected uint8 images, got "
-                            f"{images.dtype} of shape {images.shape}.")
+            raise DataError(
+                f"--dataset={name}: expected uint8 images, got "
+                f"{images.dtype} of shape {images.shape}."
+            )
         splits[split] = Split(images, labels.astype(np.int32))
     label_feature = info.features["label"]
     return Dataset(name, splits["train"], splits["test"], int(label_feature.num_classes))
@@ -180,8 +185,9 @@ def load(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
     """Loads a dataset by name: IDX files first for the MNIST family, else TFDS."""
     if name == "synthetic":
         return make_synthetic(seed)
-    if name == "fashion_mnist" or (name == "mnist" and data_dir
-                                   and _find(data_dir, _IDX_FILES["train"][0])):
+    if name == "fashion_mnist" or (
+        name == "mnist" and data_dir and _find(data_dir, _IDX_FILES["train"][0])
+    ):
         return load_idx(name, data_dir)
     return load_tfds(name, data_dir)
 
@@ -200,14 +206,14 @@ def epoch_permutation(num_examples: int, seed: int, epoch):
     import tensorflow as tf
 
     keys = tf.random.stateless_uniform(
-        [num_examples], seed=tf.stack([tf.cast(seed, tf.int64),
-                                       tf.cast(epoch, tf.int64)]),
-        dtype=tf.float32)
+        [num_examples],
+        seed=tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)]),
+        dtype=tf.float32,
+    )
     return tf.argsort(keys, stable=True)
 
 
-def train_dataset(split: Split, *, global_batch_size: int, seed: int,
-                  start_step: int = 0):
+def train_dataset(split: Split, *, global_batch_size: int, seed: int, start_step: int = 0):
     """Global batches of ``(float32 images, int32 labels)``, forever.
 
     Batch ``k`` of the stream is training step ``start_step + k`` of the run;
@@ -219,8 +225,10 @@ def train_dataset(split: Split, *, global_batch_size: int, seed: int,
     n = len(split)
     per_epoch = steps_per_epoch(n, global_batch_size)
     if per_epoch == 0:
-        raise DataError(f"--batch_size={global_batch_size} is larger than the "
-                        f"{n} training examples: expected at most {n}.")
+        raise DataError(
+            f"--batch_size={global_batch_size} is larger than the "
+            f"{n} training examples: expected at most {n}."
+        )
     images = tf.constant(split.images)
     labels = tf.constant(split.labels)
     first_epoch, first_batch = divmod(start_step, per_epoch)
@@ -228,15 +236,21 @@ def train_dataset(split: Split, *, global_batch_size: int, seed: int,
     def epoch_batches(epoch):
         order = epoch_permutation(n, seed, epoch)[: per_epoch * global_batch_size]
         batches = tf.data.Dataset.from_tensor_slices(
-            tf.reshape(order, [per_epoch, global_batch_size]))
+            tf.reshape(order, [per_epoch, global_batch_size])
+        )
         # Only the first epoch of a resumed run starts part-way through.
-        return batches.skip(tf.where(epoch == first_epoch, tf.constant(first_batch, tf.int64),
-                                    tf.constant(0, tf.int64)))
+        return batches.skip(
+            tf.where(
+                epoch == first_epoch, tf.constant(first_batch, tf.int64), tf.constant(0, tf.int64)
+            )
+        )
 
     ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch_batches)
-    ds = ds.map(lambda idx: (tf.cast(tf.gather(images, idx), tf.float32),
-                             tf.gather(labels, idx)),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(
+        lambda idx: (tf.cast(tf.gather(images, idx), tf.float32), tf.gather(labels, idx)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 
 
@@ -256,6 +270,5 @@ def _with_options(ds):
     options.deterministic = True
     # Shard by element: each worker keeps its slice of every global batch,
     # so N workers together still take one global batch per step.
-    options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.DATA)
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options)

@@ -8,8 +8,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def build_model(name: str, *, input_shape: Sequence[int], num_classes: int,
-                seed: int, hidden_units: Sequence[int] = (256, 128)):
+def build_model(
+    name: str,
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    seed: int,
+    hidden_units: Sequence[int] = (256, 128),
+):
     """Builds a model by name.
 
     Args:
@@ -38,24 +44,29 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int,
     if name == "softmax":
         # The seed's softmax regression: y = softmax(xW + b), W and b zero.
         x = layers.Flatten()(x)
-        logits = layers.Dense(num_classes, kernel_initializer="zeros",
-                              name="logits")(x)
+        logits = layers.Dense(num_classes, kernel_initializer="zeros", name="logits")(x)
     elif name == "mlp":
         x = layers.Flatten()(x)
         for i, units in enumerate(hidden_units):
-            x = layers.Dense(units, activation="relu", kernel_initializer=init(),
-                             name=f"hidden_{i}")(x)
+            x = layers.Dense(
+                units, activation="relu", kernel_initializer=init(), name=f"hidden_{i}"
+            )(x)
         logits = layers.Dense(num_classes, kernel_initializer=init(), name="logits")(x)
     elif name == "cnn":
         # Two conv+pool blocks and a dense head, as in TensorFlow's layers
         # tutorial (0.916 in the Fashion-MNIST benchmark table).
         for i, filters in enumerate((32, 64)):
-            x = layers.Conv2D(filters, 5, padding="same", activation="relu",
-                              kernel_initializer=init(), name=f"conv_{i}")(x)
+            x = layers.Conv2D(
+                filters,
+                5,
+                padding="same",
+                activation="relu",
+                kernel_initializer=init(),
+                name=f"conv_{i}",
+            )(x)
             x = layers.MaxPooling2D(2, name=f"pool_{i}")(x)
         x = layers.Flatten()(x)
-        x = layers.Dense(512, activation="relu", kernel_initializer=init(),
-                         name="dense")(x)
+        x = layers.Dense(512, activation="relu", kernel_initializer=init(), name="dense")(x)
         x = layers.Dropout(0.4, seed=next(seeds), name="dropout")(x)
         logits = layers.Dense(num_classes, kernel_initializer=init(), name="logits")(x)
     else:

@@ -28,8 +28,7 @@ def _folder() -> str:
 
 def names() -> list[str]:
     folder = _folder()
-    return sorted(f[:-3] for f in os.listdir(folder)
-                  if f.endswith(".py") and not f.startswith("_"))
+    return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
 
 
 def get(spec: str) -> ExperimentConfig:
@@ -41,13 +40,15 @@ def get(spec: str) -> ExperimentConfig:
     name, _, variant = spec.partition(":")
     known = names()
     if name not in known:
-        raise ConfigError(f"--experiment={spec}: no experiment {name!r}; expected one of "
-                          f"{', '.join(known)}.")
+        raise ConfigError(
+            f"--experiment={spec}: no experiment {name!r}; expected one of {', '.join(known)}."
+        )
     path = os.path.join(_folder(), name + ".py")
     module_spec = importlib.util.spec_from_file_location(f"tftrain_experiment_{name}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if variant not in ("", "smoke"):
-        raise ConfigError(f"--experiment={spec}: unknown variant {variant!r}; expected "
-                          f"{name} or {name}:smoke.")
+        raise ConfigError(
+            f"--experiment={spec}: unknown variant {variant!r}; expected {name} or {name}:smoke."
+        )
     return module.get_config(variant or None)

@@ -18,19 +18,24 @@ import tensorflow as tf
 
 def _stats_variable(name: str) -> tf.Variable:
     # [sum of per-example losses, correct predictions, examples]
-    return tf.Variable(tf.zeros([3], tf.float32), trainable=False, name=name,
-                       synchronization=tf.VariableSynchronization.ON_READ,
-                       aggregation=tf.VariableAggregation.SUM)
+    return tf.Variable(
+        tf.zeros([3], tf.float32),
+        trainable=False,
+        name=name,
+        synchronization=tf.VariableSynchronization.ON_READ,
+        aggregation=tf.VariableAggregation.SUM,
+    )
 
 
 def _batch_stats(logits, labels, per_example_loss):
-    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
-                       tf.cast(labels, tf.int32))
-    return tf.stack([
-        tf.reduce_sum(per_example_loss),
-        tf.reduce_sum(tf.cast(correct, tf.float32)),
-        tf.cast(tf.size(labels), tf.float32),
-    ])
+    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(labels, tf.int32))
+    return tf.stack(
+        [
+            tf.reduce_sum(per_example_loss),
+            tf.reduce_sum(tf.cast(correct, tf.float32)),
+            tf.cast(tf.size(labels), tf.float32),
+        ]
+    )
 
 
 def _summarise(stats) -> dict[str, float]:
@@ -57,8 +62,12 @@ class Trainer:
         self.global_batch_size = int(global_batch_size)
         with strategy.scope():
             self.global_step = tf.Variable(
-                0, dtype=tf.int64, trainable=False, name="global_step",
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                0,
+                dtype=tf.int64,
+                trainable=False,
+                name="global_step",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
             self._train_stats = _stats_variable("train_stats")
             self._eval_stats = _stats_variable("eval_stats")
         self._train_fn = tf.function(self._train_loop, reduce_retracing=True)
@@ -71,9 +80,9 @@ class Trainer:
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
             per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
-            loss = tf.nn.compute_average_loss(
-                per_example, global_batch_size=self.global_batch_size)
+                labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)
+            )
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
             if self.model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
         gradients = tape.gradient(loss, variables)
@@ -101,7 +110,8 @@ class Trainer:
     def _replica_eval_step(self, images, labels):
         logits = self.model(images, training=False)
         per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+            labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)
+        )
         self._eval_stats.assign_add(_batch_stats(logits, labels, per_example))
 
     def _eval_step(self, batch):

@@ -57,55 +57,71 @@ def parse_tf_config(raw: str | None) -> ClusterInfo | None:
     try:
         spec = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"TF_CONFIG is not valid JSON ({e.msg} at character "
-                          f"{e.pos}): expected an object like "
-                          '{"cluster": {"worker": ["host:port"]}, '
-                          '"task": {"type": "worker", "index": 0}}.') from None
+        raise ConfigError(
+            f"TF_CONFIG is not valid JSON ({e.msg} at character "
+            f"{e.pos}): expected an object like "
+            '{"cluster": {"worker": ["host:port"]}, '
+            '"task": {"type": "worker", "index": 0}}.'
+        ) from None
     if not isinstance(spec, dict):
-        raise ConfigError(f"TF_CONFIG is a JSON {type(spec).__name__}: expected "
-                          "an object with 'cluster' and 'task'.")
+        raise ConfigError(
+            f"TF_CONFIG is a JSON {type(spec).__name__}: expected "
+            "an object with 'cluster' and 'task'."
+        )
     cluster = spec.get("cluster")
     if not isinstance(cluster, dict) or not cluster:
-        raise ConfigError("TF_CONFIG has no 'cluster': expected a mapping from task "
-                          "type (chief, worker, ps) to a list of host:port addresses.")
+        raise ConfigError(
+            "TF_CONFIG has no 'cluster': expected a mapping from task "
+            "type (chief, worker, ps) to a list of host:port addresses."
+        )
     parsed: dict[str, tuple[str, ...]] = {}
     seen: dict[str, str] = {}
     for task_type, addresses in cluster.items():
         if task_type not in TASK_TYPES:
-            raise ConfigError(f"TF_CONFIG cluster has task type {task_type!r}: "
-                              f"expected {', '.join(TASK_TYPES)}.")
+            raise ConfigError(
+                f"TF_CONFIG cluster has task type {task_type!r}: expected {', '.join(TASK_TYPES)}."
+            )
         if not isinstance(addresses, list) or not addresses:
-            raise ConfigError(f"TF_CONFIG cluster[{task_type!r}] is {addresses!r}: "
-                              "expected a non-empty list of host:port strings.")
+            raise ConfigError(
+                f"TF_CONFIG cluster[{task_type!r}] is {addresses!r}: "
+                "expected a non-empty list of host:port strings."
+            )
         for i, address in enumerate(addresses):
             where = f"TF_CONFIG cluster[{task_type!r}][{i}]"
             if not isinstance(address, str) or not (m := _ADDRESS.match(address)):
                 raise ConfigError(f"{where} is {address!r}: expected host:port.")
             if not 0 < int(m["port"]) < 65536:
-                raise ConfigError(f"{where} is {address!r}: port {m['port']} is "
-                                  "outside 1-65535.")
+                raise ConfigError(f"{where} is {address!r}: port {m['port']} is outside 1-65535.")
             if address in seen:
-                raise ConfigError(f"{where} is {address!r}, the same address as "
-                                  f"{seen[address]}: every task needs its own port.")
+                raise ConfigError(
+                    f"{where} is {address!r}, the same address as "
+                    f"{seen[address]}: every task needs its own port."
+                )
             seen[address] = where
         parsed[task_type] = tuple(addresses)
     if len(parsed.get("chief", ())) > 1:
-        raise ConfigError(f"TF_CONFIG cluster has {len(parsed['chief'])} chiefs: "
-                          "expected at most one.")
+        raise ConfigError(
+            f"TF_CONFIG cluster has {len(parsed['chief'])} chiefs: expected at most one."
+        )
     task = spec.get("task")
     if not isinstance(task, dict):
-        raise ConfigError("TF_CONFIG has no 'task': expected "
-                          '{"type": "<chief|worker|ps>", "index": <n>}.')
+        raise ConfigError(
+            'TF_CONFIG has no \'task\': expected {"type": "<chief|worker|ps>", "index": <n>}.'
+        )
     task_type, index = task.get("type"), task.get("index", 0)
     if task_type not in parsed:
-        raise ConfigError(f"TF_CONFIG task type {task_type!r} is not in the cluster, "
-                          f"which has {', '.join(parsed)}.")
+        raise ConfigError(
+            f"TF_CONFIG task type {task_type!r} is not in the cluster, "
+            f"which has {', '.join(parsed)}."
+        )
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise ConfigError(f"TF_CONFIG task index {index!r}: expected an integer >= 0.")
     if index >= len(parsed[task_type]):
-        raise ConfigError(f"TF_CONFIG task index {index} is out of range: cluster "
-                          f"has {len(parsed[task_type])} {task_type} task(s), "
-                          f"indices 0-{len(parsed[task_type]) - 1}.")
+        raise ConfigError(
+            f"TF_CONFIG task index {index} is out of range: cluster "
+            f"has {len(parsed[task_type])} {task_type} task(s), "
+            f"indices 0-{len(parsed[task_type]) - 1}."
+        )
     return ClusterInfo(parsed, task_type, index)
 
 
@@ -123,19 +139,25 @@ def check_cluster_for_strategy(info: ClusterInfo | None, strategy: str) -> None:
             raise ConfigError(
                 f"--strategy=multi_worker_mirrored does not use {', '.join(extra)} "
                 "tasks, but TF_CONFIG's cluster has them: expected only chief and "
-                "worker tasks (use --strategy=parameter_server for ps tasks).")
+                "worker tasks (use --strategy=parameter_server for ps tasks)."
+            )
         if info.task_type == "evaluator":
-            raise ConfigError("TF_CONFIG task type 'evaluator' is not supported by "
-                              "tftrain train: expected a chief or worker task.")
+            raise ConfigError(
+                "TF_CONFIG task type 'evaluator' is not supported by "
+                "tftrain train: expected a chief or worker task."
+            )
     elif strategy == "parameter_server":
         if info is None or "ps" not in info.cluster:
-            raise ConfigError("--strategy=parameter_server needs a TF_CONFIG cluster "
-                              "with ps tasks (tftrain launch --num_ps=M sets one up).")
+            raise ConfigError(
+                "--strategy=parameter_server needs a TF_CONFIG cluster "
+                "with ps tasks (tftrain launch --num_ps=M sets one up)."
+            )
     elif info is not None and info.num_workers > 1:
         raise ConfigError(
             f"TF_CONFIG describes a cluster of {info.num_workers} workers, but "
             f"--strategy={strategy} runs on one machine: expected "
-            "--strategy=multi_worker_mirrored (or unset TF_CONFIG).")
+            "--strategy=multi_worker_mirrored (or unset TF_CONFIG)."
+        )
 
 
 def from_environment(strategy: str) -> ClusterInfo | None:

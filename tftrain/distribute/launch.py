@@ -24,29 +24,49 @@ import time
 from collections.abc import Sequence
 
 
-
 def define_flags(flag_values) -> None:
     from absl import flags
 
-    flags.DEFINE_integer("num_workers", 2, "worker tasks", lower_bound=1,
-                         flag_values=flag_values)
-    flags.DEFINE_integer("num_ps", 0, "parameter-server tasks; with them a chief "
-                         "(the coordinator) is started too", lower_bound=0,
-                         flag_values=flag_values)
-    flags.DEFINE_integer("max_restarts", 0, "restarts of the whole cluster after a "
-                         "task fails; each resumes from the last checkpoint",
-                         lower_bound=0, flag_values=flag_values)
-    flags.DEFINE_float("stop_grace_secs", 10.0, "seconds a task gets to stop after "
-                       "SIGTERM before SIGKILL", lower_bound=0.0, flag_values=flag_values)
-    flags.DEFINE_integer("threads_per_task", 0, "intra-op threads per task (0: the "
-                         "machine's cores shared out among the tasks)", lower_bound=0,
-                         flag_values=flag_values)
-    flags.DEFINE_enum("emit", "", ["", "tfjob"], "print a manifest instead of running: "
-                      "tfjob (Kubeflow)", flag_values=flag_values)
-    flags.DEFINE_string("image", "tftrain:latest", "container image, for --emit",
-                        flag_values=flag_values)
-    flags.DEFINE_string("job_name", "tftrain", "job name, for --emit",
-                        flag_values=flag_values)
+    flags.DEFINE_integer("num_workers", 2, "worker tasks", lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer(
+        "num_ps",
+        0,
+        "parameter-server tasks; with them a chief (the coordinator) is started too",
+        lower_bound=0,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "max_restarts",
+        0,
+        "restarts of the whole cluster after a task fails; each resumes from the last checkpoint",
+        lower_bound=0,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_float(
+        "stop_grace_secs",
+        10.0,
+        "seconds a task gets to stop after SIGTERM before SIGKILL",
+        lower_bound=0.0,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "threads_per_task",
+        0,
+        "intra-op threads per task (0: the machine's cores shared out among the tasks)",
+        lower_bound=0,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_enum(
+        "emit",
+        "",
+        ["", "tfjob"],
+        "print a manifest instead of running: tfjob (Kubeflow)",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "image", "tftrain:latest", "container image, for --emit", flag_values=flag_values
+    )
+    flags.DEFINE_string("job_name", "tftrain", "job name, for --emit", flag_values=flag_values)
 
 
 # -- the cluster ------------------------------------------------------------
@@ -69,8 +89,9 @@ def reserve_ports(count: int, host: str = "127.0.0.1") -> tuple[list[int], list[
     return ports, sockets
 
 
-def cluster_spec(num_workers: int, num_ps: int, ports: Sequence[int],
-                 host: str = "127.0.0.1") -> dict[str, list[str]]:
+def cluster_spec(
+    num_workers: int, num_ps: int, ports: Sequence[int], host: str = "127.0.0.1"
+) -> dict[str, list[str]]:
     """The cluster: a chief only when there are parameter servers."""
     addresses = iter(f"{host}:{p}" for p in ports)
     spec: dict[str, list[str]] = {}
@@ -88,8 +109,7 @@ def tasks_of(spec: dict[str, list[str]]) -> list[tuple[str, int]]:
 
 def task_env(spec, task_type: str, index: int, threads: int, num_workers: int) -> dict:
     env = dict(os.environ)
-    env["TF_CONFIG"] = json.dumps({"cluster": spec,
-                                   "task": {"type": task_type, "index": index}})
+    env["TF_CONFIG"] = json.dumps({"cluster": spec, "task": {"type": task_type, "index": index}})
     env["TFTRAIN_INTRA_OP_THREADS"] = str(threads)
     # Collectives and parameter-server RPCs block inter-op threads; with fewer
     # than workers + 1 of them a small machine deadlocks.
@@ -103,8 +123,13 @@ class _Task:
     def __init__(self, name: str, argv: list[str], env: dict, lock: threading.Lock):
         self.name = name
         self.process = subprocess.Popen(
-            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True)
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self._pump = threading.Thread(target=self._forward, args=(lock,), daemon=True)
         self._pump.start()
 
@@ -128,15 +153,23 @@ class _Task:
 class Cluster:
     """Starts, watches and stops the tasks of one local cluster."""
 
-    def __init__(self, *, num_workers: int, num_ps: int, train_argv: list[str],
-                 threads_per_task: int = 0, stop_grace_secs: float = 10.0):
+    def __init__(
+        self,
+        *,
+        num_workers: int,
+        num_ps: int,
+        train_argv: list[str],
+        threads_per_task: int = 0,
+        stop_grace_secs: float = 10.0,
+    ):
         self.num_workers = num_workers
         self.num_ps = num_ps
         self.train_argv = train_argv
         self.stop_grace_secs = stop_grace_secs
         tasks = num_workers + num_ps + (1 if num_ps else 0)
-        self.threads = threads_per_task or max(1, (os.cpu_count() or 1) // max(
-            num_workers + (1 if num_ps else 0), 1))
+        self.threads = threads_per_task or max(
+            1, (os.cpu_count() or 1) // max(num_workers + (1 if num_ps else 0), 1)
+        )
         self._lock = threading.Lock()
         self._ports, self._sockets = reserve_ports(tasks)
         self.spec = cluster_spec(num_workers, num_ps, self._ports)
@@ -188,8 +221,10 @@ class Cluster:
                 if code is None or code == 0:
                     continue
                 if self.num_ps and key[0] == "worker":
-                    self._say(f"{task.name} exited with {code}; restarting it (the "
-                              "coordinator tolerates a lost worker).")
+                    self._say(
+                        f"{task.name} exited with {code}; restarting it (the "
+                        "coordinator tolerates a lost worker)."
+                    )
                     task.drain()
                     self.start_task(*key)
                     continue
@@ -207,8 +242,15 @@ class Cluster:
             print(f"[launch] {message}", flush=True)
 
 
-def run(*, num_workers: int, num_ps: int, train_argv: list[str], max_restarts: int = 0,
-        threads_per_task: int = 0, stop_grace_secs: float = 10.0) -> int:
+def run(
+    *,
+    num_workers: int,
+    num_ps: int,
+    train_argv: list[str],
+    max_restarts: int = 0,
+    threads_per_task: int = 0,
+    stop_grace_secs: float = 10.0,
+) -> int:
     """Runs the cluster to the end, restarting it up to ``max_restarts`` times."""
     attempt = 0
     stopping = {"signal": None}
@@ -220,12 +262,18 @@ def run(*, num_workers: int, num_ps: int, train_argv: list[str], max_restarts: i
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
-            cluster = Cluster(num_workers=num_workers, num_ps=num_ps,
-                              train_argv=train_argv, threads_per_task=threads_per_task,
-                              stop_grace_secs=stop_grace_secs)
-            cluster._say(f"cluster {json.dumps(cluster.spec)}; "
-                         f"{cluster.threads} intra-op thread(s) per task"
-                         + (f"; attempt {attempt + 1}" if attempt else ""))
+            cluster = Cluster(
+                num_workers=num_workers,
+                num_ps=num_ps,
+                train_argv=train_argv,
+                threads_per_task=threads_per_task,
+                stop_grace_secs=stop_grace_secs,
+            )
+            cluster._say(
+                f"cluster {json.dumps(cluster.spec)}; "
+                f"{cluster.threads} intra-op thread(s) per task"
+                + (f"; attempt {attempt + 1}" if attempt else "")
+            )
             try:
                 cluster.start()
                 code, failed = cluster.watch()
@@ -239,8 +287,10 @@ def run(*, num_workers: int, num_ps: int, train_argv: list[str], max_restarts: i
                 return 0
             if attempt < max_restarts:
                 attempt += 1
-                cluster._say(f"{failed} failed with exit code {code}; restarting the "
-                             f"cluster from the last checkpoint ({attempt}/{max_restarts}).")
+                cluster._say(
+                    f"{failed} failed with exit code {code}; restarting the "
+                    f"cluster from the last checkpoint ({attempt}/{max_restarts})."
+                )
                 continue
             cluster._say(f"{failed} failed with exit code {code}; stopped the other tasks.")
             return code if code > 0 else 1
@@ -252,25 +302,42 @@ def run(*, num_workers: int, num_ps: int, train_argv: list[str], max_restarts: i
 # -- Kubeflow ---------------------------------------------------------------
 
 
-def tfjob_manifest(*, job_name: str, image: str, num_workers: int, num_ps: int,
-                   train_argv: list[str]) -> str:
+def tfjob_manifest(
+    *, job_name: str, image: str, num_workers: int, num_ps: int, train_argv: list[str]
+) -> str:
     """A Kubeflow TFJob whose operator sets TF_CONFIG for every replica.
 
     JSON-quoted strings keep it valid YAML whatever the flags hold.
     """
     command = json.dumps(["tftrain", "train", *train_argv])
-    lines = ["apiVersion: kubeflow.org/v1", "kind: TFJob", "metadata:",
-             f"  name: {json.dumps(job_name)}", "spec:", "  tfReplicaSpecs:"]
-    roles = ([("Chief", 1)] if num_ps else []) + [("Worker", num_workers)] + (
-        [("PS", num_ps)] if num_ps else [])
+    lines = [
+        "apiVersion: kubeflow.org/v1",
+        "kind: TFJob",
+        "metadata:",
+        f"  name: {json.dumps(job_name)}",
+        "spec:",
+        "  tfReplicaSpecs:",
+    ]
+    roles = (
+        ([("Chief", 1)] if num_ps else [])
+        + [("Worker", num_workers)]
+        + ([("PS", num_ps)] if num_ps else [])
+    )
     for role, replicas in roles:
-        lines += [f"    {role}:", f"      replicas: {replicas}",
-                  "      restartPolicy: OnFailure", "      template:", "        spec:",
-                  "          containers:", "            - name: tensorflow",
-                  f"              image: {json.dumps(image)}",
-                  f"              command: {command}",
-                  "              env:", "                - name: GRPC_FAIL_FAST",
-                  '                  value: "use_caller"']
+        lines += [
+            f"    {role}:",
+            f"      replicas: {replicas}",
+            "      restartPolicy: OnFailure",
+            "      template:",
+            "        spec:",
+            "          containers:",
+            "            - name: tensorflow",
+            f"              image: {json.dumps(image)}",
+            f"              command: {command}",
+            "              env:",
+            "                - name: GRPC_FAIL_FAST",
+            '                  value: "use_caller"',
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -280,15 +347,30 @@ def main(argv: list[str]) -> None:
     fv = flags.FLAGS
     train_argv = list(argv[1:])
     if not train_argv:
-        print("tftrain: error: no training flags: expected "
-              "tftrain launch --num_workers=N -- --experiment=... --model_dir=...",
-              file=sys.stderr)
+        print(
+            "tftrain: error: no training flags: expected "
+            "tftrain launch --num_workers=N -- --experiment=... --model_dir=...",
+            file=sys.stderr,
+        )
         sys.exit(2)
     if fv.emit == "tfjob":
-        sys.stdout.write(tfjob_manifest(job_name=fv.job_name, image=fv.image,
-                                        num_workers=fv.num_workers, num_ps=fv.num_ps,
-                                        train_argv=train_argv))
+        sys.stdout.write(
+            tfjob_manifest(
+                job_name=fv.job_name,
+                image=fv.image,
+                num_workers=fv.num_workers,
+                num_ps=fv.num_ps,
+                train_argv=train_argv,
+            )
+        )
         return
-    sys.exit(run(num_workers=fv.num_workers, num_ps=fv.num_ps, train_argv=train_argv,
-                 max_restarts=fv.max_restarts, threads_per_task=fv.threads_per_task,
-                 stop_grace_secs=fv.stop_grace_secs))
+    sys.exit(
+        run(
+            num_workers=fv.num_workers,
+            num_ps=fv.num_ps,
+            train_argv=train_argv,
+            max_restarts=fv.max_restarts,
+            threads_per_task=fv.threads_per_task,
+            stop_grace_secs=fv.stop_grace_secs,
+        )
+    )

@@ -46,14 +46,16 @@ def _local_devices(num_replicas: int) -> list[str]:
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
         tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * num_replicas)
+            cpu, [tf.config.LogicalDeviceConfiguration()] * num_replicas
+        )
     except RuntimeError:  # already initialised (a test process): use what is there
         have = len(tf.config.list_logical_devices("CPU"))
         if have < num_replicas:
             raise ConfigError(
                 f"--num_replicas={num_replicas}: TensorFlow was already started with "
                 f"{have} CPU device(s); logical devices must be set up before any "
-                "other TensorFlow work.") from None
+                "other TensorFlow work."
+            ) from None
     return [f"/cpu:{i}" for i in range(num_replicas)]
 
 
@@ -64,19 +66,29 @@ def _cross_device_ops(name: str, devices: list[str]):
         return None
     if name == "nccl":
         if not devices[0].startswith("/gpu"):
-            raise ConfigError("--all_reduce=nccl needs GPUs; this machine has none: "
-                              "expected auto or hierarchical_copy.")
+            raise ConfigError(
+                "--all_reduce=nccl needs GPUs; this machine has none: "
+                "expected auto or hierarchical_copy."
+            )
         return tf.distribute.NcclAllReduce()
     if name == "hierarchical_copy":
         return tf.distribute.HierarchicalCopyAllReduce()
-    raise ConfigError(f"--all_reduce={name} applies to --strategy=multi_worker_mirrored "
-                      "(as --collective=ring); for mirrored expected auto, nccl or "
-                      "hierarchical_copy.")
+    raise ConfigError(
+        f"--all_reduce={name} applies to --strategy=multi_worker_mirrored "
+        "(as --collective=ring); for mirrored expected auto, nccl or "
+        "hierarchical_copy."
+    )
 
 
-def create(strategy: str, *, num_replicas: int = 1, all_reduce: str = "auto",
-           collective: str = "auto", collective_timeout_secs: float | None = None,
-           cluster: ClusterInfo | None = None) -> Placement:
+def create(
+    strategy: str,
+    *,
+    num_replicas: int = 1,
+    all_reduce: str = "auto",
+    collective: str = "auto",
+    collective_timeout_secs: float | None = None,
+    cluster: ClusterInfo | None = None,
+) -> Placement:
     """Creates the tf.distribute strategy by name.
 
     Args:
@@ -100,8 +112,12 @@ def create(strategy: str, *, num_replicas: int = 1, all_reduce: str = "auto",
         devices = _local_devices(num_replicas)
         return Placement(
             tf.distribute.MirroredStrategy(
-                devices, cross_device_ops=_cross_device_ops(all_reduce, devices)),
-            True, 1, 0)
+                devices, cross_device_ops=_cross_device_ops(all_reduce, devices)
+            ),
+            True,
+            1,
+            0,
+        )
     if strategy == "multi_worker_mirrored":
         implementation = {
             "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
@@ -109,21 +125,30 @@ def create(strategy: str, *, num_replicas: int = 1, all_reduce: str = "auto",
             "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
         }[collective]
         if collective == "nccl" and not tf.config.list_physical_devices("GPU"):
-            raise ConfigError("--collective=nccl needs GPUs; this machine has none: "
-                              "expected auto or ring.")
+            raise ConfigError(
+                "--collective=nccl needs GPUs; this machine has none: expected auto or ring."
+            )
         options = tf.distribute.experimental.CommunicationOptions(
-            implementation=implementation, timeout_seconds=collective_timeout_secs)
+            implementation=implementation, timeout_seconds=collective_timeout_secs
+        )
         try:
             mwms = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         except tf.errors.OpError as e:
             where = f" on {cluster.address}" if cluster else ""
-            raise ConfigError(f"could not start this task's server{where} "
-                              f"({e.message.strip().splitlines()[0]}): is another "
-                              "program using that port?") from None
+            raise ConfigError(
+                f"could not start this task's server{where} "
+                f"({e.message.strip().splitlines()[0]}): is another "
+                "program using that port?"
+            ) from None
         if cluster is None:
             return Placement(mwms, True, 1, 0)
         workers = sorted(
-            (t, i) for t in ("chief", "worker") for i in range(len(cluster.cluster.get(t, ()))))
-        return Placement(mwms, cluster.is_chief, cluster.num_workers,
-                         workers.index((cluster.task_type, cluster.task_index)))
+            (t, i) for t in ("chief", "worker") for i in range(len(cluster.cluster.get(t, ())))
+        )
+        return Placement(
+            mwms,
+            cluster.is_chief,
+            cluster.num_workers,
+            workers.index((cluster.task_type, cluster.task_index)),
+        )
     raise ConfigError(f"--strategy={strategy} is not available in this version.")

@@ -55,7 +55,9 @@ class Watchdog:
         self.timeout_secs = float(timeout_secs)
         self._process = subprocess.Popen(
             [sys.executable, "-c", _WATCHER, str(os.getpid()), str(self.timeout_secs)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+        )
 
     def kick(self, stage: str) -> None:
         """Reports progress; ``stage`` says what the run does next."""

@@ -21,8 +21,7 @@ class Optimizer(keras.optimizers.Optimizer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._iterations.assign_add = types.MethodType(_atomic_assign_add,
-                                                       self._iterations)
+        self._iterations.assign_add = types.MethodType(_atomic_assign_add, self._iterations)
 
     def _slot(self, slots, variable):
         """The tf.Variable behind the slot of ``variable`` (per device in an update)."""
@@ -46,8 +45,7 @@ def deduplicate(gradient: tf.IndexedSlices):
       would hold.
     """
     indices, positions = tf.unique(gradient.indices)
-    values = tf.math.unsorted_segment_sum(gradient.values, positions,
-                                          tf.shape(indices)[0])
+    values = tf.math.unsorted_segment_sum(gradient.values, positions, tf.shape(indices)[0])
     return values, indices
 
 

@@ -39,14 +39,28 @@ class Adagrad(Optimizer):
       **kwargs: the base class's ``weight_decay``, ``clipnorm`` and the rest.
     """
 
-    def __init__(self, learning_rate=0.001, initial_accumulator_value=0.1,
-                 epsilon=1e-7, weight_decay=None, clipnorm=None, clipvalue=None,
-                 global_clipnorm=None, name="adagrad", epsilon_inside_sqrt=True,
-                 **kwargs):
-        super().__init__(learning_rate=learning_rate, name=name,
-                         weight_decay=weight_decay, clipnorm=clipnorm,
-                         clipvalue=clipvalue, global_clipnorm=global_clipnorm,
-                         **kwargs)
+    def __init__(
+        self,
+        learning_rate=0.001,
+        initial_accumulator_value=0.1,
+        epsilon=1e-7,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        name="adagrad",
+        epsilon_inside_sqrt=True,
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate=learning_rate,
+            name=name,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            **kwargs,
+        )
         self.initial_accumulator_value = initial_accumulator_value
         self.epsilon = epsilon
         self.epsilon_inside_sqrt = bool(epsilon_inside_sqrt)
@@ -56,8 +70,10 @@ class Adagrad(Optimizer):
             return
         super().build(var_list)
         self._accumulators = self.add_optimizer_variables(
-            var_list, "accumulator",
-            initializer=keras.initializers.Constant(self.initial_accumulator_value))
+            var_list,
+            "accumulator",
+            initializer=keras.initializers.Constant(self.initial_accumulator_value),
+        )
 
     def _denominator(self, acc, eps):
         if self.epsilon_inside_sqrt:
@@ -74,27 +90,36 @@ class Adagrad(Optimizer):
             values = tf.cast(values, var.dtype)
             if not self.epsilon_inside_sqrt:
                 tf.raw_ops.ResourceSparseApplyAdagradV2(
-                    var=var.handle, accum=acc.handle, lr=lr, epsilon=eps,
-                    grad=values, indices=indices)
+                    var=var.handle,
+                    accum=acc.handle,
+                    lr=lr,
+                    epsilon=eps,
+                    grad=values,
+                    indices=indices,
+                )
                 return
             new_acc = tf.gather(acc, indices) + values * values
             acc.scatter_update(tf.IndexedSlices(new_acc, indices))
-            var.scatter_sub(tf.IndexedSlices(
-                lr * values / self._denominator(new_acc, eps), indices))
+            var.scatter_sub(
+                tf.IndexedSlices(lr * values / self._denominator(new_acc, eps), indices)
+            )
             return
         gradient = tf.cast(gradient, var.dtype)
         if not self.epsilon_inside_sqrt:
-            tf.raw_ops.ResourceApplyAdagradV2(var=var.handle, accum=acc.handle,
-                                              lr=lr, epsilon=eps, grad=gradient)
+            tf.raw_ops.ResourceApplyAdagradV2(
+                var=var.handle, accum=acc.handle, lr=lr, epsilon=eps, grad=gradient
+            )
             return
         new_acc = acc.assign_add(gradient * gradient, read_value=True)
         var.assign_sub(lr * gradient / self._denominator(new_acc, eps))
 
     def get_config(self):
         config = super().get_config()
-        config.update({
-            "initial_accumulator_value": self.initial_accumulator_value,
-            "epsilon": self.epsilon,
-            "epsilon_inside_sqrt": self.epsilon_inside_sqrt,
-        })
+        config.update(
+            {
+                "initial_accumulator_value": self.initial_accumulator_value,
+                "epsilon": self.epsilon,
+                "epsilon_inside_sqrt": self.epsilon_inside_sqrt,
+            }
+        )
         return config

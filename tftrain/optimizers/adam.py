@@ -41,13 +41,29 @@ class Adam(Optimizer):
       **kwargs: the base class's ``weight_decay``, ``clipnorm`` and the rest.
     """
 
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999,
-                 epsilon=1e-7, amsgrad=False, weight_decay=None, clipnorm=None,
-                 clipvalue=None, global_clipnorm=None, name="adam", **kwargs):
-        super().__init__(learning_rate=learning_rate, name=name,
-                         weight_decay=weight_decay, clipnorm=clipnorm,
-                         clipvalue=clipvalue, global_clipnorm=global_clipnorm,
-                         **kwargs)
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        amsgrad=False,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        name="adam",
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate=learning_rate,
+            name=name,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            **kwargs,
+        )
         self.beta_1 = beta_1
         self.beta_2 = beta_2
         self.epsilon = epsilon
@@ -58,7 +74,8 @@ class Adam(Optimizer):
             return
         super().build(var_list)
         self._momentums, self._velocities = self.add_optimizer_variables(
-            var_list, ["momentum", "velocity"])
+            var_list, ["momentum", "velocity"]
+        )
         self._velocity_hats = []
         if self.amsgrad:
             self._velocity_hats = self.add_optimizer_variables(var_list, "velocity_hat")
@@ -74,21 +91,31 @@ class Adam(Optimizer):
         eps = tf.cast(self.epsilon, dtype)
         beta_1_power, beta_2_power = self._step_powers(dtype, self.beta_1, self.beta_2)
         if isinstance(gradient, tf.IndexedSlices):
-            self._sparse_update(gradient, var, m, v, variable, lr, beta_1, beta_2,
-                                eps, beta_1_power, beta_2_power)
+            self._sparse_update(
+                gradient, var, m, v, variable, lr, beta_1, beta_2, eps, beta_1_power, beta_2_power
+            )
             return
-        args = dict(var=var.handle, m=m.handle, v=v.handle,
-                    beta1_power=beta_1_power, beta2_power=beta_2_power, lr=lr,
-                    beta1=beta_1, beta2=beta_2, epsilon=eps,
-                    grad=tf.cast(gradient, dtype))
+        args = dict(
+            var=var.handle,
+            m=m.handle,
+            v=v.handle,
+            beta1_power=beta_1_power,
+            beta2_power=beta_2_power,
+            lr=lr,
+            beta1=beta_1,
+            beta2=beta_2,
+            epsilon=eps,
+            grad=tf.cast(gradient, dtype),
+        )
         if self.amsgrad:
             v_hat = self._slot(self._velocity_hats, variable)
             tf.raw_ops.ResourceApplyAdamWithAmsgrad(vhat=v_hat.handle, **args)
         else:
             tf.raw_ops.ResourceApplyAdam(**args)
 
-    def _sparse_update(self, gradient, var, m, v, variable, lr, beta_1, beta_2,
-                       eps, beta_1_power, beta_2_power):
+    def _sparse_update(
+        self, gradient, var, m, v, variable, lr, beta_1, beta_2, eps, beta_1_power, beta_2_power
+    ):
         values, indices = deduplicate(gradient)
         g = tf.cast(values, var.dtype)
         alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
@@ -102,11 +129,16 @@ class Adam(Optimizer):
             v_hat = self._slot(self._velocity_hats, variable)
             v_rows = tf.maximum(tf.gather(v_hat, indices), v_rows)
             v_hat.scatter_update(tf.IndexedSlices(v_rows, indices))
-        var.scatter_sub(tf.IndexedSlices(m_rows * alpha / (tf.sqrt(v_rows) + eps),
-                                         indices))
+        var.scatter_sub(tf.IndexedSlices(m_rows * alpha / (tf.sqrt(v_rows) + eps), indices))
 
     def get_config(self):
         config = super().get_config()
-        config.update({"beta_1": self.beta_1, "beta_2": self.beta_2,
-                       "epsilon": self.epsilon, "amsgrad": self.amsgrad})
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "amsgrad": self.amsgrad,
+            }
+        )
         return config

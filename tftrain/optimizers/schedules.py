@@ -36,9 +36,16 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
       decay_rate: the step schedule's factor.
     """
 
-    def __init__(self, peak: float, *, warmup_steps: int = 0, decay: str = "constant",
-                 total_steps: int = 1, boundaries: Sequence[int] = (),
-                 decay_rate: float = 0.1):
+    def __init__(
+        self,
+        peak: float,
+        *,
+        warmup_steps: int = 0,
+        decay: str = "constant",
+        total_steps: int = 1,
+        boundaries: Sequence[int] = (),
+        decay_rate: float = 0.1,
+    ):
         if decay not in ("constant", "cosine", "step"):
             raise ValueError(f"decay={decay!r}: expected constant, cosine or step.")
         self.peak = float(peak)
@@ -56,8 +63,9 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
             progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
             rate = peak * 0.5 * (1.0 + tf.cos(math.pi * progress))
         elif self.decay == "step":
-            crossed = tf.add_n([tf.cast(step >= b, tf.float32) for b in self.boundaries]
-                               or [tf.zeros([])])
+            crossed = tf.add_n(
+                [tf.cast(step >= b, tf.float32) for b in self.boundaries] or [tf.zeros([])]
+            )
             rate = peak * tf.pow(self.decay_rate, crossed)
         else:
             rate = peak
@@ -67,6 +75,11 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         return rate
 
     def get_config(self):
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps,
-                "decay": self.decay, "total_steps": self.total_steps,
-                "boundaries": self.boundaries, "decay_rate": self.decay_rate}
+        return {
+            "peak": self.peak,
+            "warmup_steps": self.warmup_steps,
+            "decay": self.decay,
+            "total_steps": self.total_steps,
+            "boundaries": self.boundaries,
+            "decay_rate": self.decay_rate,
+        }

@@ -37,13 +37,27 @@ class SGD(Optimizer):
         ``clipvalue``, ``global_clipnorm``, ``name`` and the rest.
     """
 
-    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False,
-                 weight_decay=None, clipnorm=None, clipvalue=None,
-                 global_clipnorm=None, name="SGD", **kwargs):
-        super().__init__(learning_rate=learning_rate, name=name,
-                         weight_decay=weight_decay, clipnorm=clipnorm,
-                         clipvalue=clipvalue, global_clipnorm=global_clipnorm,
-                         **kwargs)
+    def __init__(
+        self,
+        learning_rate=0.01,
+        momentum=0.0,
+        nesterov=False,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        name="SGD",
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate=learning_rate,
+            name=name,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            **kwargs,
+        )
         if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum={momentum!r}: expected a float in [0, 1].")
         self.momentum = float(momentum)
@@ -64,12 +78,17 @@ class SGD(Optimizer):
         sparse = isinstance(gradient, tf.IndexedSlices)
         if self.momentum == 0:
             if sparse:
-                var.scatter_sub(tf.IndexedSlices(
-                    tf.cast(gradient.values, var.dtype) * lr, gradient.indices,
-                    gradient.dense_shape))
+                var.scatter_sub(
+                    tf.IndexedSlices(
+                        tf.cast(gradient.values, var.dtype) * lr,
+                        gradient.indices,
+                        gradient.dense_shape,
+                    )
+                )
             elif var.dtype in FUSED_DTYPES:
                 tf.raw_ops.ResourceApplyGradientDescent(
-                    var=var.handle, alpha=lr, delta=tf.cast(gradient, var.dtype))
+                    var=var.handle, alpha=lr, delta=tf.cast(gradient, var.dtype)
+                )
             else:
                 var.assign_sub(lr * tf.cast(gradient, var.dtype))
             return
@@ -77,14 +96,23 @@ class SGD(Optimizer):
         if sparse:
             values, indices = deduplicate(gradient)
             tf.raw_ops.ResourceSparseApplyKerasMomentum(
-                var=var.handle, accum=velocity.handle, lr=lr,
-                grad=tf.cast(values, var.dtype), indices=indices, momentum=mu,
-                use_nesterov=self.nesterov)
+                var=var.handle,
+                accum=velocity.handle,
+                lr=lr,
+                grad=tf.cast(values, var.dtype),
+                indices=indices,
+                momentum=mu,
+                use_nesterov=self.nesterov,
+            )
         else:
             tf.raw_ops.ResourceApplyKerasMomentum(
-                var=var.handle, accum=velocity.handle, lr=lr,
-                grad=tf.cast(gradient, var.dtype), momentum=mu,
-                use_nesterov=self.nesterov)
+                var=var.handle,
+                accum=velocity.handle,
+                lr=lr,
+                grad=tf.cast(gradient, var.dtype),
+                momentum=mu,
+                use_nesterov=self.nesterov,
+            )
 
     def get_config(self):
         config = super().get_config()

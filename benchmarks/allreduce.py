@@ -1,0 +1,131 @@
+"""One step's gradient all-reduce between 2 local workers, against the ring bound.
+
+The ring all-reduce moves 2(N-1)/N times the gradient bytes in and out of
+each worker, the lower bound for any all-reduce (Patarasuk and Yuan 2009),
+so one all-reduce takes at least 2(N-1)/N x bytes / bandwidth. This program
+measures the loopback TCP bandwidth between two processes, then times the
+all-reduce of the MLP 256-128's gradients (235,146 float32 values) under
+MultiWorkerMirroredStrategy with 2 worker processes, and prints both.
+
+    .venv/bin/python -m benchmarks.allreduce [--repeats=200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The gradients of Dense 784->256, 256->128, 128->10 (kernels and biases).
+SHAPES = [(784, 256), (256,), (256, 128), (128,), (128, 10), (10,)]
+
+
+def loopback_bandwidth(total_bytes: int = 512 << 20, chunk: int = 1 << 20) -> float:
+    """Bytes per second of one TCP stream over 127.0.0.1 between two processes."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    sender = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import socket,sys\n"
+                f"s=socket.create_connection(('127.0.0.1',{port}))\n"
+                f"b=bytes({chunk})\n"
+                f"for _ in range({total_bytes // chunk}): s.sendall(b)\n"
+                "s.close()\n"
+            ),
+        ]
+    )
+    conn, _ = server.accept()
+    received, start = 0, time.perf_counter()
+    buf = bytearray(chunk)
+    while True:
+        n = conn.recv_into(buf)
+        if not n:
+            break
+        received += n
+    elapsed = time.perf_counter() - start
+    sender.wait()
+    conn.close()
+    server.close()
+    return received / elapsed
+
+
+def worker(repeats: int) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    grads = [tf.random.stateless_normal(s, seed=[1, i]) for i, s in enumerate(SHAPES)]
+
+    @tf.function
+    def reduce_n(n):
+        def replica_fn():
+            ctx = tf.distribute.get_replica_context()
+            out = grads
+            for _ in tf.range(n):
+                out = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            return out[0][0, 0]
+
+        return strategy.run(replica_fn)
+
+    reduce_n(tf.constant(5))  # trace, form the group, warm up
+    start = time.perf_counter()
+    reduce_n(tf.constant(repeats))
+    per_reduce = (time.perf_counter() - start) / repeats
+    task = json.loads(os.environ["TF_CONFIG"])["task"]
+    if task["index"] == 0:
+        print(json.dumps({"seconds_per_allreduce": per_reduce}), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.repeats)
+        return
+    from tftrain.distribute import launch
+
+    nbytes = 4 * sum(math.prod(s) for s in SHAPES)
+    bandwidth = loopback_bandwidth()
+    ports, sockets = launch.reserve_ports(2)
+    spec = launch.cluster_spec(2, 0, ports)
+    for s in sockets:
+        s.close()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.allreduce", "--worker", f"--repeats={args.repeats}"],
+            cwd=ROOT,
+            env=launch.task_env(spec, "worker", i, threads=1, num_workers=2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    measured = json.loads(outs[0].strip().splitlines()[-1])["seconds_per_allreduce"]
+    n = 2
+    bound = 2 * (n - 1) / n * nbytes / bandwidth
+    print(f"gradient bytes: {nbytes:,} ({len(SHAPES)} tensors)")
+    print(f"loopback TCP bandwidth: {bandwidth / 1e9:.2f} GB/s")
+    print(f"ring bound 2(N-1)/N x bytes / bandwidth, N=2: {bound * 1e6:,.0f} us")
+    print(
+        f"measured all-reduce (MultiWorkerMirroredStrategy, 2 processes): "
+        f"{measured * 1e6:,.0f} us = {measured / bound:.1f}x the bound"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Data-parallel throughput on this machine, as ratios from one run.
+
+Runs the same training (MLP 256-128 on Fashion-MNIST, global batch 100)
+as separate `tftrain` processes, one after another:
+
+  one_device        baseline
+  mirrored x2       2 logical CPU devices (or GPUs) in one process
+  1 launched worker multi_worker_mirrored, `tftrain launch --num_workers=1`
+  2 launched workers multi_worker_mirrored, `tftrain launch --num_workers=2`
+
+and prints examples/second (steady state: the first loop, which traces
+the graph, is left out) and the ratios the goals are stated in.
+
+    .venv/bin/python -m benchmarks.scaling [--steps=3000] [--batch_size=100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def throughput(args, strategy_flags, launch_workers=None):
+    with tempfile.TemporaryDirectory() as model_dir:
+        train = [
+            "--dataset=fashion_mnist",
+            "--model=mlp",
+            f"--batch_size={args.batch_size}",
+            f"--train_steps={args.steps}",
+            f"--steps_per_loop={args.steps_per_loop}",
+            f"--eval_interval={args.steps}",
+            f"--checkpoint_interval={args.steps}",
+            "--noexport",
+            f"--model_dir={model_dir}",
+            *strategy_flags,
+        ]
+        if launch_workers:
+            command = ["launch", f"--num_workers={launch_workers}", "--", *train]
+        else:
+            command = ["train", *train]
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        env.pop("TF_CONFIG", None)
+        subprocess.run(
+            [sys.executable, "-m", "tftrain", *command],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        with open(os.path.join(model_dir, "metrics.json")) as f:
+            return json.load(f)["examples_per_second"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps_per_loop", type=int, default=100)
+    parser.add_argument("--batch_size", type=int, default=100)
+    args = parser.parse_args()
+    runs = [
+        ("one_device", ["--strategy=one_device"], None),
+        ("mirrored x2", ["--strategy=mirrored", "--num_replicas=2"], None),
+        ("1 launched worker", ["--strategy=multi_worker_mirrored"], 1),
+        ("2 launched workers", ["--strategy=multi_worker_mirrored"], 2),
+    ]
+    print(
+        f"MLP 256-128, Fashion-MNIST, global batch {args.batch_size}, {args.steps} steps, "
+        f"{args.steps_per_loop} steps per loop, {os.cpu_count()} CPU cores"
+    )
+    speeds = {}
+    for name, flags, workers in runs:
+        speeds[name] = throughput(args, flags, workers)
+        print(f"  {name:<20}{speeds[name]:>12,.0f} examples/s", flush=True)
+    base = speeds["one_device"]
+    print(f"mirrored x2 / one_device:               {speeds['mirrored x2'] / base:.2f}")
+    print(f"2 launched workers / one_device:        {speeds['2 launched workers'] / base:.2f}")
+    print(
+        f"2 launched workers / 1 launched worker: "
+        f"{speeds['2 launched workers'] / speeds['1 launched worker']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Sets up tftrain on a fresh Debian machine: the embedded Fashion-MNIST from
+# Debian, and a virtual environment in .venv with tftrain and its test tools.
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  echo "setup: installing Debian's dataset-fashion-mnist"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || {
+    $SUDO apt-get update -q >/dev/null
+    $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null
+  }
+fi
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+echo "setup: installing tftrain and its dependencies into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+echo "setup: done (.venv/bin/tftrain)"
