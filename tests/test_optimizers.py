@@ -353,3 +353,18 @@ def test_warmup_cosine_and_step_schedules():
     assert optimizers.scaled_learning_rate(0.1, 1024, 256) == pytest.approx(0.4)
     again = optimizers.WarmupDecay.from_config(s.get_config())
     assert float(again(9)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"weight_decay": 0.01}, {"clipnorm": 0.5}, {"clipvalue": 0.1}, {"global_clipnorm": 0.3}],
+)
+def test_base_class_arguments_behave_as_in_keras(extra):
+    init = np.random.default_rng(14).normal(size=(6, 3)).astype(np.float32)
+    ours, theirs = keras.Variable(init), keras.Variable(init)
+    a, b = optimizers.Adam(0.01, **extra), keras.optimizers.Adam(0.01, **extra)
+    for g in gradients((6, 3), 15)[:30]:
+        a.apply_gradients([(tf.constant(g), ours)])
+        b.apply_gradients([(tf.constant(g), theirs)])
+    assert relative_error(ours.numpy(), theirs.numpy()) <= 1e-6
+    assert a.get_config()[next(iter(extra))] == next(iter(extra.values()))
