@@ -8,6 +8,8 @@ that they delete.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -80,7 +82,7 @@ def build_optimizer(config: ExperimentConfig, steps_per_epoch: int, total_steps:
 
 class _Output:
     """Where this task writes: the run's folder on the chief, a scratch folder
-    elsewhere (deleted at the end)."""
+    elsewhere (deleted when the run ends)."""
 
     def __init__(self, model_dir: str, is_chief: bool, worker_index: int):
         self.model_dir = model_dir
@@ -92,7 +94,10 @@ class _Output:
     def path(self, *parts: str) -> str:
         return os.path.join(self._scratch or self.model_dir, *parts)
 
-    def close(self) -> None:
+    def __enter__(self) -> _Output:
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self._scratch:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
@@ -109,14 +114,267 @@ def _export(model, image_shape, out: _Output) -> str:
     final = out.path("export")
     staging = final + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
-    with open(os.devnull, "w") as devnull:  # ExportArchive prints a long listing
-        import contextlib
-
-        with contextlib.redirect_stdout(devnull):
-            archive.write_out(staging, verbose=False)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        archive.write_out(staging, verbose=False)  # it prints a long listing
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     return final
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run trains on and for how long, decided before any variable exists."""
+
+    dataset: data_lib.Dataset
+    train: data_lib.Split
+    test: data_lib.Split
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def make(cls, config: ExperimentConfig, num_replicas: int) -> Plan:
+        if config.batch_size % num_replicas:
+            raise ConfigError(
+                f"--batch_size={config.batch_size} does not split evenly over "
+                f"{num_replicas} replicas: expected a multiple of {num_replicas}."
+            )
+        dataset = data_lib.load(config.dataset, config.data_dir, seed=config.seed)
+        train = dataset.train.take(config.max_train_examples)
+        test = dataset.test.take(config.max_eval_examples)
+        per_epoch = data_lib.steps_per_epoch(len(train), config.batch_size)
+        if per_epoch == 0:
+            raise ConfigError(
+                f"--batch_size={config.batch_size} is larger than the {len(train)} "
+                f"training examples: expected at most {len(train)}."
+            )
+        total = config.train_steps or config.epochs * per_epoch
+        return cls(dataset, train, test, per_epoch, total)
+
+
+class Controller:
+    """One run's outer loop, in the order ``restore``, ``train``, ``finish``.
+
+    Args:
+      config: the validated config.
+      placement: the strategy and this task's place in the cluster.
+      plan: the data and the length of the run.
+      out: where this task writes.
+      log: prints a line for the person watching.
+      watchdog: told what the run does next, before each stage that can block.
+    """
+
+    def __init__(self, *, config, placement: Placement, plan: Plan, out: _Output, log, watchdog):
+        self.config, self.placement, self.plan = config, placement, plan
+        self.out, self.log, self.watchdog = out, log, watchdog
+        strategy = placement.strategy
+        watchdog.kick("creating the model's variables (all workers must join)")
+        with strategy.scope():
+            self.model = models.build_model(
+                config.model,
+                input_shape=plan.dataset.image_shape,
+                num_classes=plan.dataset.num_classes,
+                seed=config.seed,
+                hidden_units=config.hidden_units,
+            )
+            self.optimizer = build_optimizer(config, plan.steps_per_epoch, plan.total_steps)
+            self.optimizer.build(self.model.trainable_variables)
+        self.trainer = Trainer(
+            strategy=strategy,
+            model=self.model,
+            optimizer=self.optimizer,
+            global_batch_size=config.batch_size,
+        )
+        # The global step is also the data position: the stream is a function of it.
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.model, optimizer=self.optimizer, global_step=self.trainer.global_step
+        )
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint,
+            out.path("checkpoints"),
+            max_to_keep=config.keep_checkpoints,
+            step_counter=self.trainer.global_step,
+        )
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer.global_step.numpy())
+
+    def restore(self) -> int:
+        """Restores the latest checkpoint in model_dir, if any; returns the step."""
+        shared = os.path.join(self.config.model_dir, "checkpoints")
+        latest = tf.train.latest_checkpoint(shared)
+        self.watchdog.kick("restoring the latest checkpoint")
+        if latest:
+            try:
+                self.checkpoint.restore(latest).assert_existing_objects_matched()
+            except (AssertionError, ValueError, tf.errors.OpError) as e:
+                raise RunError(
+                    f"--model_dir={self.config.model_dir} holds a checkpoint ({latest}) "
+                    "that does not fit this run's model or optimizer "
+                    f"({str(e).splitlines()[0]}). Expected the same --model/--optimizer "
+                    "as the run that wrote it, or a new --model_dir. Nothing was changed."
+                ) from None
+            self.log(f"Resumed from {latest} at step {self.step}.")
+        return self.step
+
+    def _writers(self):
+        if self.placement.is_chief:
+            _write_json_atomically(
+                os.path.join(self.config.model_dir, "config.json"), self.config.to_dict()
+            )
+            return (
+                tf.summary.create_file_writer(self.out.path("train")),
+                tf.summary.create_file_writer(self.out.path("eval")),
+            )
+        noop = tf.summary.create_noop_writer()
+        return noop, noop
+
+    def train(self) -> dict:
+        """Trains to the end of the plan; returns the last evaluation."""
+        config, plan, strategy = self.config, self.plan, self.placement.strategy
+        step = self.step
+        train_ds = data_lib.train_dataset(
+            plan.train, global_batch_size=config.batch_size, seed=config.seed, start_step=step
+        )
+        iterator = iter(strategy.experimental_distribute_dataset(train_ds))
+        self._eval_ds = strategy.experimental_distribute_dataset(
+            data_lib.eval_dataset(plan.test, batch_size=config.eval_batch_size)
+        )
+        train_writer, self._eval_writer = self._writers()
+        eval_every = config.eval_interval or plan.steps_per_epoch
+        ckpt_every = config.checkpoint_interval or plan.steps_per_epoch
+        self.log(
+            f"Training {config.model} on {plan.dataset.name} ({len(plan.train)} train / "
+            f"{len(plan.test)} test examples) with {config.optimizer}, "
+            f"{self.placement.num_replicas} replica(s) on {self.placement.num_workers} "
+            f"worker(s), global batch {config.batch_size}: {plan.total_steps} steps "
+            f"({plan.steps_per_epoch} per epoch)."
+        )
+        progress = _Progress(self, train_writer)
+        eval_metrics = None
+        while step < plan.total_steps:
+            # Stop each loop at the next evaluation or checkpoint boundary.
+            n = min(
+                config.steps_per_loop,
+                plan.total_steps - step,
+                eval_every - step % eval_every,
+                ckpt_every - step % ckpt_every,
+            )
+            self.watchdog.kick(f"training steps {step + 1}-{step + n}")
+            start = time.time()
+            self.trainer.train(iterator, n)
+            metrics = self.trainer.take_train_metrics()  # a read: waits for the loop
+            step += n
+            progress.record(step, n, time.time() - start, metrics)
+            if step % eval_every == 0 or step == plan.total_steps:
+                eval_metrics = self.evaluate(step)
+            if step % ckpt_every == 0 or step == plan.total_steps:
+                self.save(step)
+            train_writer.flush()
+        self.examples_per_second, self.training_seconds = progress.steady_speed()
+        return eval_metrics or self.evaluate(step)  # a finished run resumed: evaluate it
+
+    def evaluate(self, step: int) -> dict:
+        self.watchdog.kick(f"evaluating at step {step}")
+        metrics = self.trainer.evaluate(self._eval_ds)
+        with self._eval_writer.as_default(step=step):
+            tf.summary.scalar("loss", metrics["loss"])
+            tf.summary.scalar("accuracy", metrics["accuracy"])
+        self._eval_writer.flush()
+        self.log(
+            f"eval at step {step}: loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}"
+        )
+        return metrics
+
+    def save(self, step: int) -> None:
+        self.watchdog.kick(f"saving the checkpoint of step {step}")
+        saved = self.manager.save(checkpoint_number=step)
+        if not self.placement.is_chief:  # every worker saves; only the chief keeps it
+            shutil.rmtree(os.path.dirname(saved), ignore_errors=True)
+
+    def finish(self, eval_metrics: dict) -> dict:
+        """Exports the model and writes metrics.json; returns the metrics."""
+        config, placement = self.config, self.placement
+        export_dir = None
+        if config.export:
+            self.watchdog.kick("exporting the SavedModel")
+            export_dir = _export(self.model, self.plan.dataset.image_shape, self.out)
+        result = {
+            "eval_accuracy": eval_metrics["accuracy"],
+            "eval_loss": eval_metrics["loss"],
+            "eval_examples": int(eval_metrics["examples"]),
+            "global_step": self.step,
+            "examples_per_second": self.examples_per_second,
+            "training_seconds": self.training_seconds,
+            "experiment": config.experiment,
+            "dataset": self.plan.dataset.name,
+            "model": config.model,
+            "optimizer": config.optimizer,
+            "strategy": config.strategy,
+            "num_replicas": placement.num_replicas,
+            "num_workers": placement.num_workers,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+            "weights_sha256": weights_fingerprint(self.model),
+        }
+        self.log(
+            f"Final weights sha256 {result['weights_sha256'][:16]} "
+            f"(worker {placement.worker_index} of {placement.num_workers})."
+        )
+        if placement.is_chief:
+            metrics_path = os.path.join(config.model_dir, "metrics.json")
+            _write_json_atomically(metrics_path, result)
+            self.log(
+                f"Done: step {result['global_step']}, eval accuracy "
+                f"{result['eval_accuracy']:.4f}, eval loss {result['eval_loss']:.4f}, "
+                f"{result['examples_per_second']:,.0f} examples/s. "
+                + (f"Model exported to {export_dir}; " if export_dir else "")
+                + f"metrics in {metrics_path}."
+            )
+        return result
+
+
+class _Progress:
+    """Training speed, TensorBoard train scalars and the console's progress lines.
+
+    The steady speed leaves out the first loop, which traces the graph, unless
+    it is the only one.
+    """
+
+    def __init__(self, controller: Controller, writer):
+        self.c, self.writer = controller, writer
+        self.seconds, self.examples, self.loops = 0.0, 0, 0
+        self.started, self.last_line = time.time(), 0.0
+
+    def steady_speed(self) -> tuple[float, float]:
+        return (self.examples / self.seconds if self.seconds else 0.0), self.seconds
+
+    def record(self, step: int, n: int, elapsed: float, metrics: dict) -> None:
+        config, plan = self.c.config, self.c.plan
+        self.loops += 1
+        if self.loops > 1 or step == plan.total_steps:
+            self.seconds += elapsed
+            self.examples += n * config.batch_size
+        speed = self.examples / self.seconds if self.seconds else n * config.batch_size / elapsed
+        lr = float(tf.convert_to_tensor(self.c.optimizer.learning_rate).numpy())
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("loss", metrics["loss"])
+            tf.summary.scalar("accuracy", metrics["accuracy"])
+            tf.summary.scalar("learning_rate", lr)
+            tf.summary.scalar("examples_per_second", speed)
+        now = time.time()
+        boundary = step % plan.steps_per_epoch == 0 or step == plan.total_steps
+        if now - self.last_line < config.log_interval_secs and not boundary:
+            return
+        self.last_line = now
+        eta = (plan.total_steps - step) * config.batch_size / max(speed, 1e-9)
+        epochs = math.ceil(plan.total_steps / plan.steps_per_epoch)
+        self.c.log(
+            f"step {step}/{plan.total_steps}  epoch {step / plan.steps_per_epoch:.2f}/{epochs}  "
+            f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
+            f"lr {lr:.3g}  {speed:,.0f} examples/s  "
+            f"elapsed {_format_duration(now - self.started)}  ETA {_format_duration(eta)}"
+        )
 
 
 def run(
@@ -131,220 +389,17 @@ def run(
     Raises:
       ConfigError, data_lib.DataError, RunError: for mistakes the user can fix.
     """
-    replicas = placement.num_replicas
-    if config.batch_size % replicas:
-        raise ConfigError(
-            f"--batch_size={config.batch_size} does not split evenly over "
-            f"{replicas} replicas: expected a multiple of {replicas}."
-        )
     keras.utils.set_random_seed(config.seed)
-    dataset = data_lib.load(config.dataset, config.data_dir, seed=config.seed)
-    train_split = dataset.train.take(config.max_train_examples)
-    test_split = dataset.test.take(config.max_eval_examples)
-    per_epoch = data_lib.steps_per_epoch(len(train_split), config.batch_size)
-    if per_epoch == 0:
-        raise ConfigError(
-            f"--batch_size={config.batch_size} is larger than the "
-            f"{len(train_split)} training examples."
-        )
-    total_steps = config.train_steps or config.epochs * per_epoch
+    plan = Plan.make(config, placement.num_replicas)
     os.makedirs(config.model_dir, exist_ok=True)
-    out = _Output(config.model_dir, placement.is_chief, placement.worker_index)
-    try:
-        return _run(
-            config,
-            placement,
-            dataset,
-            train_split,
-            test_split,
-            per_epoch,
-            total_steps,
-            out,
-            log,
-            watchdog or NoWatchdog(),
+    with _Output(config.model_dir, placement.is_chief, placement.worker_index) as out:
+        controller = Controller(
+            config=config,
+            placement=placement,
+            plan=plan,
+            out=out,
+            log=log,
+            watchdog=watchdog or NoWatchdog(),
         )
-    finally:
-        out.close()
-
-
-def _run(
-    config,
-    placement,
-    dataset,
-    train_split,
-    test_split,
-    per_epoch,
-    total_steps,
-    out: _Output,
-    log,
-    watchdog,
-) -> dict:
-    strategy = placement.strategy
-    watchdog.kick("creating the model's variables (all workers must join)")
-    with strategy.scope():
-        model = models.build_model(
-            config.model,
-            input_shape=dataset.image_shape,
-            num_classes=dataset.num_classes,
-            seed=config.seed,
-            hidden_units=config.hidden_units,
-        )
-        optimizer = build_optimizer(config, per_epoch, total_steps)
-        optimizer.build(model.trainable_variables)
-    trainer = Trainer(
-        strategy=strategy, model=model, optimizer=optimizer, global_batch_size=config.batch_size
-    )
-
-    checkpoint = tf.train.Checkpoint(
-        model=model, optimizer=optimizer, global_step=trainer.global_step
-    )
-    shared_dir = os.path.join(config.model_dir, "checkpoints")
-    manager = tf.train.CheckpointManager(
-        checkpoint,
-        out.path("checkpoints"),
-        max_to_keep=config.keep_checkpoints,
-        step_counter=trainer.global_step,
-    )
-    latest = tf.train.latest_checkpoint(shared_dir)
-    watchdog.kick("restoring the latest checkpoint")
-    if latest:
-        try:
-            checkpoint.restore(latest).assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as e:
-            raise RunError(
-                f"--model_dir={config.model_dir} holds a checkpoint ({latest}) that "
-                f"does not fit this run's model or optimizer ({str(e).splitlines()[0]}). "
-                "Expected the same --model/--optimizer as the run that wrote it, or a "
-                "new --model_dir. Nothing was changed."
-            ) from None
-        log(f"Resumed from {latest} at step {int(trainer.global_step.numpy())}.")
-    start_step = int(trainer.global_step.numpy())
-
-    if placement.is_chief:
-        _write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())
-        train_writer = tf.summary.create_file_writer(out.path("train"))
-        eval_writer = tf.summary.create_file_writer(out.path("eval"))
-    else:
-        train_writer = eval_writer = tf.summary.create_noop_writer()
-
-    train_ds = data_lib.train_dataset(
-        train_split, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step
-    )
-    iterator = iter(strategy.experimental_distribute_dataset(train_ds))
-    eval_ds = strategy.experimental_distribute_dataset(
-        data_lib.eval_dataset(test_split, batch_size=config.eval_batch_size)
-    )
-
-    eval_every = config.eval_interval or per_epoch
-    ckpt_every = config.checkpoint_interval or per_epoch
-    total_epochs = math.ceil(total_steps / per_epoch)
-    log(
-        f"Training {config.model} on {dataset.name} ({len(train_split)} train / "
-        f"{len(test_split)} test examples) with {config.optimizer}, "
-        f"{placement.num_replicas} replica(s) on {placement.num_workers} worker(s), "
-        f"global batch {config.batch_size}: {total_steps} steps "
-        f"({per_epoch} per epoch)."
-    )
-
-    step = start_step
-    train_time, timed_examples, first_loop = 0.0, 0, True
-    last_log = 0.0
-    run_start = time.time()
-    eval_metrics = None
-    while step < total_steps:
-        # Stop each loop at the next evaluation or checkpoint boundary.
-        n = min(
-            config.steps_per_loop,
-            total_steps - step,
-            eval_every - step % eval_every,
-            ckpt_every - step % ckpt_every,
-        )
-        watchdog.kick(f"training steps {step + 1}-{step + n}")
-        t0 = time.time()
-        trainer.train(iterator, n)
-        metrics = trainer.take_train_metrics()  # reads: waits for the loop
-        elapsed = time.time() - t0
-        step += n
-        if not first_loop or step == total_steps:
-            train_time += elapsed
-            timed_examples += n * config.batch_size
-        first_loop = False
-        speed = (
-            timed_examples / train_time
-            if train_time
-            else n * config.batch_size / max(elapsed, 1e-9)
-        )
-        lr = float(tf.convert_to_tensor(optimizer.learning_rate).numpy())
-        with train_writer.as_default(step=step):
-            tf.summary.scalar("loss", metrics["loss"])
-            tf.summary.scalar("accuracy", metrics["accuracy"])
-            tf.summary.scalar("learning_rate", lr)
-            tf.summary.scalar("examples_per_second", speed)
-        epoch_done = step % per_epoch == 0
-        now = time.time()
-        if now - last_log >= config.log_interval_secs or epoch_done or step == total_steps:
-            last_log = now
-            eta = (total_steps - step) * config.batch_size / max(speed, 1e-9)
-            log(
-                f"step {step}/{total_steps}  epoch {step / per_epoch:.2f}/{total_epochs}  "
-                f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
-                f"lr {lr:.3g}  {speed:,.0f} examples/s  "
-                f"elapsed {_format_duration(now - run_start)}  ETA {_format_duration(eta)}"
-            )
-        if step % eval_every == 0 or step == total_steps:
-            watchdog.kick(f"evaluating at step {step}")
-            eval_metrics = trainer.evaluate(eval_ds)
-            with eval_writer.as_default(step=step):
-                tf.summary.scalar("loss", eval_metrics["loss"])
-                tf.summary.scalar("accuracy", eval_metrics["accuracy"])
-            log(
-                f"eval at step {step}: loss {eval_metrics['loss']:.4f}  "
-                f"accuracy {eval_metrics['accuracy']:.4f}"
-            )
-        if step % ckpt_every == 0 or step == total_steps:
-            watchdog.kick(f"saving the checkpoint of step {step}")
-            saved = manager.save(checkpoint_number=step)
-            if not placement.is_chief:
-                shutil.rmtree(os.path.dirname(saved), ignore_errors=True)
-        train_writer.flush()
-        eval_writer.flush()
-
-    if eval_metrics is None:  # resumed a finished run: evaluate what it left
-        watchdog.kick("evaluating")
-        eval_metrics = trainer.evaluate(eval_ds)
-    export_dir = None
-    if config.export:
-        watchdog.kick("exporting the SavedModel")
-        export_dir = _export(model, dataset.image_shape, out)
-    result = {
-        "eval_accuracy": eval_metrics["accuracy"],
-        "eval_loss": eval_metrics["loss"],
-        "eval_examples": int(eval_metrics["examples"]),
-        "global_step": int(trainer.global_step.numpy()),
-        "examples_per_second": timed_examples / train_time if train_time else 0.0,
-        "training_seconds": train_time,
-        "experiment": config.experiment,
-        "dataset": dataset.name,
-        "model": config.model,
-        "optimizer": config.optimizer,
-        "strategy": config.strategy,
-        "num_replicas": placement.num_replicas,
-        "num_workers": placement.num_workers,
-        "batch_size": config.batch_size,
-        "seed": config.seed,
-        "weights_sha256": weights_fingerprint(model),
-    }
-    log(
-        f"Final weights sha256 {result['weights_sha256'][:16]} "
-        f"(worker {placement.worker_index} of {placement.num_workers})."
-    )
-    if placement.is_chief:
-        _write_json_atomically(os.path.join(config.model_dir, "metrics.json"), result)
-        log(
-            f"Done: step {result['global_step']}, eval accuracy "
-            f"{result['eval_accuracy']:.4f}, eval loss {result['eval_loss']:.4f}, "
-            f"{result['examples_per_second']:,.0f} examples/s. "
-            + (f"Model exported to {export_dir}; " if export_dir else "")
-            + f"metrics in {os.path.join(config.model_dir, 'metrics.json')}."
-        )
-    return result
+        controller.restore()
+        return controller.finish(controller.train())
