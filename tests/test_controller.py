@@ -1,0 +1,37 @@
+import pytest
+
+from tftrain import controller
+from tftrain.config import ExperimentConfig
+
+
+def lr_at(optimizer, step):
+    optimizer.iterations.assign(step)
+    return float(optimizer.learning_rate)
+
+
+def test_schedule_flags_reach_the_optimizer():
+    config = ExperimentConfig(
+        optimizer="momentum",
+        learning_rate=0.1,
+        batch_size=512,
+        scale_lr_with_batch=True,
+        base_batch_size=256,
+        warmup_epochs=1,
+        lr_schedule="step",
+        lr_decay_epochs=(3,),
+        lr_decay_rate=0.1,
+        model_dir="/tmp/unused",
+    ).validate()
+    opt = controller.build_optimizer(config, steps_per_epoch=10, total_steps=50)
+    assert opt.momentum == 0.9
+    peak = 0.1 * 512 / 256  # the linear scaling rule
+    assert lr_at(opt, 0) == pytest.approx(peak / 10)  # warm-up over the first epoch
+    assert lr_at(opt, 9) == pytest.approx(peak)
+    assert lr_at(opt, 29) == pytest.approx(peak)
+    assert lr_at(opt, 30) == pytest.approx(peak * 0.1)
+
+
+def test_constant_rate_needs_no_schedule():
+    config = ExperimentConfig(optimizer="sgd", learning_rate=0.3, momentum=0.5, model_dir="/x")
+    opt = controller.build_optimizer(config.validate(), steps_per_epoch=10, total_steps=10)
+    assert lr_at(opt, 7) == pytest.approx(0.3) and opt.momentum == 0.5
