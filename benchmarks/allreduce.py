@@ -67,16 +67,15 @@ def worker(repeats: int) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     grads = [tf.random.stateless_normal(s, seed=[1, i]) for i, s in enumerate(SHAPES)]
 
+    def replica_fn():
+        ctx = tf.distribute.get_replica_context()
+        ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+
     @tf.function
     def reduce_n(n):
-        def replica_fn():
-            ctx = tf.distribute.get_replica_context()
-            out = grads
-            for _ in tf.range(n):
-                out = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            return out[0][0, 0]
-
-        return strategy.run(replica_fn)
+        # Collectives are stateful: every one of the n runs is kept and ordered.
+        for _ in tf.range(n):
+            strategy.run(replica_fn)
 
     reduce_n(tf.constant(5))  # trace, form the group, warm up
     start = time.perf_counter()
@@ -109,12 +108,15 @@ def main():
             cwd=ROOT,
             env=launch.task_env(spec, "worker", i, threads=1, num_workers=2),
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
         )
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    results = [p.communicate(timeout=600) for p in procs]
+    outs = [out for out, _ in results]
+    if not outs[0].strip():
+        sys.exit(f"the worker printed no timing:\n{results[0][1][-3000:]}")
     measured = json.loads(outs[0].strip().splitlines()[-1])["seconds_per_allreduce"]
     n = 2
     bound = 2 * (n - 1) / n * nbytes / bandwidth

@@ -42,3 +42,9 @@ def test_bad_values_name_the_flag_and_what_is_expected(changes, message):
 
 def test_tfds_names_are_open_ended():
     assert valid(dataset="imagenette").validate().dataset == "imagenette"
+
+
+def test_collective_pack_bytes_must_not_be_negative():
+    with pytest.raises(ConfigError, match="--collective_pack_bytes=-1"):
+        valid(collective_pack_bytes=-1).validate()
+    assert valid(collective_pack_bytes=0).validate().collective_pack_bytes == 0

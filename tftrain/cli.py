@@ -52,6 +52,8 @@ _HELP = {
     "collective": "multi_worker_mirrored's collective implementation: auto, ring, nccl",
     "collective_timeout_secs": "a collective waiting longer than this fails the run "
     "(a worker that died or never came)",
+    "collective_pack_bytes": "multi_worker_mirrored: all-reduce gradients in packs of this "
+    "many bytes (0: one pack)",
     "num_stages": "pipeline stages for model_parallel",
     "num_microbatches": "micro-batches per step for model_parallel",
     "model_dir": "the run's folder; a run resumes from the latest checkpoint there",
@@ -184,6 +186,7 @@ def _train_main(argv):
             all_reduce=config.all_reduce,
             collective=config.collective,
             collective_timeout_secs=config.collective_timeout_secs,
+            collective_pack_bytes=config.collective_pack_bytes,
             cluster=cluster,
         )
         controller.run(config, placement, watchdog=watchdog)

@@ -87,6 +87,7 @@ def create(
     all_reduce: str = "auto",
     collective: str = "auto",
     collective_timeout_secs: float | None = None,
+    collective_pack_bytes: int = 0,
     cluster: ClusterInfo | None = None,
 ) -> Placement:
     """Creates the tf.distribute strategy by name.
@@ -98,6 +99,8 @@ def create(
       collective: the collective implementation for ``multi_worker_mirrored``.
       collective_timeout_secs: a collective that waits longer fails (a worker
         that died or never came) instead of hanging.
+      collective_pack_bytes: all-reduce gradients in packs of this many bytes
+        (0: one pack).
       cluster: the parsed TF_CONFIG, if any.
 
     Raises:
@@ -129,7 +132,9 @@ def create(
                 "--collective=nccl needs GPUs; this machine has none: expected auto or ring."
             )
         options = tf.distribute.experimental.CommunicationOptions(
-            implementation=implementation, timeout_seconds=collective_timeout_secs
+            implementation=implementation,
+            timeout_seconds=collective_timeout_secs,
+            bytes_per_pack=collective_pack_bytes,
         )
         try:
             mwms = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)

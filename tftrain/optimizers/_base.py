@@ -13,7 +13,15 @@ def _atomic_assign_add(self, value):
     # write. Under asynchronous parameter-server training two workers can
     # read the same count and both write count + 1, losing a step. The
     # resource op underneath (AssignAddVariableOp) adds in place.
-    return self.value.assign_add(tf.cast(value, self.value.dtype))
+    variable = self.value
+    context = tf.distribute.get_replica_context()
+    if isinstance(value, int) and context is not None and context.num_replicas_in_sync > 1:
+        # Every replica counts the same step. In replica context an update of
+        # this ONLY_FIRST_REPLICA variable broadcasts replica 0's value to every
+        # worker: a collective per step. Adding the constant to each local copy
+        # from cross-replica context needs no communication.
+        return context.merge_call(lambda _: variable.assign_add(value))
+    return variable.assign_add(tf.cast(value, variable.dtype))
 
 
 class Optimizer(keras.optimizers.Optimizer):
