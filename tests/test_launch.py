@@ -226,3 +226,26 @@ def test_a_worker_that_never_comes_is_a_failure_not_a_hang(tmp_path):
     assert result.returncode != 0
     assert "no progress for" in result.stderr and "never started" in result.stderr
     assert time.time() - start < 60
+
+
+def test_collectives_do_not_leak_threads():
+    """TensorFlow 2.21 leaks two threads per all-reduce when a collective
+    timeout is set; a long run then dies when it can start no more threads."""
+    ports, sockets = launch.reserve_ports(2)
+    spec = launch.cluster_spec(2, 0, ports)
+    for s in sockets:
+        s.close()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests", "collective_worker.py")],
+            env=launch.task_env(spec, "worker", i, threads=1, num_workers=2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    counts = json.loads(outs[0].strip().splitlines()[-1])
+    assert counts["after"] - counts["before"] < 20, counts

@@ -50,8 +50,8 @@ _HELP = {
     "num_replicas": "local replicas for mirrored: GPUs, or logical CPU devices",
     "all_reduce": "mirrored's cross-device reduction: auto, nccl, hierarchical_copy",
     "collective": "multi_worker_mirrored's collective implementation: auto, ring, nccl",
-    "collective_timeout_secs": "a collective waiting longer than this fails the run "
-    "(a worker that died or never came)",
+    "collective_timeout_secs": "a multi-worker run that makes no progress for this long "
+    "fails with a message (a worker that died or never started)",
     "collective_pack_bytes": "multi_worker_mirrored: all-reduce gradients in packs of this "
     "many bytes (0: one pack)",
     "num_stages": "pipeline stages for model_parallel",
@@ -185,7 +185,6 @@ def _train_main(argv):
             num_replicas=config.num_replicas,
             all_reduce=config.all_reduce,
             collective=config.collective,
-            collective_timeout_secs=config.collective_timeout_secs,
             collective_pack_bytes=config.collective_pack_bytes,
             cluster=cluster,
         )
@@ -201,8 +200,7 @@ def _train_main(argv):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         _fail(
             f"lost contact with another task of the cluster ({type(e).__name__}: "
-            f"{first[:300]}). A worker died, or never started, or a collective "
-            f"waited past --collective_timeout_secs={config.collective_timeout_secs}.",
+            f"{first[:300]}): a worker died or never started.",
             code=1,
         )
 

@@ -86,7 +86,6 @@ def create(
     num_replicas: int = 1,
     all_reduce: str = "auto",
     collective: str = "auto",
-    collective_timeout_secs: float | None = None,
     collective_pack_bytes: int = 0,
     cluster: ClusterInfo | None = None,
 ) -> Placement:
@@ -97,8 +96,6 @@ def create(
       num_replicas: local replicas for ``mirrored``.
       all_reduce: the cross-device reduction for ``mirrored``.
       collective: the collective implementation for ``multi_worker_mirrored``.
-      collective_timeout_secs: a collective that waits longer fails (a worker
-        that died or never came) instead of hanging.
       collective_pack_bytes: all-reduce gradients in packs of this many bytes
         (0: one pack).
       cluster: the parsed TF_CONFIG, if any.
@@ -132,9 +129,7 @@ def create(
                 "--collective=nccl needs GPUs; this machine has none: expected auto or ring."
             )
         options = tf.distribute.experimental.CommunicationOptions(
-            implementation=implementation,
-            timeout_seconds=collective_timeout_secs,
-            bytes_per_pack=collective_pack_bytes,
+            implementation=implementation, bytes_per_pack=collective_pack_bytes
         )
         try:
             mwms = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
