@@ -25,7 +25,13 @@ class Adagrad(Optimizer):
     empty accumulator (``initial_accumulator_value=0``) and a first gradient
     of 1e-4, the first step is about ``lr * 1e-4 / 3.2e-4`` inside but
     ``lr * 1e-4 / 1e-4`` outside: the two can differ by orders of magnitude
-    when gradients are tiny. The outside form runs as one fused kernel.
+    when gradients are tiny.
+
+    Both forms run as one fused kernel per variable. For the inside form the
+    accumulator slot holds ``G + epsilon`` (it starts at
+    ``initial_accumulator_value + epsilon``), so that
+    ``lr * g / sqrt(slot)`` is TensorFlow's epsilon-free ``ResourceApplyAdagrad``
+    and equals ``lr * g / sqrt(G + epsilon)``.
 
     Sparse gradients update only their rows; untouched rows have a zero
     gradient, which leaves both ``G`` and ``w`` as they are, so the sparse
@@ -57,49 +63,38 @@ class Adagrad(Optimizer):
         if self.built:
             return
         super().build(var_list)
-        self._accumulators = self.add_optimizer_variables(
-            var_list,
-            "accumulator",
-            initializer=keras.initializers.Constant(self.initial_accumulator_value),
-        )
-
-    def _denominator(self, acc, eps):
+        start = self.initial_accumulator_value
         if self.epsilon_inside_sqrt:
-            return tf.sqrt(acc + eps)
-        return tf.sqrt(acc) + eps
+            start += self.epsilon  # the slot holds G + epsilon: see the class doc
+        self._accumulators = self.add_optimizer_variables(
+            var_list, "accumulator", initializer=keras.initializers.Constant(start)
+        )
 
     def update_step(self, gradient, variable, learning_rate):
         var = as_tf_variable(variable)
         acc = self._slot(self._accumulators, variable)
         lr = tf.cast(learning_rate, var.dtype)
         eps = tf.cast(self.epsilon, var.dtype)
+        inside = self.epsilon_inside_sqrt
         if isinstance(gradient, tf.IndexedSlices):
             values, indices = deduplicate(gradient)
-            values = tf.cast(values, var.dtype)
-            if not self.epsilon_inside_sqrt:
-                tf.raw_ops.ResourceSparseApplyAdagradV2(
-                    var=var.handle,
-                    accum=acc.handle,
-                    lr=lr,
-                    epsilon=eps,
-                    grad=values,
-                    indices=indices,
-                )
-                return
-            new_acc = tf.gather(acc, indices) + values * values
-            acc.scatter_update(tf.IndexedSlices(new_acc, indices))
-            var.scatter_sub(
-                tf.IndexedSlices(lr * values / self._denominator(new_acc, eps), indices)
+            sparse = dict(
+                var=var.handle,
+                accum=acc.handle,
+                lr=lr,
+                grad=tf.cast(values, var.dtype),
+                indices=indices,
             )
+            if inside:
+                tf.raw_ops.ResourceSparseApplyAdagrad(**sparse)
+            else:
+                tf.raw_ops.ResourceSparseApplyAdagradV2(epsilon=eps, **sparse)
             return
-        gradient = tf.cast(gradient, var.dtype)
-        if not self.epsilon_inside_sqrt:
-            tf.raw_ops.ResourceApplyAdagradV2(
-                var=var.handle, accum=acc.handle, lr=lr, epsilon=eps, grad=gradient
-            )
-            return
-        new_acc = acc.assign_add(gradient * gradient, read_value=True)
-        var.assign_sub(lr * gradient / self._denominator(new_acc, eps))
+        dense = dict(var=var.handle, accum=acc.handle, lr=lr, grad=tf.cast(gradient, var.dtype))
+        if inside:
+            tf.raw_ops.ResourceApplyAdagrad(**dense)
+        else:
+            tf.raw_ops.ResourceApplyAdagradV2(epsilon=eps, **dense)
 
     def get_config(self):
         config = super().get_config()
