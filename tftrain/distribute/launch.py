@@ -220,7 +220,8 @@ class Cluster:
                 code = task.process.poll()
                 if code is None or code == 0:
                     continue
-                if self.num_ps and key[0] == "worker":
+                # Exit 2 is a usage error: no restart can mend it.
+                if self.num_ps and key[0] == "worker" and code != 2:
                     self._say(
                         f"{task.name} exited with {code}; restarting it (the "
                         "coordinator tolerates a lost worker)."
