@@ -22,6 +22,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 echo "setup: installing tftrain and its dependencies into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+log=.venv/setup-pip.log
+if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip &&
+       .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"; } >"$log" 2>&1; then
+  cat "$log" >&2
+  echo "setup: pip failed (the log above is also in $log)" >&2
+  exit 1
+fi
 echo "setup: done (.venv/bin/tftrain)"
