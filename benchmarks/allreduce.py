@@ -98,10 +98,7 @@ def main():
 
     nbytes = 4 * sum(math.prod(s) for s in SHAPES)
     bandwidth = loopback_bandwidth()
-    ports, sockets = launch.reserve_ports(2)
-    spec = launch.cluster_spec(2, 0, ports)
-    for s in sockets:
-        s.close()
+    spec = launch.free_cluster_spec(2)
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "benchmarks.allreduce", "--worker", f"--repeats={args.repeats}"],

@@ -203,12 +203,9 @@ def test_ctrl_c_stops_every_task(tmp_path):
 
 @pytest.mark.slow
 def test_a_worker_that_never_comes_is_a_failure_not_a_hang(tmp_path):
-    ports, sockets = launch.reserve_ports(2)
-    for s in sockets:
-        s.close()
     tf_config = json.dumps(
         {
-            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+            "cluster": launch.free_cluster_spec(2),
             "task": {"type": "worker", "index": 0},
         }
     )
@@ -231,10 +228,7 @@ def test_a_worker_that_never_comes_is_a_failure_not_a_hang(tmp_path):
 def test_collectives_do_not_leak_threads():
     """TensorFlow 2.21 leaks two threads per all-reduce when a collective
     timeout is set; a long run then dies when it can start no more threads."""
-    ports, sockets = launch.reserve_ports(2)
-    spec = launch.cluster_spec(2, 0, ports)
-    for s in sockets:
-        s.close()
+    spec = launch.free_cluster_spec(2)
     procs = [
         subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "tests", "collective_worker.py")],

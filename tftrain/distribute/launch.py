@@ -103,6 +103,15 @@ def cluster_spec(
     return spec
 
 
+def free_cluster_spec(num_workers: int, num_ps: int = 0) -> dict[str, list[str]]:
+    """A cluster on free loopback ports, released at once: for a caller that
+    starts its own task processes straight away."""
+    ports, sockets = reserve_ports(num_workers + num_ps + (1 if num_ps else 0))
+    for s in sockets:
+        s.close()
+    return cluster_spec(num_workers, num_ps, ports)
+
+
 def tasks_of(spec: dict[str, list[str]]) -> list[tuple[str, int]]:
     return [(t, i) for t in ("chief", "worker", "ps") for i in range(len(spec.get(t, ())))]
 
