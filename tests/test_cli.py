@@ -178,6 +178,20 @@ def test_bad_tf_config_is_reported_before_any_work(tmp_path, tf_config, message)
     assert not (tmp_path / "r").exists()
 
 
+def test_unwritable_model_dir_is_one_clear_error(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where a folder is needed")
+    result = run_tftrain(
+        "train",
+        "--experiment=fashion_mnist_softmax:smoke",
+        f"--model_dir={blocked}/run",
+        check=False,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"check --model_dir={blocked}/run" in result.stderr
+    assert blocked.read_text() == "a file where a folder is needed"
+
+
 def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
     model_dir = str(tmp_path / "run")
     run_tftrain(

@@ -192,6 +192,9 @@ def _train_main(argv):
         watchdog.stop()
     except (ConfigError, DataError, controller.RunError) as e:
         _fail(str(e))
+    except OSError as e:  # the file system refused: unwritable model_dir, disk full
+        where = f" ({e.filename})" if e.filename else ""
+        _fail(f"{e.strerror or e}{where}: check --model_dir={config.model_dir}.")
     except (
         tf.errors.UnavailableError,
         tf.errors.DeadlineExceededError,

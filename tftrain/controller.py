@@ -355,7 +355,11 @@ class _Progress:
         if self.loops > 1 or step == plan.total_steps:
             self.seconds += elapsed
             self.examples += n * config.batch_size
-        speed = self.examples / self.seconds if self.seconds else n * config.batch_size / elapsed
+        speed = (
+            self.examples / self.seconds
+            if self.seconds
+            else n * config.batch_size / max(elapsed, 1e-9)
+        )
         lr = float(tf.convert_to_tensor(self.c.optimizer.learning_rate).numpy())
         with self.writer.as_default(step=step):
             tf.summary.scalar("loss", metrics["loss"])
