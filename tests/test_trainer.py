@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tftrain import data, models, optimizers
+from tftrain.distribute import strategies
 from tftrain.trainer import Trainer
 
 
@@ -64,7 +65,7 @@ def test_mirrored_two_replicas_equal_one_device(synthetic, optimizer):
     give the one-device update, to float32 rounding (the replicas' partial
     sums are added in a different order)."""
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
-    two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    two = strategies.create("mirrored", num_replicas=2).strategy  # tftrain's choices
     a, b = make(one, optimizer=optimizer), make(two, optimizer=optimizer)
     a.train(iterator(one, synthetic.train, 32), 50)
     b.train(iterator(two, synthetic.train, 32), 50)
@@ -79,6 +80,14 @@ def test_mirrored_two_replicas_equal_one_device(synthetic, optimizer):
     )
     assert eval_two["examples"] == 200  # the short last batch is counted once
     assert eval_two["loss"] == pytest.approx(eval_one["loss"], rel=1e-4)
+
+
+def test_mirrored_on_cpu_sums_on_one_device():
+    """TensorFlow's default for CPU devices is CollectiveAllReduce, measured
+    ~2x slower per step than a plain sum on one device (BUILD_NOTES.md)."""
+    strategy = strategies.create("mirrored", num_replicas=2).strategy
+    assert isinstance(strategy.extended._cross_device_ops, tf.distribute.ReductionToOneDevice)
+    assert strategy.num_replicas_in_sync == 2
 
 
 def test_evaluate_matches_a_direct_computation(synthetic):

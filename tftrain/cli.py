@@ -48,7 +48,8 @@ _HELP = {
     "log_interval_secs": "seconds between progress lines",
     "strategy": "one_device, mirrored, multi_worker_mirrored, parameter_server, model_parallel",
     "num_replicas": "local replicas for mirrored: GPUs, or logical CPU devices",
-    "all_reduce": "mirrored's cross-device reduction: auto, nccl, hierarchical_copy",
+    "all_reduce": "mirrored's cross-device reduction: auto, nccl, hierarchical_copy, "
+    "reduction_to_one_device",
     "collective": "multi_worker_mirrored's collective implementation: auto, ring, nccl",
     "collective_timeout_secs": "a multi-worker run that makes no progress for this long "
     "fails with a message (a worker that died or never started)",

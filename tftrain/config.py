@@ -24,7 +24,7 @@ STRATEGIES = (
 # support is still being built, and are refused with a clear message.
 STRATEGIES_AVAILABLE = ("one_device", "mirrored", "multi_worker_mirrored")
 LR_SCHEDULES = ("constant", "cosine", "step")
-ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "ring")
+ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduction_to_one_device", "ring")
 COLLECTIVES = ("auto", "ring", "nccl")
 
 

@@ -63,7 +63,14 @@ def _cross_device_ops(name: str, devices: list[str]):
     import tensorflow as tf
 
     if name == "auto":
+        if devices[0].startswith("/cpu"):
+            # TensorFlow's default on CPU devices is CollectiveAllReduce, the
+            # multi-worker path, even within one process; a plain sum on one
+            # device was measured faster (BUILD_NOTES.md).
+            return tf.distribute.ReductionToOneDevice()
         return None
+    if name == "reduction_to_one_device":
+        return tf.distribute.ReductionToOneDevice()
     if name == "nccl":
         if not devices[0].startswith("/gpu"):
             raise ConfigError(
@@ -75,8 +82,8 @@ def _cross_device_ops(name: str, devices: list[str]):
         return tf.distribute.HierarchicalCopyAllReduce()
     raise ConfigError(
         f"--all_reduce={name} applies to --strategy=multi_worker_mirrored "
-        "(as --collective=ring); for mirrored expected auto, nccl or "
-        "hierarchical_copy."
+        "(as --collective=ring); for mirrored expected auto, nccl, "
+        "hierarchical_copy or reduction_to_one_device."
     )
 
 
