@@ -145,12 +145,7 @@ class ExperimentConfig:
                 f"--num_replicas={self.num_replicas} applies to "
                 f"--strategy=mirrored only (got --strategy={self.strategy})."
             )
-        if self.batch_size % self.num_replicas:
-            raise ConfigError(
-                f"--batch_size={self.batch_size} does not split evenly over "
-                f"{self.num_replicas} replicas: expected a multiple of "
-                f"{self.num_replicas}."
-            )
+        check_batch_splits(self.batch_size, self.num_replicas)
         if self.strategy not in STRATEGIES_AVAILABLE:
             raise ConfigError(
                 f"--strategy={self.strategy} is not available in this version "
@@ -162,6 +157,15 @@ class ExperimentConfig:
                 "checkpoints, summaries, metrics and export."
             )
         return self
+
+
+def check_batch_splits(batch_size: int, num_replicas: int) -> None:
+    """Raises ConfigError unless the global batch splits evenly over the replicas."""
+    if batch_size % num_replicas:
+        raise ConfigError(
+            f"--batch_size={batch_size} does not split evenly over {num_replicas} "
+            f"replicas: expected a multiple of {num_replicas}."
+        )
 
 
 def _one_of(name: str, value: str, choices: tuple[str, ...], open_ended: bool = False):

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from tftrain import data as data_lib
 from tftrain import models, optimizers
-from tftrain.config import ConfigError, ExperimentConfig
+from tftrain.config import ExperimentConfig, check_batch_splits
 from tftrain.distribute.strategies import Placement
 from tftrain.distribute.watchdog import NoWatchdog
 from tftrain.trainer import Trainer
@@ -86,7 +86,6 @@ class _Output:
 
     def __init__(self, model_dir: str, is_chief: bool, worker_index: int):
         self.model_dir = model_dir
-        self.is_chief = is_chief
         self._scratch = (
             None if is_chief else tempfile.mkdtemp(prefix=f"tftrain_worker{worker_index}_")
         )
@@ -133,20 +132,11 @@ class Plan:
 
     @classmethod
     def make(cls, config: ExperimentConfig, num_replicas: int) -> Plan:
-        if config.batch_size % num_replicas:
-            raise ConfigError(
-                f"--batch_size={config.batch_size} does not split evenly over "
-                f"{num_replicas} replicas: expected a multiple of {num_replicas}."
-            )
+        check_batch_splits(config.batch_size, num_replicas)
         dataset = data_lib.load(config.dataset, config.data_dir, seed=config.seed)
         train = dataset.train.take(config.max_train_examples)
         test = dataset.test.take(config.max_eval_examples)
         per_epoch = data_lib.steps_per_epoch(len(train), config.batch_size)
-        if per_epoch == 0:
-            raise ConfigError(
-                f"--batch_size={config.batch_size} is larger than the {len(train)} "
-                f"training examples: expected at most {len(train)}."
-            )
         total = config.train_steps or config.epochs * per_epoch
         return cls(dataset, train, test, per_epoch, total)
 

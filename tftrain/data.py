@@ -197,7 +197,16 @@ def load(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
-    """Whole global batches in one epoch (the remainder is dropped)."""
+    """Whole global batches in one epoch (the remainder is dropped).
+
+    Raises:
+      DataError: when not even one batch fits in the examples.
+    """
+    if global_batch_size > num_examples:
+        raise DataError(
+            f"--batch_size={global_batch_size} is larger than the {num_examples} "
+            f"training examples: expected at most {num_examples}."
+        )
     return num_examples // global_batch_size
 
 
@@ -224,11 +233,6 @@ def train_dataset(split: Split, *, global_batch_size: int, seed: int, start_step
 
     n = len(split)
     per_epoch = steps_per_epoch(n, global_batch_size)
-    if per_epoch == 0:
-        raise DataError(
-            f"--batch_size={global_batch_size} is larger than the "
-            f"{n} training examples: expected at most {n}."
-        )
     images = tf.constant(split.images)
     labels = tf.constant(split.labels)
     first_epoch, first_batch = divmod(start_step, per_epoch)
