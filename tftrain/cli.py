@@ -180,7 +180,11 @@ def _train_main(argv):
         watchdog = Watchdog(config.collective_timeout_secs)
         watchdog.kick("waiting for every worker of the cluster to start")
     try:
-        strategies.configure_threads(flag_values.intra_op_threads, flag_values.inter_op_threads)
+        strategies.configure_threads(
+            flag_values.intra_op_threads,
+            flag_values.inter_op_threads,
+            spinning=os.environ.get("TFTRAIN_THREAD_SPINNING", "1") != "0",
+        )
         placement = strategies.create(
             config.strategy,
             num_replicas=config.num_replicas,
@@ -188,6 +192,7 @@ def _train_main(argv):
             collective=config.collective,
             collective_pack_bytes=config.collective_pack_bytes,
             cluster=cluster,
+            ring_timeout_secs=config.collective_timeout_secs,
         )
         controller.run(config, placement, watchdog=watchdog)
         watchdog.stop()
@@ -207,6 +212,12 @@ def _train_main(argv):
             f"{first[:300]}): a worker died or never started.",
             code=1,
         )
+    except tf.errors.OpError as e:
+        if "RingError" not in str(e):
+            raise
+        # Raised inside the graph by tftrain's gradient ring: keep its own words.
+        said = str(e).split("RingError:", 1)[-1].strip().splitlines()[0]
+        _fail(f"lost contact with another worker: {said}", code=1)
 
 
 def _run_absl(main, define, command: str, argv: list[str]) -> None:
@@ -231,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
     if command == "train":
+        from tftrain import _malloc
+
+        _malloc.tune()  # before TensorFlow allocates anything
         _run_absl(_train_main, define_train_flags, "train", rest)
     elif command == "launch":
         from tftrain.distribute import launch
