@@ -161,3 +161,29 @@ def test_batch_larger_than_data_is_refused():
 
 def test_debian_data_dir_constant_matches_package_layout():
     assert os.path.basename(data.DEFAULT_FASHION_MNIST_DIR) == "fashion-mnist"
+
+
+def test_worker_shards_together_are_the_global_batch():
+    split = data.make_synthetic(0, num_train=100).train
+    whole = batches(split, 12, global_batch_size=10, seed=3, start_step=4)
+    shards = [
+        batches(split, 12, global_batch_size=10, seed=3, start_step=4, num_shards=2, shard_index=i)
+        for i in range(2)
+    ]
+    for step, (x, y) in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([s[step][0] for s in shards]), x)
+        np.testing.assert_array_equal(np.concatenate([s[step][1] for s in shards]), y)
+
+
+def test_a_global_batch_that_does_not_split_into_shards_is_refused():
+    split = data.make_synthetic(0, num_train=100).train
+    with pytest.raises(data.DataError, match="multiple of 3"):
+        data.train_dataset(split, global_batch_size=10, seed=0, num_shards=3, shard_index=0)
+
+
+def test_the_train_stream_says_it_is_infinite():
+    # Unknown length makes a multi-worker strategy all-reduce "has every
+    # worker data left?" before each step.
+    split = data.make_synthetic(0, num_train=100).train
+    ds = data.train_dataset(split, global_batch_size=10, seed=0)
+    assert ds.cardinality().numpy() == tf.data.INFINITE_CARDINALITY

@@ -222,12 +222,26 @@ def epoch_permutation(num_examples: int, seed: int, epoch):
     return tf.argsort(keys, stable=True)
 
 
-def train_dataset(split: Split, *, global_batch_size: int, seed: int, start_step: int = 0):
+def train_dataset(
+    split: Split,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    num_shards: int = 1,
+    shard_index: int = 0,
+):
     """Global batches of ``(float32 images, int32 labels)``, forever.
 
     Batch ``k`` of the stream is training step ``start_step + k`` of the run;
     the stream depends only on the data, the batch size, the seed and
     ``start_step``. Pixel values stay in [0, 255]; the model rescales them.
+
+    With ``num_shards > 1`` the stream holds only slice ``shard_index`` of
+    every global batch (``global_batch_size / num_shards`` examples): what
+    one of ``num_shards`` workers trains on. The shards of a step together
+    are exactly the unsharded global batch, and a worker gathers only its
+    own examples.
     """
     import tensorflow as tf
 
@@ -237,10 +251,18 @@ def train_dataset(split: Split, *, global_batch_size: int, seed: int, start_step
     labels = tf.constant(split.labels)
     first_epoch, first_batch = divmod(start_step, per_epoch)
 
+    if global_batch_size % num_shards or not 0 <= shard_index < num_shards:
+        raise DataError(
+            f"--batch_size={global_batch_size} does not split into {num_shards} equal "
+            f"shards: expected a multiple of {num_shards}."
+        )
+    shard = global_batch_size // num_shards
+
     def epoch_batches(epoch):
         order = epoch_permutation(n, seed, epoch)[: per_epoch * global_batch_size]
+        order = tf.reshape(order, [per_epoch, global_batch_size])
         batches = tf.data.Dataset.from_tensor_slices(
-            tf.reshape(order, [per_epoch, global_batch_size])
+            order[:, shard_index * shard : (shard_index + 1) * shard]
         )
         # Only the first epoch of a resumed run starts part-way through.
         return batches.skip(
@@ -255,6 +277,10 @@ def train_dataset(split: Split, *, global_batch_size: int, seed: int, start_step
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
+    # The stream never ends, and saying so matters: for a stream of unknown
+    # length a multi-worker strategy all-reduces "does every worker still have
+    # data?" before every step, a collective per step.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
     return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 
 
