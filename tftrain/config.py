@@ -25,7 +25,7 @@ STRATEGIES = (
 STRATEGIES_AVAILABLE = ("one_device", "mirrored", "multi_worker_mirrored")
 LR_SCHEDULES = ("constant", "cosine", "step")
 ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduction_to_one_device", "ring")
-COLLECTIVES = ("auto", "ring", "nccl")
+COLLECTIVES = ("auto", "tcp", "ring", "nccl")
 
 
 class ConfigError(ValueError):

@@ -173,6 +173,7 @@ class Controller:
             model=self.model,
             optimizer=self.optimizer,
             global_batch_size=config.batch_size,
+            gradient_reducer=placement.gradient_reducer,
         )
         # The global step is also the data position: the stream is a function of it.
         self.checkpoint = tf.train.Checkpoint(
@@ -223,10 +224,7 @@ class Controller:
         """Trains to the end of the plan; returns the last evaluation."""
         config, plan, strategy = self.config, self.plan, self.placement.strategy
         step = self.step
-        train_ds = data_lib.train_dataset(
-            plan.train, global_batch_size=config.batch_size, seed=config.seed, start_step=step
-        )
-        iterator = iter(strategy.experimental_distribute_dataset(train_ds))
+        iterator = iter(self._distributed_train_data(step))
         self._eval_ds = strategy.experimental_distribute_dataset(
             data_lib.eval_dataset(plan.test, batch_size=config.eval_batch_size)
         )
@@ -263,6 +261,29 @@ class Controller:
             train_writer.flush()
         self.examples_per_second, self.training_seconds = progress.steady_speed()
         return eval_metrics or self.evaluate(step)  # a finished run resumed: evaluate it
+
+    def _distributed_train_data(self, step: int):
+        config, plan, strategy = self.config, self.plan, self.placement.strategy
+        if self.placement.num_workers > 1 and strategy.num_replicas_in_sync == (
+            self.placement.num_workers
+        ):
+            # One replica per worker: each worker builds the stream of its own
+            # slice of every global batch, and gathers only those examples.
+            def per_worker(context):
+                return data_lib.train_dataset(
+                    plan.train,
+                    global_batch_size=config.batch_size,
+                    seed=config.seed,
+                    start_step=step,
+                    num_shards=context.num_input_pipelines,
+                    shard_index=context.input_pipeline_id,
+                )
+
+            return strategy.distribute_datasets_from_function(per_worker)
+        train_ds = data_lib.train_dataset(
+            plan.train, global_batch_size=config.batch_size, seed=config.seed, start_step=step
+        )
+        return strategy.experimental_distribute_dataset(train_ds)
 
     def evaluate(self, step: int) -> dict:
         self.watchdog.kick(f"evaluating at step {step}")

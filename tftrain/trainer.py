@@ -53,9 +53,21 @@ class Trainer:
       model: a Keras 3 model mapping images to logits.
       optimizer: a Keras 3 optimizer, already built on the model's variables.
       global_batch_size: examples per step over all replicas.
+      gradient_reducer: sums the gradients across workers instead of the
+        strategy (tftrain.distribute.ring.RingAllReduce); needs one of
+        tftrain's optimizers.
     """
 
-    def __init__(self, *, strategy, model, optimizer, global_batch_size: int):
+    def __init__(
+        self, *, strategy, model, optimizer, global_batch_size: int, gradient_reducer=None
+    ):
+        if gradient_reducer is not None:
+            if not hasattr(optimizer, "gradient_reducer"):
+                raise TypeError(
+                    f"{type(optimizer).__name__} cannot take tftrain's gradient ring: "
+                    "use one of tftrain.optimizers"
+                )
+            optimizer.gradient_reducer = gradient_reducer
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer

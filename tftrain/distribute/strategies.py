@@ -20,20 +20,40 @@ class Placement:
     is_chief: bool
     num_workers: int
     worker_index: int
+    # Sums the gradients across workers in place of TensorFlow's collectives
+    # (tftrain's TCP ring, multi_worker_mirrored on CPUs); None: the strategy's own.
+    gradient_reducer: object = None
 
     @property
     def num_replicas(self) -> int:
         return self.strategy.num_replicas_in_sync
 
 
-def configure_threads(intra_op: int = 0, inter_op: int = 0) -> None:
-    """Sizes TensorFlow's thread pools (0 leaves TensorFlow's default)."""
+def configure_threads(intra_op: int = 0, inter_op: int = 0, spinning: bool = True) -> None:
+    """Sizes TensorFlow's thread pools (0 leaves TensorFlow's default).
+
+    ``spinning=False`` stops idle pool threads from spinning while they wait
+    for work: right for a process that shares its cores with other workers
+    (spinning there takes CPU the peers need; measured in BUILD_NOTES.md).
+    """
     import tensorflow as tf
 
     if intra_op:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op)
     if inter_op:
         tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    if not spinning:
+        # ConfigProto.experimental.disable_thread_spinning has no tf.config
+        # setter; the eager context builds its ConfigProto from _config.
+        from tensorflow.core.protobuf import config_pb2
+        from tensorflow.python.eager import context
+
+        ctx = context.context()
+        config = config_pb2.ConfigProto()
+        if getattr(ctx, "_config", None) is not None:
+            config.CopyFrom(ctx._config)
+        config.experimental.disable_thread_spinning = True
+        ctx._config = config
 
 
 def _local_devices(num_replicas: int) -> list[str]:
@@ -95,6 +115,7 @@ def create(
     collective: str = "auto",
     collective_pack_bytes: int = 0,
     cluster: ClusterInfo | None = None,
+    ring_timeout_secs: float = 300.0,
 ) -> Placement:
     """Creates the tf.distribute strategy by name.
 
@@ -106,6 +127,7 @@ def create(
       collective_pack_bytes: all-reduce gradients in packs of this many bytes
         (0: one pack).
       cluster: the parsed TF_CONFIG, if any.
+      ring_timeout_secs: how long tftrain's TCP ring waits for a peer.
 
     Raises:
       ConfigError: for a choice this machine or cluster cannot run.
@@ -126,14 +148,19 @@ def create(
             0,
         )
     if strategy == "multi_worker_mirrored":
+        has_gpus = bool(tf.config.list_physical_devices("GPU"))
+        # On CPUs tftrain's TCP ring sums the gradients: TensorFlow's gRPC
+        # collectives cost milliseconds a step there (BUILD_NOTES.md).
+        use_tcp = collective == "tcp" or (collective == "auto" and not has_gpus)
         implementation = {
             "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+            "tcp": tf.distribute.experimental.CommunicationImplementation.AUTO,
             "ring": tf.distribute.experimental.CommunicationImplementation.RING,
             "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
         }[collective]
         if collective == "nccl" and not tf.config.list_physical_devices("GPU"):
             raise ConfigError(
-                "--collective=nccl needs GPUs; this machine has none: expected auto or ring."
+                "--collective=nccl needs GPUs; this machine has none: expected auto, tcp or ring."
             )
         options = tf.distribute.experimental.CommunicationOptions(
             implementation=implementation, bytes_per_pack=collective_pack_bytes
@@ -152,10 +179,44 @@ def create(
         workers = sorted(
             (t, i) for t in ("chief", "worker") for i in range(len(cluster.cluster.get(t, ())))
         )
-        return Placement(
-            mwms,
-            cluster.is_chief,
-            cluster.num_workers,
-            workers.index((cluster.task_type, cluster.task_index)),
-        )
+        rank = workers.index((cluster.task_type, cluster.task_index))
+        reducer = None
+        if use_tcp and len(workers) > 1:
+            hosts = [cluster.cluster[t][i].rsplit(":", 1)[0].strip("[]") for t, i in workers]
+            reducer = _gradient_ring(mwms, rank, hosts, ring_timeout_secs)
+        return Placement(mwms, cluster.is_chief, cluster.num_workers, rank, reducer)
     raise ConfigError(f"--strategy={strategy} is not available in this version.")
+
+
+def _gradient_ring(strategy, rank: int, hosts: list[str], timeout: float):
+    """Forms tftrain's TCP ring among the workers of ``strategy``.
+
+    Each worker listens on a free port of its own host (from TF_CONFIG); the
+    ports are then summed across workers with one TensorFlow collective, so
+    the ring needs no ports beyond TF_CONFIG's.
+    """
+    import tensorflow as tf
+
+    from tftrain.distribute.ring import RingAllReduce, RingError
+
+    ring = RingAllReduce(rank, len(hosts), timeout)
+    try:
+        port = ring.listen(hosts[rank])
+    except OSError as e:
+        raise ConfigError(
+            f"could not open the gradient ring's socket on {hosts[rank]} ({e.strerror or e})"
+        ) from None
+    mine = tf.one_hot(rank, len(hosts), dtype=tf.int64) * port
+
+    @tf.function
+    def all_ports():
+        per_replica = strategy.run(lambda: tf.identity(mine))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    ports = [int(p) for p in all_ports().numpy()]
+    try:
+        ring.connect(list(zip(hosts, ports)))
+    except (OSError, RingError) as e:
+        ring.close()
+        raise ConfigError(f"could not form the gradient ring between the workers: {e}") from None
+    return ring

@@ -30,6 +30,18 @@ class Optimizer(keras.optimizers.Optimizer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._iterations.assign_add = types.MethodType(_atomic_assign_add, self._iterations)
+        # Set by the trainer when tftrain's TCP ring, not the strategy, sums
+        # the gradients across workers (tftrain.distribute.ring).
+        self.gradient_reducer = None
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        if self.gradient_reducer is None or tf.distribute.get_replica_context() is None:
+            return super()._all_reduce_sum_gradients(grads_and_vars)
+        from tftrain.distribute.ring import all_reduce_in_graph
+
+        pairs = [(g, v) for g, v in grads_and_vars if g is not None]
+        summed = all_reduce_in_graph(self.gradient_reducer, [g for g, _ in pairs])
+        return list(zip(summed, (v for _, v in pairs)))
 
     def _slot(self, slots, variable):
         """The tf.Variable behind the slot of ``variable`` (per device in an update)."""
