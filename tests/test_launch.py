@@ -93,7 +93,21 @@ def test_one_device_mirrored_and_two_launched_workers_agree(tmp_path):
     prints = re.findall(r"\[worker:(\d)\] Final weights sha256 (\w+)", result.stdout)
     assert sorted(w for w, _ in prints) == ["0", "1"]
     assert prints[0][1] == prints[1][1]
-    # ... and all three runs with the same eval loss, to float32 rounding of
+    # TensorFlow's own gRPC ring in place of tftrain's TCP ring (the default
+    # on CPUs) sums a+b too: the same bits.
+    runs["mwms_grpc"] = str(tmp_path / "mwms_grpc")
+    grpc = run_tftrain(
+        "launch",
+        "--num_workers=2",
+        "--",
+        *SMOKE,
+        "--strategy=multi_worker_mirrored",
+        "--collective=ring",
+        f"--model_dir={runs['mwms_grpc']}",
+        "--collective_timeout_secs=120",
+    )
+    assert re.findall(r"Final weights sha256 (\w+)", grpc.stdout) == [prints[0][1]] * 2
+    # ... and all the runs with the same eval loss, to float32 rounding of
     # gradient sums taken in another order.
     losses = {k: metrics(v)["eval_loss"] for k, v in runs.items()}
     assert losses["mirrored"] == pytest.approx(losses["one"], rel=1e-5)
@@ -243,3 +257,35 @@ def test_collectives_do_not_leak_threads():
     assert all(p.returncode == 0 for p in procs), outs
     counts = json.loads(outs[0].strip().splitlines()[-1])
     assert counts["after"] - counts["before"] < 20, counts
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs CPU affinity and 2 cores",
+)
+def test_each_task_gets_its_own_cores_when_there_are_enough():
+    cluster = launch.Cluster(num_workers=2, num_ps=0, train_argv=[])
+    cores = sorted(os.sched_getaffinity(0))
+    sleepers = []
+    try:
+        for position in range(2):
+            proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+            sleepers.append(proc)
+            cluster._pin(type("Task", (), {"process": proc})(), position)
+        per_task = len(cores) // 2
+        assert [os.sched_getaffinity(p.pid) for p in sleepers] == [
+            set(cores[:per_task]),
+            set(cores[per_task : 2 * per_task]),
+        ]
+        # Too many tasks for the cores: nobody is pinned.
+        crowded = launch.Cluster(num_workers=len(cores) + 1, num_ps=0, train_argv=[])
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        sleepers.append(proc)
+        crowded._pin(type("Task", (), {"process": proc})(), 0)
+        assert os.sched_getaffinity(proc.pid) == set(cores)
+        crowded._release_ports()
+    finally:
+        cluster._release_ports()
+        for proc in sleepers:
+            proc.kill()
+            proc.wait()
