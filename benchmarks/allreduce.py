@@ -4,8 +4,9 @@ The ring all-reduce moves 2(N-1)/N times the gradient bytes in and out of
 each worker, the lower bound for any all-reduce (Patarasuk and Yuan 2009),
 so one all-reduce takes at least 2(N-1)/N x bytes / bandwidth. This program
 measures the loopback TCP bandwidth between two processes, then times the
-all-reduce of the MLP 256-128's gradients (235,146 float32 values) under
-MultiWorkerMirroredStrategy with 2 worker processes, and prints both.
+all-reduce of the MLP 256-128's gradients (235,146 float32 values) between
+2 worker processes under MultiWorkerMirroredStrategy, summed by tftrain's
+TCP ring and by TensorFlow's gRPC collectives, and prints all three.
 
     .venv/bin/python -m benchmarks.allreduce [--repeats=200]
 """
@@ -60,16 +61,35 @@ def loopback_bandwidth(total_bytes: int = 512 << 20, chunk: int = 1 << 20) -> fl
     return received / elapsed
 
 
-def worker(repeats: int) -> None:
+def worker(repeats: int, collective: str) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from tftrain import _malloc
+
+    _malloc.tune()  # as `tftrain train` does
     import tensorflow as tf
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    from tftrain.distribute import cluster as cluster_lib
+    from tftrain.distribute import strategies
+    from tftrain.distribute.ring import all_reduce_in_graph
+
+    strategies.configure_threads(1, 3, spinning=False)  # as `tftrain launch` sets
+    placement = strategies.create(
+        "multi_worker_mirrored",
+        collective=collective,
+        collective_pack_bytes=256 * 1024,  # tftrain's default for TensorFlow's collectives
+        cluster=cluster_lib.from_environment("multi_worker_mirrored"),
+    )
+    strategy = placement.strategy
     grads = [tf.random.stateless_normal(s, seed=[1, i]) for i, s in enumerate(SHAPES)]
 
     def replica_fn():
-        ctx = tf.distribute.get_replica_context()
-        ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        if placement.gradient_reducer is not None:
+            summed = all_reduce_in_graph(placement.gradient_reducer, grads)
+        else:
+            summed = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, grads
+            )
+        return summed[-1][0]
 
     @tf.function
     def reduce_n(n):
@@ -86,22 +106,20 @@ def worker(repeats: int) -> None:
         print(json.dumps({"seconds_per_allreduce": per_reduce}), flush=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.repeats)
-        return
+def measure(repeats: int, collective: str) -> float:
     from tftrain.distribute import launch
 
-    nbytes = 4 * sum(math.prod(s) for s in SHAPES)
-    bandwidth = loopback_bandwidth()
     spec = launch.free_cluster_spec(2)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.allreduce", "--worker", f"--repeats={args.repeats}"],
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.allreduce",
+                "--worker",
+                f"--repeats={repeats}",
+                f"--collective={collective}",
+            ],
             cwd=ROOT,
             env=launch.task_env(spec, "worker", i, threads=1, num_workers=2),
             stdout=subprocess.PIPE,
@@ -114,16 +132,35 @@ def main():
     outs = [out for out, _ in results]
     if not outs[0].strip():
         sys.exit(f"the worker printed no timing:\n{results[0][1][-3000:]}")
-    measured = json.loads(outs[0].strip().splitlines()[-1])["seconds_per_allreduce"]
+    return json.loads(outs[0].strip().splitlines()[-1])["seconds_per_allreduce"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--collective", default="tcp", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.repeats, args.collective)
+        return
+    nbytes = 4 * sum(math.prod(s) for s in SHAPES)
+    bandwidth = loopback_bandwidth()
     n = 2
     bound = 2 * (n - 1) / n * nbytes / bandwidth
     print(f"gradient bytes: {nbytes:,} ({len(SHAPES)} tensors)")
     print(f"loopback TCP bandwidth: {bandwidth / 1e9:.2f} GB/s")
     print(f"ring bound 2(N-1)/N x bytes / bandwidth, N=2: {bound * 1e6:,.0f} us")
-    print(
-        f"measured all-reduce (MultiWorkerMirroredStrategy, 2 processes): "
-        f"{measured * 1e6:,.0f} us = {measured / bound:.1f}x the bound"
-    )
+    for collective, name in (
+        ("tcp", "tftrain's TCP ring (--collective=auto on CPUs)"),
+        ("ring", "TensorFlow's gRPC ring, 256 KiB packs (--collective=ring)"),
+    ):
+        measured = measure(args.repeats, collective)
+        print(
+            f"all-reduce, 2 processes, {name}: "
+            f"{measured * 1e6:,.0f} us = {measured / bound:.1f}x the bound",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -7,11 +7,16 @@ as separate `tftrain` processes, one after another:
   mirrored x2       2 logical CPU devices (or GPUs) in one process
   1 launched worker multi_worker_mirrored, `tftrain launch --num_workers=1`
   2 launched workers multi_worker_mirrored, `tftrain launch --num_workers=2`
+                    (gradients summed by tftrain's TCP ring, the CPU default)
+  2 launched, gRPC  the same with `--collective=ring`: TensorFlow's collectives
 
 and prints examples/second (steady state: the first loop, which traces
-the graph, is left out) and the ratios the goals are stated in.
+the graph, is left out) and the ratios the goals are stated in. This
+machine's speed drifts between runs by 10-20%, so the runs go round
+`--rounds` times, each round in a rotated order, and each figure is the
+median over the rounds.
 
-    .venv/bin/python -m benchmarks.scaling [--steps=3000] [--batch_size=100]
+    .venv/bin/python -m benchmarks.scaling [--steps=3000] [--batch_size=100] [--rounds=3]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,21 +69,33 @@ def main():
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--steps_per_loop", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     runs = [
         ("one_device", ["--strategy=one_device"], None),
         ("mirrored x2", ["--strategy=mirrored", "--num_replicas=2"], None),
         ("1 launched worker", ["--strategy=multi_worker_mirrored"], 1),
         ("2 launched workers", ["--strategy=multi_worker_mirrored"], 2),
+        ("2 launched, gRPC", ["--strategy=multi_worker_mirrored", "--collective=ring"], 2),
     ]
     print(
         f"MLP 256-128, Fashion-MNIST, global batch {args.batch_size}, {args.steps} steps, "
-        f"{args.steps_per_loop} steps per loop, {os.cpu_count()} CPU cores"
+        f"{args.steps_per_loop} steps per loop, {os.cpu_count()} CPU cores, "
+        f"median of {args.rounds} rounds"
     )
-    speeds = {}
-    for name, flags, workers in runs:
-        speeds[name] = throughput(args, flags, workers)
-        print(f"  {name:<20}{speeds[name]:>12,.0f} examples/s", flush=True)
+    samples = {name: [] for name, _, _ in runs}
+    for r in range(args.rounds):
+        order = runs[r % len(runs) :] + runs[: r % len(runs)]
+        for name, flags, workers in order:
+            samples[name].append(throughput(args, flags, workers))
+        print(
+            f"  round {r + 1}: "
+            + ", ".join(f"{name} {samples[name][-1]:,.0f}" for name, _, _ in runs),
+            flush=True,
+        )
+    speeds = {name: statistics.median(v) for name, v in samples.items()}
+    for name, _, _ in runs:
+        print(f"  {name:<20}{speeds[name]:>12,.0f} examples/s")
     base = speeds["one_device"]
     print(f"mirrored x2 / one_device:               {speeds['mirrored x2'] / base:.2f}")
     print(f"2 launched workers / one_device:        {speeds['2 launched workers'] / base:.2f}")
@@ -85,6 +103,7 @@ def main():
         f"2 launched workers / 1 launched worker: "
         f"{speeds['2 launched workers'] / speeds['1 launched worker']:.2f}"
     )
+    print(f"2 launched, gRPC / one_device:          {speeds['2 launched, gRPC'] / base:.2f}")
 
 
 if __name__ == "__main__":
