@@ -90,6 +90,15 @@ def test_mirrored_on_cpu_sums_on_one_device():
     assert strategy.num_replicas_in_sync == 2
 
 
+def test_mirrored_on_cpu_gives_each_replica_its_share_of_the_cores():
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert strategies.default_intra_op_threads("mirrored", 2) == max(1, cores // 2)
+    assert strategies.default_intra_op_threads("mirrored", 1) == 0  # TensorFlow's default
+    assert strategies.default_intra_op_threads("one_device", 1) == 0
+
+
 def test_evaluate_matches_a_direct_computation(synthetic):
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     t = make(strategy)

@@ -181,7 +181,8 @@ def _train_main(argv):
         watchdog.kick("waiting for every worker of the cluster to start")
     try:
         strategies.configure_threads(
-            flag_values.intra_op_threads,
+            flag_values.intra_op_threads
+            or strategies.default_intra_op_threads(config.strategy, config.num_replicas),
             flag_values.inter_op_threads,
             spinning=os.environ.get("TFTRAIN_THREAD_SPINNING", "1") != "0",
         )
