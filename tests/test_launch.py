@@ -93,6 +93,8 @@ def test_one_device_mirrored_and_two_launched_workers_agree(tmp_path):
     prints = re.findall(r"\[worker:(\d)\] Final weights sha256 (\w+)", result.stdout)
     assert sorted(w for w, _ in prints) == ["0", "1"]
     assert prints[0][1] == prints[1][1]
+    # ... and leave together: no worker is reported as crashed at the end.
+    assert "have crashed" not in result.stdout + result.stderr
     # TensorFlow's own gRPC ring in place of tftrain's TCP ring (the default
     # on CPUs) sums a+b too: the same bits.
     runs["mwms_grpc"] = str(tmp_path / "mwms_grpc")

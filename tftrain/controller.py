@@ -417,4 +417,20 @@ def run(
             watchdog=watchdog or NoWatchdog(),
         )
         controller.restore()
-        return controller.finish(controller.train())
+        result = controller.finish(controller.train())
+        if placement.num_workers > 1:
+            # A worker that exits while the chief still exports is reported by
+            # TensorFlow's coordination service as a crashed task, and the
+            # chief waits for it: leave together.
+            controller.watchdog.kick("waiting for every worker to finish")
+            _barrier(placement.strategy)
+        return result
+
+
+def _barrier(strategy) -> None:
+    @tf.function
+    def everyone():
+        ones = strategy.run(lambda: tf.constant(1.0))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
+
+    everyone()
