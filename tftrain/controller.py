@@ -26,7 +26,7 @@ import tensorflow as tf
 from tftrain import data as data_lib
 from tftrain import models, optimizers
 from tftrain.config import ExperimentConfig, check_batch_splits
-from tftrain.distribute.strategies import Placement
+from tftrain.distribute.strategies import Placement, sum_over_workers
 from tftrain.distribute.watchdog import NoWatchdog
 from tftrain.trainer import Trainer
 
@@ -423,14 +423,5 @@ def run(
             # TensorFlow's coordination service as a crashed task, and the
             # chief waits for it: leave together.
             controller.watchdog.kick("waiting for every worker to finish")
-            _barrier(placement.strategy)
+            sum_over_workers(placement.strategy, tf.constant(1.0))  # a barrier
         return result
-
-
-def _barrier(strategy) -> None:
-    @tf.function
-    def everyone():
-        ones = strategy.run(lambda: tf.constant(1.0))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
-
-    everyone()

@@ -187,11 +187,12 @@ class RingAllReduce:
                     raise self._lost("the previous", "connection closed")
                 received += got or 0
             if sent < len(send) or received < len(recv):
+                # Left and right are always two sockets, even in a ring of two.
                 waiting = {}
                 if sent < len(send):
                     waiting[self._right] = selectors.EVENT_WRITE
                 if received < len(recv):
-                    waiting[self._left] = waiting.get(self._left, 0) | selectors.EVENT_READ
+                    waiting[self._left] = selectors.EVENT_READ
                 for sock, events in waiting.items():
                     selector.register(sock, events)
                 try:
@@ -202,15 +203,11 @@ class RingAllReduce:
                 if not ready and time.monotonic() >= deadline:
                     raise RingError(
                         f"the gradient all-reduce waited {self.timeout:g} s for a peer "
-                        f"(worker {rank_name(self.rank, self.size)}): a worker stalled"
+                        f"(worker {self.rank} of {self.size}): a worker stalled"
                     )
 
     def _lost(self, which: str, cause) -> RingError:
         return RingError(f"{which} worker in the gradient ring is gone ({cause}): a worker stopped")
-
-
-def rank_name(rank: int, size: int) -> str:
-    return f"{rank} of {size}"
 
 
 def all_reduce_in_graph(reducer: RingAllReduce, gradients: list) -> list:

@@ -176,7 +176,7 @@ def create(
             "ring": tf.distribute.experimental.CommunicationImplementation.RING,
             "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
         }[collective]
-        if collective == "nccl" and not tf.config.list_physical_devices("GPU"):
+        if collective == "nccl" and not has_gpus:
             raise ConfigError(
                 "--collective=nccl needs GPUs; this machine has none: expected auto, tcp or ring."
             )
@@ -206,6 +206,21 @@ def create(
     raise ConfigError(f"--strategy={strategy} is not available in this version.")
 
 
+def sum_over_workers(strategy, value):
+    """``value`` (this worker's tensor) summed over every replica of ``strategy``.
+
+    A collective every worker must join: also a barrier.
+    """
+    import tensorflow as tf
+
+    @tf.function
+    def total():
+        per_replica = strategy.run(lambda: tf.identity(value))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return total()
+
+
 def _gradient_ring(strategy, rank: int, hosts: list[str], timeout: float):
     """Forms tftrain's TCP ring among the workers of ``strategy``.
 
@@ -224,14 +239,8 @@ def _gradient_ring(strategy, rank: int, hosts: list[str], timeout: float):
         raise ConfigError(
             f"could not open the gradient ring's socket on {hosts[rank]} ({e.strerror or e})"
         ) from None
-    mine = tf.one_hot(rank, len(hosts), dtype=tf.int64) * port
-
-    @tf.function
-    def all_ports():
-        per_replica = strategy.run(lambda: tf.identity(mine))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-    ports = [int(p) for p in all_ports().numpy()]
+    ports = sum_over_workers(strategy, tf.one_hot(rank, len(hosts), dtype=tf.int64) * port)
+    ports = [int(p) for p in ports.numpy()]
     try:
         ring.connect(list(zip(hosts, ports)))
     except (OSError, RingError) as e:
