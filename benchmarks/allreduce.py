@@ -68,23 +68,22 @@ def worker(repeats: int, collective: str) -> None:
     _malloc.tune()  # as `tftrain train` does
     import tensorflow as tf
 
+    from tftrain import resources
+    from tftrain.config import ExperimentConfig
     from tftrain.distribute import cluster as cluster_lib
-    from tftrain.distribute import strategies
-    from tftrain.distribute.ring import all_reduce_in_graph
+    from tftrain.distribute.base import mode_for
 
-    strategies.configure_threads(1, 3, spinning=False)  # as `tftrain launch` sets
-    placement = strategies.create(
-        "multi_worker_mirrored",
-        collective=collective,
-        collective_pack_bytes=256 * 1024,  # tftrain's default for TensorFlow's collectives
-        cluster=cluster_lib.from_environment("multi_worker_mirrored"),
-    )
+    resources.configure_threads(1, 3, spinning=False)  # as `tftrain launch` sets
+    config = ExperimentConfig(
+        strategy="multi_worker_mirrored", collective=collective, model_dir="/unused"
+    ).validate()
+    placement = mode_for(config, cluster_lib.from_environment()).setup()
     strategy = placement.strategy
     grads = [tf.random.stateless_normal(s, seed=[1, i]) for i, s in enumerate(SHAPES)]
 
     def replica_fn():
         if placement.gradient_reducer is not None:
-            summed = all_reduce_in_graph(placement.gradient_reducer, grads)
+            summed = placement.gradient_reducer.reduce_in_graph(grads)
         else:
             summed = tf.distribute.get_replica_context().all_reduce(
                 tf.distribute.ReduceOp.SUM, grads
@@ -121,7 +120,7 @@ def measure(repeats: int, collective: str) -> float:
                 f"--collective={collective}",
             ],
             cwd=ROOT,
-            env=launch.task_env(spec, "worker", i, threads=1, num_workers=2),
+            env=launch.task_env(spec, "worker", i),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -153,7 +152,7 @@ def main():
     print(f"ring bound 2(N-1)/N x bytes / bandwidth, N=2: {bound * 1e6:,.0f} us")
     for collective, name in (
         ("tcp", "tftrain's TCP ring (--collective=auto on CPUs)"),
-        ("ring", "TensorFlow's gRPC ring, 256 KiB packs (--collective=ring)"),
+        ("grpc", "TensorFlow's gRPC ring, 256 KiB packs (--collective=grpc)"),
     ):
         measured = measure(args.repeats, collective)
         print(

@@ -8,7 +8,7 @@ as separate `tftrain` processes, one after another:
   1 launched worker multi_worker_mirrored, `tftrain launch --num_workers=1`
   2 launched workers multi_worker_mirrored, `tftrain launch --num_workers=2`
                     (gradients summed by tftrain's TCP ring, the CPU default)
-  2 launched, gRPC  the same with `--collective=ring`: TensorFlow's collectives
+  2 launched, gRPC  the same with `--collective=grpc`: TensorFlow's collectives
 
 and prints examples/second (steady state: the first loop, which traces
 the graph, is left out) and the ratios the goals are stated in. This
@@ -76,7 +76,7 @@ def main():
         ("mirrored x2", ["--strategy=mirrored", "--num_replicas=2"], None),
         ("1 launched worker", ["--strategy=multi_worker_mirrored"], 1),
         ("2 launched workers", ["--strategy=multi_worker_mirrored"], 2),
-        ("2 launched, gRPC", ["--strategy=multi_worker_mirrored", "--collective=ring"], 2),
+        ("2 launched, gRPC", ["--strategy=multi_worker_mirrored", "--collective=grpc"], 2),
     ]
     print(
         f"MLP 256-128, Fashion-MNIST, global batch {args.batch_size}, {args.steps} steps, "

@@ -10,12 +10,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tftrain.distribute import cluster, strategies
+    from tftrain.config import ExperimentConfig
+    from tftrain.distribute import cluster
+    from tftrain.distribute.base import mode_for
 
-    info = cluster.from_environment("multi_worker_mirrored")
-    placement = strategies.create(
-        "multi_worker_mirrored", collective_pack_bytes=256 * 1024, cluster=info
-    )
+    config = ExperimentConfig(
+        strategy="multi_worker_mirrored", collective="grpc", model_dir="/unused"
+    ).validate()
+    placement = mode_for(config, cluster.from_environment()).setup()
     import tensorflow as tf
 
     strategy = placement.strategy

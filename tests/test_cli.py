@@ -127,8 +127,14 @@ BAD_INPUT = [
     (["--data_dir=/nonexistent"], "apt-get install dataset-fashion-mnist"),
     (["--batch_size=abc"], "--batch_size=abc"),
     (["--no_such_flag=1"], "no_such_flag"),
-    (["--hidden_units=a,b"], "--hidden_units=a,b: expected a comma-separated list of ints"),
-    (["--strategy=model_parallel"], "--strategy=model_parallel is not available"),
+    (
+        ["--model=mlp", "--hidden_units=a,b"],
+        "--hidden_units=a,b: expected a comma-separated list of ints",
+    ),
+    (["--strategy=model_parallel"], "--strategy=model_parallel: expected one of one_device"),
+    (["--optimizer=adam", "--momentum=0.9"], "--momentum applies to --optimizer=sgd"),
+    (["--seed=-1"], "--seed=-1: expected an integer in 0-4294967295"),
+    (["--inter_op_threads=100000"], "--inter_op_threads=100000: expected 0"),
 ]
 
 

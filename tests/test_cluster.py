@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from tftrain.config import ConfigError
+from tftrain.config import ConfigError, ExperimentConfig
 from tftrain.distribute import cluster
+from tftrain.distribute.base import mode_for
 
 TWO = {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]}
 
@@ -71,20 +72,21 @@ def test_malformed_tf_config_gets_one_clear_message(raw, message):
         ),
         (TWO, ("worker", 0), "mirrored", "cluster of 2 workers, but --strategy=mirrored"),
         (TWO, ("worker", 0), "one_device", "--strategy=multi_worker_mirrored"),
-        (TWO, ("worker", 0), "parameter_server", "needs a TF_CONFIG cluster with ps tasks"),
     ],
 )
 def test_strategy_must_fit_the_cluster(spec, task, strategy, message):
     info = cluster.parse_tf_config(tf_config(spec, *task))
     with pytest.raises(ConfigError) as e:
-        cluster.check_cluster_for_strategy(info, strategy)
+        mode_for(config_for(strategy), info)
     assert message in str(e.value)
 
 
+def config_for(strategy):
+    return ExperimentConfig(strategy=strategy, model_dir="/unused").validate()
+
+
 def test_fitting_clusters_pass():
-    cluster.check_cluster_for_strategy(
-        cluster.parse_tf_config(tf_config()), "multi_worker_mirrored"
-    )
-    cluster.check_cluster_for_strategy(None, "one_device")
+    mode_for(config_for("multi_worker_mirrored"), cluster.parse_tf_config(tf_config()))
+    mode_for(config_for("one_device"), None)
     single = cluster.parse_tf_config(tf_config({"worker": ["h:1"]}))
-    cluster.check_cluster_for_strategy(single, "one_device")
+    mode_for(config_for("one_device"), single)

@@ -1,6 +1,7 @@
 import pytest
 
 from tftrain.config import ConfigError, ExperimentConfig
+from tftrain.distribute.base import mode_for
 
 
 def valid(**changes):
@@ -27,16 +28,29 @@ def test_defaults_validate():
             "--batch_size=100 does not split evenly over 3 replicas",
         ),
         ({"num_replicas": 2}, "--num_replicas=2 applies to --strategy=mirrored only"),
-        ({"momentum": 1.5}, "--momentum=1.5"),
-        ({"hidden_units": ()}, "--hidden_units="),
-        ({"strategy": "parameter_server"}, "not available in this version"),
+        ({"optimizer": "momentum", "momentum": 1.5}, "--momentum=1.5"),
+        ({"model": "mlp", "hidden_units": ()}, "--hidden_units="),
+        ({"strategy": "no_such_mode"}, "--strategy=no_such_mode: expected one of"),
+        ({"hidden_units": (64,)}, "--hidden_units applies to --model=mlp"),
+        ({"optimizer": "adam", "momentum": 0.9}, "--momentum applies to --optimizer=sgd"),
+        ({"seed": -1}, "--seed=-1: expected an integer in 0-4294967295"),
+        ({"seed": 2**32}, "--seed=4294967296"),
+        ({"log_interval_secs": -1.0}, "--log_interval_secs=-1.0"),
+        ({"log_interval_secs": float("nan")}, "--log_interval_secs=nan"),
+        ({"warmup_epochs": 1e9}, "--warmup_epochs=1000000000.0 is longer than the run"),
+        ({"inter_op_threads": 100000}, "--inter_op_threads=100000: expected 0"),
+        ({"num_microbatches": 0}, "--num_microbatches=0"),
+        ({"batch_size": 100, "num_microbatches": 8}, "does not split into 8 micro-batches"),
+        ({"collective": "ring"}, "--collective=ring: expected one of auto, tcp, grpc, nccl"),
+        ({"all_reduce": "ring"}, "--all_reduce=ring"),
         ({"model_dir": None}, "--model_dir is required"),
         ({"lr_schedule": "exp"}, "--lr_schedule=exp"),
     ],
 )
 def test_bad_values_name_the_flag_and_what_is_expected(changes, message):
     with pytest.raises(ConfigError) as e:
-        valid(**changes).validate()
+        config = valid(**changes).validate()
+        mode_for(config)  # the strategy's own checks
     assert message in str(e.value)
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from tftrain import controller
+from tftrain import optimizers
 from tftrain.config import ExperimentConfig
 
 
@@ -22,7 +22,7 @@ def test_schedule_flags_reach_the_optimizer():
         lr_decay_rate=0.1,
         model_dir="/tmp/unused",
     ).validate()
-    opt = controller.build_optimizer(config, steps_per_epoch=10, total_steps=50)
+    opt = optimizers.from_config(config, steps_per_epoch=10, total_steps=50)
     assert opt.momentum == 0.9
     peak = 0.1 * 512 / 256  # the linear scaling rule
     assert lr_at(opt, 0) == pytest.approx(peak / 10)  # warm-up over the first epoch
@@ -33,5 +33,5 @@ def test_schedule_flags_reach_the_optimizer():
 
 def test_constant_rate_needs_no_schedule():
     config = ExperimentConfig(optimizer="sgd", learning_rate=0.3, momentum=0.5, model_dir="/x")
-    opt = controller.build_optimizer(config.validate(), steps_per_epoch=10, total_steps=10)
+    opt = optimizers.from_config(config.validate(), steps_per_epoch=10, total_steps=10)
     assert lr_at(opt, 7) == pytest.approx(0.3) and opt.momentum == 0.5

@@ -35,10 +35,12 @@ def test_reserved_ports_are_distinct_and_the_cluster_is_well_formed():
             ("ps", 0),
             ("ps", 1),
         ]
-        env = launch.task_env(spec, "worker", 1, threads=1, num_workers=2)
+        env = launch.task_env(spec, "worker", 1)
         assert json.loads(env["TF_CONFIG"])["task"] == {"type": "worker", "index": 1}
         assert env["GRPC_FAIL_FAST"] == "use_caller"
-        assert int(env["TFTRAIN_INTER_OP_THREADS"]) >= 3
+        flags = launch.task_flags(threads=1, num_workers=2)
+        assert "--intra_op_threads=1" in flags and "--nothread_spinning" in flags
+        assert "--inter_op_threads=3" in flags
     finally:
         for s in sockets:
             s.close()
@@ -63,6 +65,7 @@ def test_tfjob_manifest():
     assert command == [
         "tftrain",
         "train",
+        "--inter_op_threads=5",  # workers + 1, as the local launcher sets
         "--experiment=fashion_mnist_mlp",
         "--strategy=multi_worker_mirrored",
         "--model_dir=gs://b/run",
@@ -104,7 +107,7 @@ def test_one_device_mirrored_and_two_launched_workers_agree(tmp_path):
         "--",
         *SMOKE,
         "--strategy=multi_worker_mirrored",
-        "--collective=ring",
+        "--collective=grpc",
         f"--model_dir={runs['mwms_grpc']}",
         "--collective_timeout_secs=120",
     )
@@ -248,7 +251,7 @@ def test_collectives_do_not_leak_threads():
     procs = [
         subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "tests", "collective_worker.py")],
-            env=launch.task_env(spec, "worker", i, threads=1, num_workers=2),
+            env=launch.task_env(spec, "worker", i),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

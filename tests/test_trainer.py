@@ -5,19 +5,36 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tftrain import data, models, optimizers
-from tftrain.distribute import strategies
+from tftrain import _internal, data, models, optimizers, resources, tasks
+from tftrain.config import ExperimentConfig
+from tftrain.distribute.base import mode_for
 from tftrain.trainer import Trainer
 
+TASK = tasks.Classification(None, None)
 
-def make(strategy, *, batch=32, model="mlp", optimizer="adam", seed=0):
+
+def make(strategy, *, batch=32, model="mlp", optimizer="adam", seed=0, microbatches=1):
     with strategy.scope():
         m = models.build_model(
             model, input_shape=(28, 28, 1), num_classes=10, seed=seed, hidden_units=(32,)
         )
         opt = optimizers.get(optimizer, learning_rate=0.01)
         opt.build(m.trainable_variables)
-    return Trainer(strategy=strategy, model=m, optimizer=opt, global_batch_size=batch)
+    return Trainer(
+        strategy=strategy,
+        task=TASK,
+        model=m,
+        optimizer=opt,
+        global_batch_size=batch,
+        num_microbatches=microbatches,
+    )
+
+
+def mirrored(num_replicas=2):
+    config = ExperimentConfig(
+        strategy="mirrored", num_replicas=num_replicas, model_dir="/unused"
+    ).validate()
+    return mode_for(config)
 
 
 def iterator(strategy, split, batch, start_step=0):
@@ -65,7 +82,7 @@ def test_mirrored_two_replicas_equal_one_device(synthetic, optimizer):
     give the one-device update, to float32 rounding (the replicas' partial
     sums are added in a different order)."""
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
-    two = strategies.create("mirrored", num_replicas=2).strategy  # tftrain's choices
+    two = mirrored().setup().strategy  # tftrain's choices
     a, b = make(one, optimizer=optimizer), make(two, optimizer=optimizer)
     a.train(iterator(one, synthetic.train, 32), 50)
     b.train(iterator(two, synthetic.train, 32), 50)
@@ -85,18 +102,17 @@ def test_mirrored_two_replicas_equal_one_device(synthetic, optimizer):
 def test_mirrored_on_cpu_sums_on_one_device():
     """TensorFlow's default for CPU devices is CollectiveAllReduce, measured
     ~2x slower per step than a plain sum on one device (BUILD_NOTES.md)."""
-    strategy = strategies.create("mirrored", num_replicas=2).strategy
-    assert isinstance(strategy.extended._cross_device_ops, tf.distribute.ReductionToOneDevice)
+    strategy = mirrored().setup().strategy
+    assert isinstance(_internal.cross_device_ops(strategy), tf.distribute.ReductionToOneDevice)
     assert strategy.num_replicas_in_sync == 2
 
 
 def test_mirrored_on_cpu_gives_each_replica_its_share_of_the_cores():
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert strategies.default_intra_op_threads("mirrored", 2) == max(1, cores // 2)
-    assert strategies.default_intra_op_threads("mirrored", 1) == 0  # TensorFlow's default
-    assert strategies.default_intra_op_threads("one_device", 1) == 0
+    cores = resources.usable_cores()
+    assert mirrored(2).default_threads() == (max(1, cores // 2), 0)
+    assert mirrored(1).default_threads() == (0, 0)  # TensorFlow's default
+    one = mode_for(ExperimentConfig(model_dir="/unused").validate())
+    assert one.default_threads() == (0, 0)
 
 
 def test_evaluate_matches_a_direct_computation(synthetic):
@@ -117,3 +133,45 @@ def test_evaluate_matches_a_direct_computation(synthetic):
     accuracy = (logits.argmax(-1) == synthetic.test.labels).mean()
     assert got["loss"] == pytest.approx(float(loss), rel=1e-5)
     assert got["accuracy"] == pytest.approx(float(accuracy))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_gradient_accumulation_equals_the_whole_batch(synthetic, optimizer):
+    """Four micro-batches of 8 give the update of one batch of 32, to float32
+    rounding (the slices' gradients are summed in a different order)."""
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    a, b = make(strategy, optimizer=optimizer), make(strategy, optimizer=optimizer, microbatches=4)
+    a.train(iterator(strategy, synthetic.train, 32), 30)
+    b.train(iterator(strategy, synthetic.train, 32), 30)
+    for x, y in zip(weights(a), weights(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    assert b.take_train_metrics()["examples"] == 30 * 32
+    assert not all(np.array_equal(x, y) for x, y in zip(weights(a), weights(make(strategy))))
+
+
+def test_sparse_gradients_accumulate_over_micro_batches():
+    tokens = data.make_synthetic_tokens(0, num_train=256, num_test=64, vocab_size=300)
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+
+    def trainer(microbatches):
+        with strategy.scope():
+            m = models.build_model(
+                "embedding_bag", input_shape=(16,), num_classes=4, seed=0, vocab_size=300
+            )
+            opt = optimizers.get("adagrad", learning_rate=0.1)
+            opt.build(m.trainable_variables)
+        return Trainer(
+            strategy=strategy,
+            task=TASK,
+            model=m,
+            optimizer=opt,
+            global_batch_size=32,
+            num_microbatches=microbatches,
+        )
+
+    a, b = trainer(1), trainer(4)
+    a.train(iterator(strategy, tokens.train, 32), 20)
+    b.train(iterator(strategy, tokens.train, 32), 20)
+    for x, y in zip(weights(a), weights(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    assert a.take_train_metrics()["accuracy"] > 0.3

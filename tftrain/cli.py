@@ -19,55 +19,64 @@ commands:
   launch   run a local cluster, one process per task (tftrain launch --helpshort)
 """
 
-_HELP = {
-    "experiment": "a named experiment from experiments/ (NAME or NAME:smoke); it "
-    "sets the defaults of every other flag",
-    "dataset": "fashion_mnist, mnist, cifar10, synthetic, or any TFDS name",
-    "data_dir": "where local data lives (IDX files, or TFDS's data folder)",
-    "max_train_examples": "use only the first N training examples",
-    "max_eval_examples": "use only the first N test examples",
-    "model": "softmax, mlp or cnn",
-    "hidden_units": "the mlp's hidden layer widths, e.g. 256,128",
-    "optimizer": "sgd, momentum, adagrad or adam (tftrain's own classes)",
-    "learning_rate": "the (peak) learning rate, > 0",
-    "momentum": "momentum for sgd/momentum (default 0.9 for momentum, 0 for sgd)",
-    "lr_schedule": "constant, cosine or step (after any warm-up)",
-    "warmup_epochs": "epochs of linear learning-rate warm-up",
-    "lr_decay_epochs": "epochs where the step schedule decays, e.g. 30,60",
-    "lr_decay_rate": "the step schedule's factor",
-    "scale_lr_with_batch": "linear scaling rule: learning_rate * batch_size / base_batch_size",
-    "base_batch_size": "the batch size --learning_rate is quoted for (with --scale_lr_with_batch)",
-    "batch_size": "the global batch size, all replicas together",
-    "eval_batch_size": "the global evaluation batch size",
-    "epochs": "epochs to train",
-    "train_steps": "steps to train; wins over --epochs",
-    "steps_per_loop": "training steps run inside one tf.function call",
-    "checkpoint_interval": "steps between checkpoints (default: one epoch)",
-    "eval_interval": "steps between evaluations (default: one epoch)",
-    "keep_checkpoints": "checkpoints kept in model_dir/checkpoints",
-    "log_interval_secs": "seconds between progress lines",
-    "strategy": "one_device, mirrored, multi_worker_mirrored, parameter_server, model_parallel",
-    "num_replicas": "local replicas for mirrored: GPUs, or logical CPU devices",
-    "all_reduce": "mirrored's cross-device reduction: auto, nccl, hierarchical_copy, "
-    "reduction_to_one_device",
-    "collective": "multi_worker_mirrored's collective implementation: auto, ring, nccl",
-    "collective_timeout_secs": "a multi-worker run that makes no progress for this long "
-    "fails with a message (a worker that died or never started)",
-    "collective_pack_bytes": "multi_worker_mirrored: all-reduce gradients in packs of this "
-    "many bytes (0: one pack)",
-    "num_stages": "pipeline stages for model_parallel",
-    "num_microbatches": "micro-batches per step for model_parallel",
-    "model_dir": "the run's folder; a run resumes from the latest checkpoint there",
-    "seed": "the same seed and flags give the same run",
-    "export": "write a SavedModel to model_dir/export at the end",
-}
-_THREAD_FLAGS = {
-    "intra_op_threads": (
-        "TFTRAIN_INTRA_OP_THREADS",
-        "threads inside one op (0: TensorFlow's default)",
-    ),
-    "inter_op_threads": ("TFTRAIN_INTER_OP_THREADS", "ops run at once (0: TensorFlow's default)"),
-}
+
+def _choices(names) -> str:
+    return ", ".join(names)
+
+
+def _help() -> dict[str, str]:
+    """Each flag's help; lists of choices come from where they are defined."""
+    from tftrain import config as c
+    from tftrain import plugins
+
+    return {
+        "experiment": "a named experiment from experiments/ (NAME or NAME:smoke); it "
+        "sets the defaults of every other flag",
+        "dataset": f"{_choices(c.DATASETS_BUILTIN)}, or any TFDS name",
+        "data_dir": "where local data lives (IDX files, or TFDS's data folder)",
+        "max_train_examples": "use only the first N training examples",
+        "max_eval_examples": "use only the first N test examples",
+        "task": f"what is learned: {_choices(plugins.TASKS.names())}",
+        "model": _choices(plugins.MODELS.names()),
+        "hidden_units": "the mlp's hidden layer widths (default 256,128)",
+        "optimizer": f"{_choices(plugins.OPTIMIZERS.names())} (tftrain's own classes)",
+        "learning_rate": "the (peak) learning rate, > 0",
+        "momentum": "momentum for sgd/momentum (default 0.9 for momentum, 0 for sgd)",
+        "lr_schedule": f"{_choices(c.LR_SCHEDULES)} (after any warm-up)",
+        "warmup_epochs": "epochs of linear learning-rate warm-up",
+        "lr_decay_epochs": "epochs where the step schedule decays, e.g. 30,60",
+        "lr_decay_rate": "the step schedule's factor",
+        "scale_lr_with_batch": "linear scaling rule: learning_rate * batch_size / base_batch_size",
+        "base_batch_size": "the batch size --learning_rate is quoted for "
+        "(with --scale_lr_with_batch)",
+        "batch_size": "the global batch size, all replicas together",
+        "num_microbatches": "gradient accumulation: each replica's batch is cut into this "
+        "many slices, whose gradients are summed before one update",
+        "eval_batch_size": "the global evaluation batch size",
+        "epochs": "epochs to train",
+        "train_steps": "steps to train; wins over --epochs",
+        "steps_per_loop": "training steps run inside one tf.function call",
+        "checkpoint_interval": "steps between checkpoints (default: one epoch)",
+        "eval_interval": "steps between evaluations (default: one epoch)",
+        "keep_checkpoints": "checkpoints kept in model_dir/checkpoints",
+        "log_interval_secs": "seconds between progress lines",
+        "strategy": _choices(plugins.STRATEGIES.names()),
+        "num_replicas": "local replicas for mirrored: GPUs, or logical CPU devices",
+        "all_reduce": f"mirrored's cross-device reduction: {_choices(c.ALL_REDUCE)}",
+        "collective": "multi_worker_mirrored's gradient all-reduce: "
+        f"{_choices(c.COLLECTIVES)} (auto: tcp on CPU workers, TensorFlow's choice on GPUs; "
+        "tcp: tftrain's ring over TCP; grpc: TensorFlow's ring over gRPC)",
+        "collective_timeout_secs": "a multi-worker run that makes no progress for this long "
+        "fails with a message (a worker that died or never started)",
+        "collective_pack_bytes": "grpc/nccl collectives: all-reduce gradients in packs of "
+        "this many bytes (0: one pack)",
+        "intra_op_threads": "threads inside one op (0: the strategy's default)",
+        "inter_op_threads": "ops run at once (0: the strategy's default)",
+        "thread_spinning": "let idle TensorFlow threads spin for work (off when tasks share cores)",
+        "model_dir": "the run's folder; a run resumes from the latest checkpoint there",
+        "seed": "the same seed and flags give the same run",
+        "export": "write a SavedModel to model_dir/export at the end",
+    }
 
 
 def define_train_flags(flag_values) -> None:
@@ -76,10 +85,11 @@ def define_train_flags(flag_values) -> None:
 
     from tftrain.config import ExperimentConfig
 
+    helps = _help()
     for field in dataclasses.fields(ExperimentConfig):
-        help_text = _HELP[field.name]
+        help_text = helps[field.name]
         kind = str(field.type)
-        if kind.startswith("tuple["):
+        if "tuple[" in kind:
             flags.DEFINE_list(field.name, None, help_text, flag_values=flag_values)
         elif kind == "bool":
             flags.DEFINE_bool(field.name, None, help_text, flag_values=flag_values)
@@ -89,14 +99,6 @@ def define_train_flags(flag_values) -> None:
             flags.DEFINE_float(field.name, None, help_text, flag_values=flag_values)
         else:
             flags.DEFINE_string(field.name, None, help_text, flag_values=flag_values)
-    for name, (env, help_text) in _THREAD_FLAGS.items():
-        flags.DEFINE_integer(
-            name,
-            int(os.environ.get(env, "0") or 0),
-            f"{help_text}; default from ${env}",
-            lower_bound=0,
-            flag_values=flag_values,
-        )
 
 
 def config_from_flags(flag_values):
@@ -117,7 +119,7 @@ def config_from_flags(flag_values):
             continue
         value = flag.value
         kind = str(field.type)
-        if kind.startswith("tuple["):
+        if "tuple[" in kind:
             cast = int if kind.startswith("tuple[int") else float
             try:
                 value = tuple(cast(v) for v in value)
@@ -140,6 +142,27 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def load_run(flag_values):
+    """The config, the cluster and the parallel mode, all checked: every
+    validation happens here, before anything starts.
+
+    Raises:
+      ConfigError: for the first thing that is wrong.
+    """
+    from tftrain.config import ConfigError
+    from tftrain.distribute import base
+    from tftrain.distribute import cluster as cluster_lib
+
+    config = config_from_flags(flag_values)
+    if os.path.exists(config.model_dir) and not os.path.isdir(config.model_dir):
+        raise ConfigError(
+            f"--model_dir={config.model_dir} is a file: expected a "
+            "folder (new or from an earlier run)."
+        )
+    cluster = cluster_lib.from_environment()
+    return config, cluster, base.mode_for(config, cluster)
+
+
 def _train_main(argv):
     from absl import flags
 
@@ -153,15 +176,7 @@ def _train_main(argv):
         )
     flag_values = flags.FLAGS
     try:
-        config = config_from_flags(flag_values)
-        if os.path.exists(config.model_dir) and not os.path.isdir(config.model_dir):
-            raise ConfigError(
-                f"--model_dir={config.model_dir} is a file: expected a "
-                "folder (new or from an earlier run)."
-            )
-        from tftrain.distribute import cluster as cluster_lib
-
-        cluster = cluster_lib.from_environment(config.strategy)
+        config, cluster, mode = load_run(flag_values)
     except (ConfigError, DataError) as e:
         _fail(str(e))
     _quiet_tensorflow()
@@ -171,54 +186,46 @@ def _train_main(argv):
         logging.set_verbosity(logging.WARNING)
     import tensorflow as tf
 
-    from tftrain import controller
-    from tftrain.distribute import strategies
-    from tftrain.distribute.watchdog import NoWatchdog, Watchdog
+    from tftrain import controller, resources
+    from tftrain.errors import RunError
 
-    watchdog = NoWatchdog()
-    if config.strategy == "multi_worker_mirrored" and cluster and cluster.num_workers > 1:
-        watchdog = Watchdog(config.collective_timeout_secs)
-        watchdog.kick("waiting for every worker of the cluster to start")
+    watchdog = mode.watchdog()
     try:
-        strategies.configure_threads(
-            flag_values.intra_op_threads
-            or strategies.default_intra_op_threads(config.strategy, config.num_replicas),
-            flag_values.inter_op_threads,
-            spinning=os.environ.get("TFTRAIN_THREAD_SPINNING", "1") != "0",
+        intra, inter = mode.default_threads()
+        resources.configure_threads(
+            config.intra_op_threads or intra,
+            config.inter_op_threads or inter,
+            spinning=config.thread_spinning,
         )
-        placement = strategies.create(
-            config.strategy,
-            num_replicas=config.num_replicas,
-            all_reduce=config.all_reduce,
-            collective=config.collective,
-            collective_pack_bytes=config.collective_pack_bytes,
-            cluster=cluster,
-            ring_timeout_secs=config.collective_timeout_secs,
-        )
-        controller.run(config, placement, watchdog=watchdog)
+        if cluster is not None and cluster.task_type in mode.serving_roles:
+            watchdog.stop()
+            code = mode.serve()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)  # TensorFlow's server threads never end on their own
+        mode.setup()
+        controller.run(config, mode, watchdog=watchdog)
         watchdog.stop()
-    except (ConfigError, DataError, controller.RunError) as e:
+    except (ConfigError, DataError, RunError) as e:
         _fail(str(e))
     except OSError as e:  # the file system refused: unwritable model_dir, disk full
         where = f" ({e.filename})" if e.filename else ""
         _fail(f"{e.strerror or e}{where}: check --model_dir={config.model_dir}.")
-    except (
-        tf.errors.UnavailableError,
-        tf.errors.DeadlineExceededError,
-        tf.errors.CancelledError,
-    ) as e:
+    except tf.errors.OpError as e:
+        said = mode.explain(e)
+        if said:
+            _fail(said, code=1)
+        if not isinstance(
+            e,
+            (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError),
+        ):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         _fail(
             f"lost contact with another task of the cluster ({type(e).__name__}: "
             f"{first[:300]}): a worker died or never started.",
             code=1,
         )
-    except tf.errors.OpError as e:
-        if "RingError" not in str(e):
-            raise
-        # Raised inside the graph by tftrain's gradient ring: keep its own words.
-        said = str(e).split("RingError:", 1)[-1].strip().splitlines()[0]
-        _fail(f"lost contact with another worker: {said}", code=1)
 
 
 def _run_absl(main, define, command: str, argv: list[str]) -> None:

@@ -1,7 +1,9 @@
 """The typed run configuration: every default in one place, validated once.
 
 The CLI turns flags into an :class:`ExperimentConfig`; everything below the
-CLI takes that object (or explicit arguments), never flags.
+CLI takes that object (or explicit arguments), never flags. The choices of
+the open-ended fields (strategy, model, optimizer, task) come from
+:mod:`tftrain.plugins`; the closed ones are listed here, once.
 """
 
 from __future__ import annotations
@@ -10,26 +12,19 @@ import dataclasses
 import math
 from typing import Any
 
-DATASETS_BUILTIN = ("fashion_mnist", "mnist", "cifar10", "synthetic")
-MODELS = ("softmax", "mlp", "cnn")
-OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam")
-STRATEGIES = (
-    "one_device",
-    "mirrored",
-    "multi_worker_mirrored",
-    "parameter_server",
-    "model_parallel",
-)
-# Strategies this version runs; the others are accepted names whose
-# support is still being built, and are refused with a clear message.
-STRATEGIES_AVAILABLE = ("one_device", "mirrored", "multi_worker_mirrored")
+from tftrain import plugins, resources
+from tftrain.errors import ConfigError
+
+__all__ = ["ConfigError", "ExperimentConfig", "check_batch_splits"]
+
+DATASETS_BUILTIN = ("fashion_mnist", "mnist", "cifar10", "synthetic", "synthetic_tokens")
 LR_SCHEDULES = ("constant", "cosine", "step")
-ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduction_to_one_device", "ring")
-COLLECTIVES = ("auto", "tcp", "ring", "nccl")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration mistake: one clear message, no traceback."""
+ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduction_to_one_device")
+# tcp: tftrain's ring all-reduce over TCP (CPU workers); grpc: TensorFlow's
+# ring collectives over its gRPC worker service; nccl: NVIDIA's, on GPUs.
+COLLECTIVES = ("auto", "tcp", "grpc", "nccl")
+MAX_SEED = 2**32 - 1
+DEFAULT_HIDDEN_UNITS = (256, 128)
 
 
 @dataclasses.dataclass
@@ -41,17 +36,18 @@ class ExperimentConfig:
     """
 
     experiment: str | None = None
-    # Data.
+    # Data and task.
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
     max_train_examples: int | None = None  # a subset, for smoke runs
     max_eval_examples: int | None = None
+    task: str = "classification"
     # Model and optimizer.
     model: str = "softmax"
-    hidden_units: tuple[int, ...] = (256, 128)  # the mlp's hidden layers
+    hidden_units: tuple[int, ...] | None = None  # mlp only; None: 256,128
     optimizer: str = "adam"
     learning_rate: float = 0.001
-    momentum: float | None = None  # None: 0.9 for `momentum`, 0 for `sgd`
+    momentum: float | None = None  # sgd/momentum only; None: 0.9 for momentum, 0 for sgd
     lr_schedule: str = "constant"
     warmup_epochs: float = 0.0
     lr_decay_epochs: tuple[float, ...] = ()  # boundaries for the step schedule
@@ -60,6 +56,7 @@ class ExperimentConfig:
     base_batch_size: int = 256  # the batch the learning rate is quoted for
     # Schedule of the run.
     batch_size: int = 100  # global: all replicas together
+    num_microbatches: int = 1  # gradient accumulation: slices of each replica's batch
     eval_batch_size: int = 1000
     epochs: int = 1
     train_steps: int | None = None  # wins over epochs when given
@@ -74,12 +71,14 @@ class ExperimentConfig:
     all_reduce: str = "auto"
     collective: str = "auto"
     collective_timeout_secs: float = 300.0
-    # Gradients all-reduced in packs of this many bytes. TensorFlow's gRPC
-    # collectives are ~2x faster on 256 KiB packs than on one 0.9 MB message
+    # Gradients all-reduced in packs of this many bytes by TensorFlow's
+    # collectives: ~2x faster on 256 KiB packs than on one 0.9 MB message
     # (benchmarks/allreduce.py); 0 sends one pack.
     collective_pack_bytes: int = 256 * 1024
-    num_stages: int = 2
-    num_microbatches: int = 4
+    # This process's threads (0: the mode's default).
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    thread_spinning: bool = True
     # Output and reproducibility.
     model_dir: str | None = None
     seed: int = 0
@@ -91,24 +90,37 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def mlp_hidden_units(self) -> tuple[int, ...]:
+        return self.hidden_units or DEFAULT_HIDDEN_UNITS
+
     def validate(self) -> ExperimentConfig:
-        """Checks every field; raises ConfigError naming the first bad one."""
+        """Checks every field and their combinations; raises ConfigError naming
+        the first bad one. The strategy's own checks follow in its module."""
         _one_of("dataset", self.dataset, DATASETS_BUILTIN, open_ended=True)
-        _one_of("model", self.model, MODELS)
-        _one_of("optimizer", self.optimizer, OPTIMIZERS)
-        _one_of("strategy", self.strategy, STRATEGIES)
+        for kind, registry in (
+            ("task", plugins.TASKS),
+            ("model", plugins.MODELS),
+            ("optimizer", plugins.OPTIMIZERS),
+            ("strategy", plugins.STRATEGIES),
+        ):
+            _one_of(kind, getattr(self, kind), registry.names())
         _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _one_of("all_reduce", self.all_reduce, ALL_REDUCE)
         _one_of("collective", self.collective, COLLECTIVES)
         _positive_float("learning_rate", self.learning_rate)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("eval_batch_size", self.eval_batch_size)
-        _positive_int("epochs", self.epochs)
-        _positive_int("steps_per_loop", self.steps_per_loop)
-        _positive_int("keep_checkpoints", self.keep_checkpoints)
-        _positive_int("num_replicas", self.num_replicas)
-        _positive_int("base_batch_size", self.base_batch_size)
         _positive_float("collective_timeout_secs", self.collective_timeout_secs)
+        for name in (
+            "batch_size",
+            "num_microbatches",
+            "eval_batch_size",
+            "epochs",
+            "steps_per_loop",
+            "keep_checkpoints",
+            "num_replicas",
+            "base_batch_size",
+        ):
+            _positive_int(name, getattr(self, name))
         for name in (
             "train_steps",
             "checkpoint_interval",
@@ -116,41 +128,59 @@ class ExperimentConfig:
             "max_train_examples",
             "max_eval_examples",
         ):
-            value = getattr(self, name)
-            if value is not None:
-                _positive_int(name, value)
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
         if isinstance(self.collective_pack_bytes, bool) or self.collective_pack_bytes < 0:
             raise ConfigError(
                 f"--collective_pack_bytes={self.collective_pack_bytes}: expected an "
                 "integer >= 0 (0: one pack)."
             )
-        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"--momentum={self.momentum}: expected a number in [0, 1).")
+        if isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed={self.seed}: expected an integer in 0-{MAX_SEED}.")
+        if not math.isfinite(self.log_interval_secs) or self.log_interval_secs < 0:
+            raise ConfigError(
+                f"--log_interval_secs={self.log_interval_secs}: expected a number >= 0."
+            )
+        limit = min(resources.MAX_THREADS, 64 * resources.usable_cores())
+        for name in ("intra_op_threads", "inter_op_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not 0 <= value <= limit:
+                raise ConfigError(
+                    f"--{name}={value}: expected 0 (the default) to {limit} on this machine."
+                )
+        if self.momentum is not None:
+            if self.optimizer not in ("sgd", "momentum"):
+                raise ConfigError(
+                    f"--momentum applies to --optimizer=sgd or momentum, not "
+                    f"--optimizer={self.optimizer}: drop --momentum or change the optimizer."
+                )
+            if not 0.0 <= self.momentum < 1.0:
+                raise ConfigError(f"--momentum={self.momentum}: expected a number in [0, 1).")
         if not 0.0 < self.lr_decay_rate <= 1.0:
             raise ConfigError(f"--lr_decay_rate={self.lr_decay_rate}: expected a number in (0, 1].")
         if self.warmup_epochs < 0 or not math.isfinite(self.warmup_epochs):
             raise ConfigError(f"--warmup_epochs={self.warmup_epochs}: expected a number >= 0.")
+        if self.train_steps is None and self.warmup_epochs > self.epochs:
+            raise ConfigError(
+                f"--warmup_epochs={self.warmup_epochs} is longer than the run "
+                f"(--epochs={self.epochs}): expected at most {self.epochs}."
+            )
         if any(b <= 0 for b in self.lr_decay_epochs):
             raise ConfigError(
                 f"--lr_decay_epochs={','.join(map(str, self.lr_decay_epochs))}: "
                 "expected positive epoch numbers."
             )
-        if not self.hidden_units or any(u <= 0 for u in self.hidden_units):
-            raise ConfigError(
-                f"--hidden_units={','.join(map(str, self.hidden_units))}: "
-                "expected a comma-separated list of positive layer widths."
-            )
-        if self.strategy != "mirrored" and self.num_replicas != 1:
-            raise ConfigError(
-                f"--num_replicas={self.num_replicas} applies to "
-                f"--strategy=mirrored only (got --strategy={self.strategy})."
-            )
-        check_batch_splits(self.batch_size, self.num_replicas)
-        if self.strategy not in STRATEGIES_AVAILABLE:
-            raise ConfigError(
-                f"--strategy={self.strategy} is not available in this version "
-                f"of tftrain yet; available: {', '.join(STRATEGIES_AVAILABLE)}."
-            )
+        if self.hidden_units is not None:
+            if self.model != "mlp":
+                raise ConfigError(
+                    f"--hidden_units applies to --model=mlp, not --model={self.model}."
+                )
+            if not self.hidden_units or any(u <= 0 for u in self.hidden_units):
+                raise ConfigError(
+                    f"--hidden_units={','.join(map(str, self.hidden_units))}: "
+                    "expected a comma-separated list of positive layer widths."
+                )
+        check_batch_splits(self.batch_size, self.num_replicas, self.num_microbatches)
         if not self.model_dir:
             raise ConfigError(
                 "--model_dir is required: the folder for this run's "
@@ -159,12 +189,19 @@ class ExperimentConfig:
         return self
 
 
-def check_batch_splits(batch_size: int, num_replicas: int) -> None:
-    """Raises ConfigError unless the global batch splits evenly over the replicas."""
+def check_batch_splits(batch_size: int, num_replicas: int, num_microbatches: int = 1) -> None:
+    """Raises ConfigError unless the global batch splits evenly over the
+    replicas and each replica's share over the micro-batches."""
     if batch_size % num_replicas:
         raise ConfigError(
             f"--batch_size={batch_size} does not split evenly over {num_replicas} "
             f"replicas: expected a multiple of {num_replicas}."
+        )
+    if (batch_size // num_replicas) % num_microbatches:
+        raise ConfigError(
+            f"--batch_size={batch_size} does not split into {num_microbatches} "
+            f"micro-batches on each of {num_replicas} replica(s): expected a multiple "
+            f"of {num_replicas * num_microbatches}."
         )
 
 

@@ -53,10 +53,17 @@ class Dataset:
     train: Split
     test: Split
     num_classes: int
+    vocab_size: int | None = None  # token-id datasets: ids are 0 to vocab_size - 1
 
     @property
     def image_shape(self) -> tuple[int, ...]:
+        """One example's shape (an image's, or a token sequence's length)."""
         return tuple(self.train.images.shape[1:])
+
+    @property
+    def input_dtype(self) -> str:
+        """What the model takes: float32 pixel values, or int32 token ids."""
+        return "int32" if self.vocab_size else "float32"
 
 
 # --------------------------------------------------------------------------
@@ -181,10 +188,34 @@ def make_synthetic(seed: int, num_train: int = 6000, num_test: int = 1000) -> Da
     return Dataset("synthetic", split(num_train), split(num_test), SYNTHETIC_CLASSES)
 
 
+def make_synthetic_tokens(
+    seed: int,
+    num_train: int = 6000,
+    num_test: int = 1000,
+    vocab_size: int = 1000,
+    length: int = 16,
+    num_classes: int = 4,
+) -> Dataset:
+    """Sequences of token ids whose class is the most frequent class of their
+    tokens (each token id belongs to one class): learnable by an embedding
+    bag. Deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    token_class = rng.integers(0, num_classes, size=vocab_size)
+
+    def split(n):
+        ids = rng.integers(0, vocab_size, size=(n, length), dtype=np.int32)
+        votes = np.stack([(token_class[ids] == c).sum(axis=1) for c in range(num_classes)], 1)
+        return Split(ids, np.argmax(votes, axis=1).astype(np.int32))
+
+    return Dataset("synthetic_tokens", split(num_train), split(num_test), num_classes, vocab_size)
+
+
 def load(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
     """Loads a dataset by name: IDX files first for the MNIST family, else TFDS."""
     if name == "synthetic":
         return make_synthetic(seed)
+    if name == "synthetic_tokens":
+        return make_synthetic_tokens(seed)
     if name == "fashion_mnist" or (
         name == "mnist" and data_dir and _find(data_dir, _IDX_FILES["train"][0])
     ):
@@ -273,7 +304,7 @@ def train_dataset(
 
     ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch_batches)
     ds = ds.map(
-        lambda idx: (tf.cast(tf.gather(images, idx), tf.float32), tf.gather(labels, idx)),
+        lambda idx: (_model_input(tf.gather(images, idx)), tf.gather(labels, idx)),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
@@ -289,8 +320,15 @@ def eval_dataset(split: Split, *, batch_size: int):
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
-    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+    ds = ds.batch(batch_size).map(lambda x, y: (_model_input(x), y))
     return _with_options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _model_input(x):
+    """Pixels (uint8) become float32 values in [0, 255]; token ids stay int32."""
+    import tensorflow as tf
+
+    return tf.cast(x, tf.float32 if x.dtype == tf.uint8 else tf.int32)
 
 
 def _with_options(ds):

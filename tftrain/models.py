@@ -1,74 +1,127 @@
-"""Keras 3 model builders. Every model takes raw pixel values in [0, 255]
-(float32, shape ``(batch, H, W, C)``) and returns class logits, so the
-exported SavedModel serves the same inputs the dataset holds.
+"""Keras 3 model builders, registered by name in :data:`tftrain.plugins.MODELS`.
+
+Image models take raw pixel values in [0, 255] (float32, shape
+``(batch, H, W, C)``) and return class logits, so the exported SavedModel
+serves the same inputs the dataset holds. ``embedding_bag`` takes integer
+token ids ``(batch, length)``. A builder is a function of keyword
+arguments: ``input_shape``, ``num_classes``, ``seed`` (seeds every
+initializer) and the model's own options; it returns a built ``keras.Model``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tftrain import plugins
 
-def build_model(
-    name: str,
+
+def build_model(name: str, **kwargs):
+    """Builds the model registered as ``name``.
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    if name not in plugins.MODELS:
+        raise ValueError(f"model={name!r}: expected one of {', '.join(plugins.MODELS.names())}.")
+    return plugins.MODELS.get(name)(**kwargs)
+
+
+def _initializers(seed: int):
+    import keras
+
+    seeds = iter(range(seed * 1000, seed * 1000 + 1000))
+    return lambda: keras.initializers.GlorotUniform(seed=next(seeds)), seeds
+
+
+def _image_input(input_shape):
+    import keras
+
+    inputs = keras.Input(tuple(input_shape), name="images")
+    return inputs, keras.layers.Rescaling(1.0 / 255.0)(inputs)
+
+
+def softmax(*, input_shape: Sequence[int], num_classes: int, seed: int, **_):
+    """The seed's softmax regression: y = softmax(xW + b), W and b zero."""
+    import keras
+
+    inputs, x = _image_input(input_shape)
+    x = keras.layers.Flatten()(x)
+    logits = keras.layers.Dense(num_classes, kernel_initializer="zeros", name="logits")(x)
+    return keras.Model(inputs, logits, name="softmax")
+
+
+def mlp(
     *,
     input_shape: Sequence[int],
     num_classes: int,
     seed: int,
     hidden_units: Sequence[int] = (256, 128),
+    **_,
 ):
-    """Builds a model by name.
+    """ReLU layers of ``hidden_units`` widths, then the logits."""
+    import keras
 
-    Args:
-      name: ``softmax``, ``mlp`` or ``cnn``.
-      input_shape: one image's shape, ``(H, W, C)``.
-      num_classes: the number of logits.
-      seed: seeds every initializer, so a seed gives the same weights.
-      hidden_units: widths of the mlp's hidden layers.
+    init, _ = _initializers(seed)
+    inputs, x = _image_input(input_shape)
+    x = keras.layers.Flatten()(x)
+    for i, units in enumerate(hidden_units):
+        x = keras.layers.Dense(
+            units, activation="relu", kernel_initializer=init(), name=f"hidden_{i}"
+        )(x)
+    logits = keras.layers.Dense(num_classes, kernel_initializer=init(), name="logits")(x)
+    return keras.Model(inputs, logits, name="mlp")
 
-    Returns:
-      A built ``keras.Model``.
 
-    Raises:
-      ValueError: for an unknown name.
+def cnn(*, input_shape: Sequence[int], num_classes: int, seed: int, **_):
+    """Two conv+pool blocks and a dense head, as in TensorFlow's layers
+    tutorial (0.916 in the Fashion-MNIST benchmark table)."""
+    import keras
+
+    init, seeds = _initializers(seed)
+    inputs, x = _image_input(input_shape)
+    for i, filters in enumerate((32, 64)):
+        x = keras.layers.Conv2D(
+            filters,
+            5,
+            padding="same",
+            activation="relu",
+            kernel_initializer=init(),
+            name=f"conv_{i}",
+        )(x)
+        x = keras.layers.MaxPooling2D(2, name=f"pool_{i}")(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(512, activation="relu", kernel_initializer=init(), name="dense")(x)
+    x = keras.layers.Dropout(0.4, seed=next(seeds), name="dropout")(x)
+    logits = keras.layers.Dense(num_classes, kernel_initializer=init(), name="logits")(x)
+    return keras.Model(inputs, logits, name="cnn")
+
+
+def embedding_bag(
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    seed: int,
+    vocab_size: int | None = None,
+    embedding_dim: int = 32,
+    **_,
+):
+    """Token ids -> an embedding table -> the mean of the rows -> logits.
+
+    The table's gradient is sparse (``tf.IndexedSlices``): only the rows a
+    batch looks up are updated.
     """
     import keras
-    from keras import layers
 
-    seeds = iter(range(seed * 1000, seed * 1000 + 1000))
-
-    def init():
-        return keras.initializers.GlorotUniform(seed=next(seeds))
-
-    inputs = keras.Input(tuple(input_shape), name="images")
-    x = layers.Rescaling(1.0 / 255.0)(inputs)
-    if name == "softmax":
-        # The seed's softmax regression: y = softmax(xW + b), W and b zero.
-        x = layers.Flatten()(x)
-        logits = layers.Dense(num_classes, kernel_initializer="zeros", name="logits")(x)
-    elif name == "mlp":
-        x = layers.Flatten()(x)
-        for i, units in enumerate(hidden_units):
-            x = layers.Dense(
-                units, activation="relu", kernel_initializer=init(), name=f"hidden_{i}"
-            )(x)
-        logits = layers.Dense(num_classes, kernel_initializer=init(), name="logits")(x)
-    elif name == "cnn":
-        # Two conv+pool blocks and a dense head, as in TensorFlow's layers
-        # tutorial (0.916 in the Fashion-MNIST benchmark table).
-        for i, filters in enumerate((32, 64)):
-            x = layers.Conv2D(
-                filters,
-                5,
-                padding="same",
-                activation="relu",
-                kernel_initializer=init(),
-                name=f"conv_{i}",
-            )(x)
-            x = layers.MaxPooling2D(2, name=f"pool_{i}")(x)
-        x = layers.Flatten()(x)
-        x = layers.Dense(512, activation="relu", kernel_initializer=init(), name="dense")(x)
-        x = layers.Dropout(0.4, seed=next(seeds), name="dropout")(x)
-        logits = layers.Dense(num_classes, kernel_initializer=init(), name="logits")(x)
-    else:
-        raise ValueError(f"model={name!r}: expected softmax, mlp or cnn.")
-    return keras.Model(inputs, logits, name=name)
+    if not vocab_size:
+        raise ValueError("embedding_bag needs a dataset of token ids (a vocabulary size).")
+    init, _ = _initializers(seed)
+    inputs = keras.Input(tuple(input_shape), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(
+        vocab_size,
+        embedding_dim,
+        embeddings_initializer=keras.initializers.RandomUniform(-0.05, 0.05, seed=seed),
+        name="embedding",
+    )(inputs)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    logits = keras.layers.Dense(num_classes, kernel_initializer=init(), name="logits")(x)
+    return keras.Model(inputs, logits, name="embedding_bag")

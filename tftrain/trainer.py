@@ -4,10 +4,13 @@
 ``tf.function`` call; each step runs the replica step under
 ``strategy.run``. The loss of each replica is its share of the mean over
 the *global* batch, because Keras 3 optimizers sum gradients across
-replicas. Running statistics live in sync-on-read variables, so one read
-after a loop sums them over every replica and worker.
+replicas. With ``num_microbatches = M > 1`` each replica's batch is cut into
+M slices whose gradients are summed before one update (gradient
+accumulation); M = 1 is the plain step. Running statistics (the task's)
+live in sync-on-read variables, so one read after a loop sums them over
+every replica and worker.
 
-A loop is a plain function of an iterator and a step count, so a
+``Trainer.loop`` is a plain function of an iterator and a step count, so a
 ``ClusterCoordinator`` can ``schedule`` it as it is.
 """
 
@@ -16,10 +19,9 @@ from __future__ import annotations
 import tensorflow as tf
 
 
-def _stats_variable(name: str) -> tf.Variable:
-    # [sum of per-example losses, correct predictions, examples]
+def _stats_variable(name: str, size: int) -> tf.Variable:
     return tf.Variable(
-        tf.zeros([3], tf.float32),
+        tf.zeros([size], tf.float32),
         trainable=False,
         name=name,
         synchronization=tf.VariableSynchronization.ON_READ,
@@ -27,21 +29,20 @@ def _stats_variable(name: str) -> tf.Variable:
     )
 
 
-def _batch_stats(logits, labels, per_example_loss):
-    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(labels, tf.int32))
-    return tf.stack(
-        [
-            tf.reduce_sum(per_example_loss),
-            tf.reduce_sum(tf.cast(correct, tf.float32)),
-            tf.cast(tf.size(labels), tf.float32),
-        ]
-    )
-
-
-def _summarise(stats) -> dict[str, float]:
-    loss_sum, correct, count = (float(x) for x in stats)
-    count = max(count, 1.0)
-    return {"loss": loss_sum / count, "accuracy": correct / count, "examples": count}
+def _accumulate(total, gradient):
+    if total is None or gradient is None:
+        return gradient if total is None else total
+    if isinstance(total, tf.IndexedSlices) or isinstance(gradient, tf.IndexedSlices):
+        total, gradient = (
+            g if isinstance(g, tf.IndexedSlices) else tf.IndexedSlices(g, tf.range(tf.shape(g)[0]))
+            for g in (total, gradient)
+        )
+        return tf.IndexedSlices(
+            tf.concat([total.values, gradient.values], 0),
+            tf.concat([total.indices, gradient.indices], 0),
+            total.dense_shape,
+        )
+    return total + gradient
 
 
 class Trainer:
@@ -50,16 +51,26 @@ class Trainer:
     Args:
       strategy: the tf.distribute strategy; model and optimizer variables
         must have been created under its scope.
-      model: a Keras 3 model mapping images to logits.
+      task: the task (tftrain.tasks): loss and statistics of the outputs.
+      model: a Keras 3 model.
       optimizer: a Keras 3 optimizer, already built on the model's variables.
       global_batch_size: examples per step over all replicas.
+      num_microbatches: slices of each replica's batch per update.
       gradient_reducer: sums the gradients across workers instead of the
         strategy (tftrain.distribute.ring.RingAllReduce); needs one of
         tftrain's optimizers.
     """
 
     def __init__(
-        self, *, strategy, model, optimizer, global_batch_size: int, gradient_reducer=None
+        self,
+        *,
+        strategy,
+        task,
+        model,
+        optimizer,
+        global_batch_size: int,
+        num_microbatches: int = 1,
+        gradient_reducer=None,
     ):
         if gradient_reducer is not None:
             if not hasattr(optimizer, "gradient_reducer"):
@@ -68,10 +79,10 @@ class Trainer:
                     "use one of tftrain.optimizers"
                 )
             optimizer.gradient_reducer = gradient_reducer
-        self.strategy = strategy
-        self.model = model
-        self.optimizer = optimizer
+        self.strategy, self.task = strategy, task
+        self.model, self.optimizer = model, optimizer
         self.global_batch_size = int(global_batch_size)
+        self.num_microbatches = int(num_microbatches)
         with strategy.scope():
             self.global_step = tf.Variable(
                 0,
@@ -80,59 +91,77 @@ class Trainer:
                 name="global_step",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
-            self._train_stats = _stats_variable("train_stats")
-            self._eval_stats = _stats_variable("eval_stats")
-        self._train_fn = tf.function(self._train_loop, reduce_retracing=True)
+            self._train_stats = _stats_variable("train_stats", task.num_stats)
+            self._eval_stats = _stats_variable("eval_stats", task.num_stats)
+        self.loop = tf.function(self._train_loop, reduce_retracing=True)
         self._eval_fn = tf.function(self._eval_step, reduce_retracing=True)
 
     # -- training --------------------------------------------------------
 
-    def _replica_train_step(self, images, labels):
-        variables = self.model.trainable_variables
+    def compute_gradients(self, inputs, labels, *, with_regularization: bool = True):
+        """Gradients of this slice's share of the global-batch loss, and its statistics."""
         with tf.GradientTape() as tape:
-            logits = self.model(images, training=True)
-            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)
-            )
+            outputs = self.model(inputs, training=True)
+            per_example = self.task.per_example_loss(labels, outputs)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
-            if self.model.losses:
+            if with_regularization and self.model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
-        gradients = tape.gradient(loss, variables)
-        self.optimizer.apply_gradients(zip(gradients, variables))
-        self._train_stats.assign_add(_batch_stats(logits, labels, per_example))
+        gradients = tape.gradient(loss, self.model.trainable_variables)
+        return gradients, self.task.batch_stats(labels, outputs, per_example)
+
+    def _replica_train_step(self, inputs, labels):
+        m = self.num_microbatches
+        if m == 1:
+            gradients, stats = self.compute_gradients(inputs, labels)
+        else:
+            slices = zip(tf.split(inputs, m), tf.split(labels, m))
+            gradients, stats = None, None
+            for i, (x, y) in enumerate(slices):
+                g, s = self.compute_gradients(x, y, with_regularization=i == 0)
+                gradients = g if gradients is None else list(map(_accumulate, gradients, g))
+                stats = s if stats is None else stats + s
+        self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+        self._train_stats.assign_add(stats)
 
     def _train_loop(self, iterator, num_steps):
+        done = tf.constant(0, tf.int64)
         for _ in tf.range(num_steps):
-            images, labels = next(iterator)
-            self.strategy.run(self._replica_train_step, args=(images, labels))
-        self.global_step.assign_add(tf.cast(num_steps, tf.int64))
+            inputs, labels = next(iterator)
+            self.strategy.run(self._replica_train_step, args=(inputs, labels))
+            done += 1
+        # ``done`` leaves the loop only when its steps have run: the step
+        # count cannot run ahead of the updates, even where the variables
+        # live on other tasks.
+        self.global_step.assign_add(done)
 
     def train(self, iterator, num_steps: int) -> None:
         """Runs ``num_steps`` training steps in one graph call."""
-        self._train_fn(iterator, tf.constant(num_steps, tf.int64))
+        self.loop(iterator, tf.constant(num_steps, tf.int64))
 
     def take_train_metrics(self) -> dict[str, float]:
-        """Mean loss and accuracy since the last call, over every replica."""
+        """The task's metrics since the last call, over every replica."""
         stats = self._train_stats.read_value().numpy()
-        self._train_stats.assign(tf.zeros([3]))
-        return _summarise(stats)
+        self._train_stats.assign(tf.zeros([self.task.num_stats]))
+        return self.task.summarise(stats)
 
     # -- evaluation ------------------------------------------------------
 
-    def _replica_eval_step(self, images, labels):
-        logits = self.model(images, training=False)
-        per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)
-        )
-        self._eval_stats.assign_add(_batch_stats(logits, labels, per_example))
+    def _replica_eval_step(self, inputs, labels):
+        outputs = self.model(inputs, training=False)
+        per_example = self.task.per_example_loss(labels, outputs)
+        self._eval_stats.assign_add(self.task.batch_stats(labels, outputs, per_example))
 
-    def _eval_step(self, batch):
-        images, labels = batch
-        self.strategy.run(self._replica_eval_step, args=(images, labels))
+    def _eval_step(self, batch, in_replica=True):
+        inputs, labels = batch
+        if in_replica:
+            self.strategy.run(self._replica_eval_step, args=(inputs, labels))
+        else:  # here, reading the variables wherever they live
+            self._replica_eval_step(inputs, labels)
 
-    def evaluate(self, distributed_dataset) -> dict[str, float]:
-        """Loss and accuracy over the whole (distributed) evaluation set."""
-        self._eval_stats.assign(tf.zeros([3]))
-        for batch in distributed_dataset:
-            self._eval_fn(batch)
-        return _summarise(self._eval_stats.read_value().numpy())
+    def evaluate(self, dataset, in_replica: bool = True) -> dict[str, float]:
+        """The task's metrics over the whole evaluation set: distributed over
+        the replicas, or (``in_replica=False``) computed in this process."""
+        self._eval_stats.assign(tf.zeros([self.task.num_stats]))
+        for batch in dataset:
+            self._eval_fn(batch, in_replica)
+        return self.task.summarise(self._eval_stats.read_value().numpy())

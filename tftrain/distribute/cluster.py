@@ -12,9 +12,17 @@ import os
 import re
 from collections.abc import Mapping
 
-from tftrain.config import ConfigError
+from tftrain.errors import ConfigError
 
-TASK_TYPES = ("chief", "worker", "ps", "evaluator")
+# The roles a task can have, and what each does when it starts. Which roles
+# train and which serve is up to the parallel mode (ParallelMode.training_roles).
+ROLES = {
+    "chief": "trains and alone writes --model_dir; under a coordinator, the coordinator",
+    "worker": "trains, or runs the steps a coordinator schedules on it",
+    "ps": "holds variables for the workers (a parameter server)",
+    "evaluator": "evaluates checkpoints beside the training tasks",
+}
+TASK_TYPES = tuple(ROLES)
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})$")
 
 
@@ -41,6 +49,15 @@ class ClusterInfo:
     @property
     def address(self) -> str:
         return self.cluster[self.task_type][self.task_index]
+
+    def host_of(self, task_type: str, index: int) -> str:
+        return self.cluster[task_type][index].rsplit(":", 1)[0].strip("[]")
+
+    def training_tasks(self) -> list[tuple[str, int]]:
+        """The chief and the workers, in rank order."""
+        return sorted(
+            (t, i) for t in ("chief", "worker") for i in range(len(self.cluster.get(t, ())))
+        )
 
 
 def parse_tf_config(raw: str | None) -> ClusterInfo | None:
@@ -125,43 +142,7 @@ def parse_tf_config(raw: str | None) -> ClusterInfo | None:
     return ClusterInfo(parsed, task_type, index)
 
 
-def check_cluster_for_strategy(info: ClusterInfo | None, strategy: str) -> None:
-    """Checks that the cluster's roles fit the chosen strategy.
-
-    Raises:
-      ConfigError: when they do not.
-    """
-    if strategy == "multi_worker_mirrored":
-        if info is None:
-            return  # one worker on its own: a valid, if trivial, cluster
-        extra = sorted(set(info.cluster) - {"chief", "worker", "evaluator"})
-        if extra:
-            raise ConfigError(
-                f"--strategy=multi_worker_mirrored does not use {', '.join(extra)} "
-                "tasks, but TF_CONFIG's cluster has them: expected only chief and "
-                "worker tasks (use --strategy=parameter_server for ps tasks)."
-            )
-        if info.task_type == "evaluator":
-            raise ConfigError(
-                "TF_CONFIG task type 'evaluator' is not supported by "
-                "tftrain train: expected a chief or worker task."
-            )
-    elif strategy == "parameter_server":
-        if info is None or "ps" not in info.cluster:
-            raise ConfigError(
-                "--strategy=parameter_server needs a TF_CONFIG cluster "
-                "with ps tasks (tftrain launch --num_ps=M sets one up)."
-            )
-    elif info is not None and info.num_workers > 1:
-        raise ConfigError(
-            f"TF_CONFIG describes a cluster of {info.num_workers} workers, but "
-            f"--strategy={strategy} runs on one machine: expected "
-            "--strategy=multi_worker_mirrored (or unset TF_CONFIG)."
-        )
-
-
-def from_environment(strategy: str) -> ClusterInfo | None:
-    """Reads, validates and checks ``TF_CONFIG`` from the environment."""
-    info = parse_tf_config(os.environ.get("TF_CONFIG"))
-    check_cluster_for_strategy(info, strategy)
-    return info
+def from_environment() -> ClusterInfo | None:
+    """Reads and validates ``TF_CONFIG`` from the environment (the strategy
+    checks that its roles fit: ParallelMode.check)."""
+    return parse_tf_config(os.environ.get("TF_CONFIG"))

@@ -23,6 +23,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+from tftrain import resources
+
 
 def define_flags(flag_values) -> None:
     from absl import flags
@@ -116,19 +118,31 @@ def tasks_of(spec: dict[str, list[str]]) -> list[tuple[str, int]]:
     return [(t, i) for t in ("chief", "worker", "ps") for i in range(len(spec.get(t, ())))]
 
 
-def task_env(spec, task_type: str, index: int, threads: int, num_workers: int) -> dict:
+def task_env(spec, task_type: str, index: int) -> dict:
+    """The task's environment: its TF_CONFIG, and gRPC's fail-fast setting,
+    without which a parameter-server coordinator cannot tell that a worker died."""
     env = dict(os.environ)
     env["TF_CONFIG"] = json.dumps({"cluster": spec, "task": {"type": task_type, "index": index}})
-    env["TFTRAIN_INTRA_OP_THREADS"] = str(threads)
-    # Collectives and parameter-server RPCs block inter-op threads; with fewer
-    # than workers + 1 of them a small machine deadlocks.
-    env["TFTRAIN_INTER_OP_THREADS"] = str(max(num_workers + 1, 2))
     env["GRPC_FAIL_FAST"] = "use_caller"
-    # Tasks share the machine's cores: a pool thread spinning for work in one
-    # task takes CPU its peers need.
-    env["TFTRAIN_THREAD_SPINNING"] = "0"
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def inter_op_threads(num_workers: int) -> int:
+    """Collectives and parameter-server RPCs block inter-op threads; with fewer
+    than workers + 1 of them a small machine deadlocks."""
+    return max(num_workers + 1, 2)
+
+
+def task_flags(threads: int, num_workers: int) -> list[str]:
+    """Thread flags for a task that shares this machine's cores with the
+    others; put before the user's flags, which win."""
+    return [
+        f"--intra_op_threads={threads}",
+        f"--inter_op_threads={inter_op_threads(num_workers)}",
+        # A pool thread spinning for work in one task takes CPU its peers need.
+        "--nothread_spinning",
+    ]
 
 
 class _Task:
@@ -180,7 +194,7 @@ class Cluster:
         self.stop_grace_secs = stop_grace_secs
         tasks = num_workers + num_ps + (1 if num_ps else 0)
         self.threads = threads_per_task or max(
-            1, (os.cpu_count() or 1) // max(num_workers + (1 if num_ps else 0), 1)
+            1, resources.usable_cores() // max(num_workers + (1 if num_ps else 0), 1)
         )
         self._lock = threading.Lock()
         self._ports, self._sockets = reserve_ports(tasks)
@@ -188,8 +202,15 @@ class Cluster:
         self.tasks: dict[tuple[str, int], _Task] = {}
 
     def start_task(self, task_type: str, index: int) -> None:
-        env = task_env(self.spec, task_type, index, self.threads, self.num_workers)
-        argv = [sys.executable, "-m", "tftrain", "train", *self.train_argv]
+        env = task_env(self.spec, task_type, index)
+        argv = [
+            sys.executable,
+            "-m",
+            "tftrain",
+            "train",
+            *task_flags(self.threads, self.num_workers),
+            *self.train_argv,
+        ]
         task = _Task(f"{task_type}:{index}", argv, env, self._lock)
         self.tasks[(task_type, index)] = task
         self._pin(task, tasks_of(self.spec).index((task_type, index)))
@@ -341,7 +362,9 @@ def tfjob_manifest(
 
     JSON-quoted strings keep it valid YAML whatever the flags hold.
     """
-    command = json.dumps(["tftrain", "train", *train_argv])
+    command = json.dumps(
+        ["tftrain", "train", f"--inter_op_threads={inter_op_threads(num_workers)}", *train_argv]
+    )
     lines = [
         "apiVersion: kubeflow.org/v1",
         "kind: TFJob",

@@ -82,6 +82,9 @@ class RingAllReduce:
         self._right: socket.socket | None = None  # we send to rank + 1
         self._left: socket.socket | None = None  # we receive from rank - 1
         self._selector: selectors.BaseSelector | None = None
+        # The RingError that failed a step run inside a graph: TensorFlow
+        # reports it as an UnknownError, so it is kept here to be told apart.
+        self.failure: RingError | None = None
 
     # -- forming the ring --------------------------------------------------
 
@@ -142,6 +145,17 @@ class RingAllReduce:
 
     def all_reduce(self, values: np.ndarray) -> np.ndarray:
         """The element-wise sum of ``values`` over every worker (a new array)."""
+        try:
+            return self._all_reduce(values)
+        except RingError as e:
+            self.failure = e
+            raise
+
+    def reduce_in_graph(self, gradients: list) -> list:
+        """Sums ``gradients`` over the ring from inside a tf.function."""
+        return all_reduce_in_graph(self, gradients)
+
+    def _all_reduce(self, values: np.ndarray) -> np.ndarray:
         result = np.array(values, copy=True).reshape(-1)
         if self.size == 1 or result.size == 0:
             return result.reshape(np.shape(values))

@@ -1,16 +1,19 @@
 """tftrain's own optimizers: Keras 3 optimizer subclasses with fused updates.
 
-``get(name, **kwargs)`` builds one by its ``--optimizer`` name.
+``get(name, **kwargs)`` builds one by its ``--optimizer`` name (the names
+live in :data:`tftrain.plugins.OPTIMIZERS`); ``from_config`` builds the one a
+run's config asks for, with its learning-rate schedule.
 """
 
 from __future__ import annotations
 
+from tftrain import plugins
 from tftrain.optimizers.adagrad import Adagrad
 from tftrain.optimizers.adam import Adam
 from tftrain.optimizers.schedules import WarmupDecay, scaled_learning_rate
 from tftrain.optimizers.sgd import SGD
 
-NAMES = ("sgd", "momentum", "adagrad", "adam")
+NAMES = plugins.OPTIMIZERS.names()
 
 
 def get(name: str, **kwargs):
@@ -18,22 +21,48 @@ def get(name: str, **kwargs):
 
     Args:
       name: ``sgd``, ``momentum`` (SGD with momentum 0.9 unless ``momentum``
-        is given), ``adagrad`` or ``adam``.
+        is given), ``adagrad``, ``adam``, or any name registered in
+        ``tftrain.plugins.OPTIMIZERS``.
       **kwargs: the class's constructor arguments.
 
     Raises:
       ValueError: for an unknown name.
     """
-    if name == "sgd":
-        return SGD(**kwargs)
-    if name == "momentum":
-        kwargs.setdefault("momentum", 0.9)
-        return SGD(**kwargs)
-    if name == "adagrad":
-        return Adagrad(**kwargs)
-    if name == "adam":
-        return Adam(**kwargs)
-    raise ValueError(f"optimizer={name!r}: expected one of {', '.join(NAMES)}.")
+    if name not in plugins.OPTIMIZERS:
+        raise ValueError(f"optimizer={name!r}: expected one of {', '.join(NAMES)}.")
+    return plugins.OPTIMIZERS.get(name)(**kwargs)
 
 
-__all__ = ["SGD", "Adagrad", "Adam", "WarmupDecay", "get", "scaled_learning_rate", "NAMES"]
+def from_config(config, steps_per_epoch: int, total_steps: int):
+    """The optimizer ``config`` asks for, with its learning-rate schedule."""
+    peak = config.learning_rate
+    if config.scale_lr_with_batch:
+        peak = scaled_learning_rate(peak, config.batch_size, config.base_batch_size)
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if config.lr_schedule == "constant" and warmup == 0:
+        learning_rate = peak
+    else:
+        learning_rate = WarmupDecay(
+            peak,
+            warmup_steps=warmup,
+            decay=config.lr_schedule,
+            total_steps=total_steps,
+            boundaries=[int(round(e * steps_per_epoch)) for e in config.lr_decay_epochs],
+            decay_rate=config.lr_decay_rate,
+        )
+    kwargs = {"learning_rate": learning_rate}
+    if config.momentum is not None:  # validated: sgd or momentum only
+        kwargs["momentum"] = config.momentum
+    return get(config.optimizer, **kwargs)
+
+
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "WarmupDecay",
+    "get",
+    "from_config",
+    "scaled_learning_rate",
+    "NAMES",
+]

@@ -2,55 +2,42 @@
 
 from __future__ import annotations
 
-import types
-
 import keras
 import tensorflow as tf
 
-
-def _atomic_assign_add(self, value):
-    # Keras's Variable.assign_add is ``assign(self + value)``: a read, then a
-    # write. Under asynchronous parameter-server training two workers can
-    # read the same count and both write count + 1, losing a step. The
-    # resource op underneath (AssignAddVariableOp) adds in place.
-    variable = self.value
-    context = tf.distribute.get_replica_context()
-    if isinstance(value, int) and context is not None and context.num_replicas_in_sync > 1:
-        # Every replica counts the same step. In replica context an update of
-        # this ONLY_FIRST_REPLICA variable broadcasts replica 0's value to every
-        # worker: a collective per step. Adding the constant to each local copy
-        # from cross-replica context needs no communication.
-        return context.merge_call(lambda _: variable.assign_add(value))
-    return variable.assign_add(tf.cast(value, variable.dtype))
+from tftrain import _internal
 
 
 class Optimizer(keras.optimizers.Optimizer):
-    """Base class: an iteration counter that concurrent updates cannot lose."""
+    """Base class: an iteration counter that concurrent updates cannot lose,
+    and a place for another way of summing gradients across workers."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._iterations.assign_add = types.MethodType(_atomic_assign_add, self._iterations)
-        # Set by the trainer when tftrain's TCP ring, not the strategy, sums
-        # the gradients across workers (tftrain.distribute.ring).
+        _internal.make_iteration_count_atomic(self)
+        # Set by the trainer when something other than the strategy sums the
+        # gradients across workers (tftrain.distribute.ring.RingAllReduce).
         self.gradient_reducer = None
-
-    def _all_reduce_sum_gradients(self, grads_and_vars):
-        if self.gradient_reducer is None or tf.distribute.get_replica_context() is None:
-            return super()._all_reduce_sum_gradients(grads_and_vars)
-        from tftrain.distribute.ring import all_reduce_in_graph
-
-        pairs = [(g, v) for g, v in grads_and_vars if g is not None]
-        summed = all_reduce_in_graph(self.gradient_reducer, [g for g, _ in pairs])
-        return list(zip(summed, (v for _, v in pairs)))
 
     def _slot(self, slots, variable):
         """The tf.Variable behind the slot of ``variable`` (per device in an update)."""
-        return slots[self._get_variable_index(variable)].value
+        return slots[_internal.variable_index(self, variable)].value
 
     def _step_powers(self, dtype, *betas):
         """``beta ** t`` for each beta, with t the 1-based number of this step."""
         t = tf.cast(self.iterations + 1, dtype)
         return [tf.pow(tf.cast(b, dtype), t) for b in betas]
+
+
+def _reduce_with_gradient_reducer(optimizer, grads_and_vars):
+    if optimizer.gradient_reducer is None or tf.distribute.get_replica_context() is None:
+        return None  # the strategy's own all-reduce
+    pairs = [(g, v) for g, v in grads_and_vars if g is not None]
+    summed = optimizer.gradient_reducer.reduce_in_graph([g for g, _ in pairs])
+    return list(zip(summed, (v for _, v in pairs)))
+
+
+_internal.install_gradient_sum_hook(Optimizer, _reduce_with_gradient_reducer)
 
 
 def as_tf_variable(variable):

@@ -106,3 +106,14 @@ class SGD(Optimizer):
         config = super().get_config()
         config.update({"momentum": self.momentum, "nesterov": self.nesterov})
         return config
+
+
+def plain_sgd(**kwargs) -> SGD:
+    """``--optimizer=sgd``: gradient descent, with momentum only if given."""
+    return SGD(**kwargs)
+
+
+def momentum_sgd(**kwargs) -> SGD:
+    """``--optimizer=momentum``: SGD with momentum 0.9 unless given."""
+    kwargs.setdefault("momentum", 0.9)
+    return SGD(**kwargs)

@@ -1,0 +1,89 @@
+"""Every private TensorFlow/Keras API behind tftrain._internal, checked against
+the installed versions: a failure here names what an upgrade changed."""
+
+import inspect
+import subprocess
+import sys
+
+import keras
+import tensorflow as tf
+
+from tests.conftest import ROOT
+from tftrain import _internal, optimizers
+
+
+def test_thread_spinning_can_be_turned_off_before_tensorflow_starts():
+    code = (
+        "from tftrain import _internal; _internal.disable_thread_spinning(); "
+        "import tensorflow as tf; tf.constant(1.0) + 1; "
+        "print(_internal.thread_spinning_disabled())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip().endswith("True"), (
+        "TensorFlow's eager context no longer takes ConfigProto from its private _config: "
+        f"tftrain._internal.disable_thread_spinning needs another way.\n{out.stderr[-2000:]}"
+    )
+
+
+def test_the_iteration_counter_adds_in_place():
+    optimizer = keras.optimizers.SGD(0.1)
+    assert hasattr(optimizer, "_iterations"), "Keras renamed Optimizer._iterations"
+    _internal.make_iteration_count_atomic(optimizer)
+
+    @tf.function
+    def count():
+        optimizer.iterations.assign_add(1)
+
+    ops = {op.type for op in count.get_concrete_function().graph.get_operations()}
+    assert "AssignAddVariableOp" in ops and "AssignVariableOp" not in ops, ops
+    count()
+    assert int(optimizer.iterations.numpy()) == 1
+
+
+def test_variable_index_finds_each_variable():
+    variables = [keras.Variable(tf.zeros([2])), keras.Variable(tf.zeros([3]))]
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(variables)
+    assert [_internal.variable_index(optimizer, v) for v in variables] == [0, 1]
+
+
+def test_keras_sums_gradients_through_the_hooked_method():
+    from keras.src.backend.tensorflow.optimizer import TFOptimizer
+
+    assert hasattr(TFOptimizer, _internal.GRADIENT_SUM_METHOD), (
+        f"Keras's TensorFlow optimizer lost {_internal.GRADIENT_SUM_METHOD}: tftrain's "
+        "gradient ring cannot take over the all-reduce"
+    )
+    source = inspect.getsource(TFOptimizer._backend_update_step)
+    assert _internal.GRADIENT_SUM_METHOD in source, (
+        "Keras no longer sums gradients in _backend_update_step through "
+        f"{_internal.GRADIENT_SUM_METHOD}"
+    )
+
+
+def test_the_hook_sums_with_the_reducer_in_replica_context():
+    class Doubling:
+        def reduce_in_graph(self, gradients):
+            return [2 * g for g in gradients]
+
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        variable = tf.Variable([1.0, 1.0])
+        optimizer = optimizers.SGD(learning_rate=1.0)
+        optimizer.build([variable])
+    optimizer.gradient_reducer = Doubling()
+
+    @tf.function
+    def step():
+        strategy.run(lambda: optimizer.apply_gradients([(tf.constant([1.0, 2.0]), variable)]))
+
+    step()
+    assert variable.numpy().tolist() == [-1.0, -3.0]
+
+
+def test_cross_device_ops_of_a_mirrored_strategy():
+    ops = tf.distribute.ReductionToOneDevice()
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"], cross_device_ops=ops)
+    assert _internal.cross_device_ops(strategy) is ops

@@ -1,0 +1,90 @@
+"""Every private TensorFlow or Keras API tftrain uses, and nothing else.
+
+Each function names what it relies on; ``tests/test_internal.py`` checks
+each one against the installed versions, so an upgrade that changes one
+fails there with a message that says which, not somewhere deep in a run.
+"""
+
+from __future__ import annotations
+
+import types
+
+
+def disable_thread_spinning() -> None:
+    """Stops idle TensorFlow pool threads from spinning for work.
+
+    ``ConfigProto.experimental.disable_thread_spinning`` has no ``tf.config``
+    setter; the eager context builds its session config from its private
+    ``_config``. Call before any other TensorFlow work.
+    """
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context
+
+    ctx = context.context()
+    config = config_pb2.ConfigProto()
+    if getattr(ctx, "_config", None) is not None:
+        config.CopyFrom(ctx._config)
+    config.experimental.disable_thread_spinning = True
+    ctx._config = config
+
+
+def thread_spinning_disabled() -> bool:
+    from tensorflow.python.eager import context
+
+    config = getattr(context.context(), "_config", None)
+    return bool(config is not None and config.experimental.disable_thread_spinning)
+
+
+def make_iteration_count_atomic(optimizer) -> None:
+    """Makes ``optimizer.iterations.assign_add`` add in place.
+
+    Keras's ``Variable.assign_add`` is ``assign(self + value)``: a read, then
+    a write. Under asynchronous parameter-server training two workers can
+    read the same count and both write count + 1, losing a step. The
+    resource op underneath (AssignAddVariableOp) adds in place. Relies on
+    Keras's private ``Optimizer._iterations``.
+    """
+    import tensorflow as tf
+
+    def assign_add(self, value):
+        variable = self.value
+        context = tf.distribute.get_replica_context()
+        if isinstance(value, int) and context is not None and context.num_replicas_in_sync > 1:
+            # Every replica counts the same step. In replica context an update
+            # of this ONLY_FIRST_REPLICA variable broadcasts replica 0's value
+            # to every worker: a collective per step. Adding the constant to
+            # each local copy from cross-replica context needs no communication.
+            return context.merge_call(lambda _: variable.assign_add(value))
+        return variable.assign_add(tf.cast(value, variable.dtype))
+
+    counter = optimizer._iterations
+    counter.assign_add = types.MethodType(assign_add, counter)
+
+
+def variable_index(optimizer, variable) -> int:
+    """The position of ``variable``'s slots in the optimizer's slot lists
+    (Keras's private ``Optimizer._get_variable_index``)."""
+    return optimizer._get_variable_index(variable)
+
+
+# The Keras TensorFlow-backend method that sums gradients across replicas
+# before the update; an optimizer overrides it to sum them another way.
+GRADIENT_SUM_METHOD = "_all_reduce_sum_gradients"
+
+
+def install_gradient_sum_hook(cls, reduce) -> None:
+    """Overrides ``GRADIENT_SUM_METHOD`` on ``cls`` (a Keras optimizer class):
+    gradients are summed by ``reduce(self, grads_and_vars)``, or by Keras's
+    own method when that returns None."""
+    keras_sum = getattr(cls.__mro__[1], GRADIENT_SUM_METHOD)
+
+    def method(self, grads_and_vars):
+        summed = reduce(self, grads_and_vars)
+        return keras_sum(self, grads_and_vars) if summed is None else summed
+
+    setattr(cls, GRADIENT_SUM_METHOD, method)
+
+
+def cross_device_ops(strategy):
+    """The cross-device reduction a MirroredStrategy uses (private attribute)."""
+    return strategy.extended._cross_device_ops

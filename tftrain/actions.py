@@ -1,0 +1,124 @@
+"""What the controller does between loops of steps: progress, evaluation,
+checkpoints. Each action says when it is due; the controller ends each
+stretch of steps at the next step an action is due, then runs the due ones
+in order. A new action is a class here (or the caller's) with ``interval``
+and ``__call__``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class Action:
+    """Runs every ``interval`` steps and after the last step (interval None:
+    after every stretch of steps)."""
+
+    interval: int | None = None
+
+    def steps_until_due(self, step: int) -> int | None:
+        return None if self.interval is None else self.interval - step % self.interval
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or self.interval is None or step % self.interval == 0
+
+    def __call__(self, run, step: int, seconds: float, steps: int) -> None:
+        """``seconds``: how long the ``steps`` steps just finished took."""
+        raise NotImplementedError
+
+
+class Progress(Action):
+    """Training metrics: TensorBoard train scalars and the console's progress line.
+
+    The steady speed leaves out the first stretch, which traces the graph,
+    unless it is the only one.
+    """
+
+    def __init__(self):
+        self.seconds, self.examples, self.stretches = 0.0, 0, 0
+        self.started, self.last_line = time.time(), 0.0
+
+    def steady_speed(self) -> tuple[float, float]:
+        return (self.examples / self.seconds if self.seconds else 0.0), self.seconds
+
+    def __call__(self, run, step, seconds, steps) -> None:
+        config, plan = run.config, run.plan
+        metrics = run.trainer.take_train_metrics()
+        self.stretches += 1
+        if self.stretches > 1 or step == plan.total_steps:
+            self.seconds += seconds
+            self.examples += steps * config.batch_size
+        speed = (
+            self.examples / self.seconds
+            if self.seconds
+            else steps * config.batch_size / max(seconds, 1e-9)
+        )
+        lr = run.learning_rate()
+        run.summaries.scalars(
+            "train",
+            step,
+            {
+                "loss": metrics["loss"],
+                "accuracy": metrics["accuracy"],
+                "learning_rate": lr,
+                "examples_per_second": speed,
+            },
+        )
+        now = time.time()
+        boundary = step % plan.steps_per_epoch == 0 or step == plan.total_steps
+        if now - self.last_line < config.log_interval_secs and not boundary:
+            return
+        self.last_line = now
+        eta = (plan.total_steps - step) * config.batch_size / max(speed, 1e-9)
+        epochs = math.ceil(plan.total_steps / plan.steps_per_epoch)
+        run.log(
+            f"step {step}/{plan.total_steps}  epoch {step / plan.steps_per_epoch:.2f}/{epochs}  "
+            f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
+            f"lr {lr:.3g}  {speed:,.0f} examples/s  "
+            f"elapsed {format_duration(now - self.started)}  ETA {format_duration(eta)}"
+        )
+
+
+class Evaluate(Action):
+    """Evaluates on the test split: TensorBoard eval scalars and a console line."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+
+    def __call__(self, run, step, seconds=0.0, steps=0) -> None:
+        run.watchdog.kick(f"evaluating at step {step}")
+        metrics = run.mode.evaluate(run.trainer, run.eval_data)
+        run.summaries.scalars(
+            "eval", step, {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
+        )
+        run.summaries.flush()
+        run.log(
+            f"eval at step {step}: loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}"
+        )
+        run.last_eval = metrics
+
+
+class SaveCheckpoint(Action):
+    def __init__(self, interval: int):
+        self.interval = interval
+
+    def __call__(self, run, step, seconds=0.0, steps=0) -> None:
+        run.watchdog.kick(f"saving the checkpoint of step {step}")
+        run.checkpoints.save(step)
+
+
+def default_actions(config, plan) -> list[Action]:
+    """Progress after every stretch; evaluation and a checkpoint once an epoch
+    (or every --eval_interval / --checkpoint_interval steps)."""
+    return [
+        Progress(),
+        Evaluate(config.eval_interval or plan.steps_per_epoch),
+        SaveCheckpoint(config.checkpoint_interval or plan.steps_per_epoch),
+    ]

@@ -1,0 +1,161 @@
+"""The strategy seam: what a parallel mode provides, and nothing it must not.
+
+A parallel mode is one module under ``tftrain/distribute/`` with a
+:class:`ParallelMode` subclass, and one line in
+:data:`tftrain.plugins.STRATEGIES`. It decides:
+
+- ``check``: what the config and ``TF_CONFIG`` must hold for it, before
+  anything starts;
+- ``create``: the ``tf.distribute`` strategy and this task's place;
+- ``distribute_train`` / ``distribute_eval``: how datasets reach replicas;
+- ``run_loop`` / ``sync``: how a loop of steps is dispatched (a direct call,
+  or a coordinator's ``schedule``) and when its results can be read;
+- ``finish``: what every task does before it leaves.
+
+The controller calls these and never branches on a mode's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from tftrain.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """The strategy, and this task's place among the tasks that train."""
+
+    strategy: object  # tf.distribute.Strategy
+    is_chief: bool = True
+    num_workers: int = 1
+    worker_index: int = 0
+    # Sums the gradients across workers in place of the strategy (tftrain's
+    # TCP ring, multi_worker_mirrored on CPUs); None: the strategy's own.
+    gradient_reducer: object = None
+
+    @property
+    def num_replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+
+# make_dataset(num_shards, shard_index) -> tf.data.Dataset of that shard of
+# every global batch (num_shards=1: the global batches).
+DatasetFn = Callable[[int, int], object]
+
+
+class ParallelMode:
+    """One way to train in parallel. Subclass it and register the subclass.
+
+    Args:
+      config: the validated ExperimentConfig.
+      cluster: the parsed TF_CONFIG (a ClusterInfo), or None.
+    """
+
+    name = ""
+    # TF_CONFIG task types that run the training loop, and those that serve
+    # (``serve``) while another task drives them.
+    training_roles: frozenset[str] = frozenset({"chief", "worker"})
+    serving_roles: frozenset[str] = frozenset()
+
+    def __init__(self, config, cluster=None):
+        self.config, self.cluster = config, cluster
+        self.placement: Placement | None = None
+
+    # -- before anything starts ----------------------------------------------
+
+    @classmethod
+    def check(cls, config, cluster) -> None:
+        """Raises ConfigError for a config or cluster this mode cannot run.
+
+        The default: one process, one replica.
+        """
+        if config.num_replicas != 1:
+            raise ConfigError(
+                f"--num_replicas={config.num_replicas} applies to "
+                f"--strategy=mirrored only (got --strategy={config.strategy})."
+            )
+        if cluster is not None and cluster.num_workers > 1:
+            raise ConfigError(
+                f"TF_CONFIG describes a cluster of {cluster.num_workers} workers, but "
+                f"--strategy={config.strategy} runs on one machine: expected "
+                "--strategy=multi_worker_mirrored (or unset TF_CONFIG)."
+            )
+
+    def default_threads(self) -> tuple[int, int]:
+        """(intra-op, inter-op) threads when the config sets none; 0: TensorFlow's."""
+        return 0, 0
+
+    def watchdog(self):
+        """Watches the stages that can block on other tasks (NoWatchdog: none)."""
+        from tftrain.distribute.watchdog import NoWatchdog
+
+        return NoWatchdog()
+
+    # -- the strategy ------------------------------------------------------
+
+    def create(self) -> Placement:
+        raise NotImplementedError
+
+    def setup(self) -> Placement:
+        self.placement = self.create()
+        return self.placement
+
+    @property
+    def strategy(self):
+        return self.placement.strategy
+
+    # -- data --------------------------------------------------------------
+
+    def distribute_train(self, make_dataset: DatasetFn):
+        """An iterator of the training batches, as the strategy's replicas take them."""
+        return iter(self.strategy.experimental_distribute_dataset(make_dataset(1, 0)))
+
+    def distribute_eval(self, dataset):
+        """The evaluation set, as ``Trainer.evaluate`` takes it (iterable)."""
+        return self.strategy.experimental_distribute_dataset(dataset)
+
+    # -- dispatch ----------------------------------------------------------
+
+    # Loops dispatched between two reads of their results: 1 for modes whose
+    # loops run when called; more for one whose loops run asynchronously.
+    loops_between_syncs = 1
+
+    def run_loop(self, trainer, iterator, num_steps: int) -> None:
+        """Runs (or dispatches) ``num_steps`` training steps."""
+        trainer.train(iterator, num_steps)
+
+    def sync(self) -> None:
+        """Returns once every dispatched loop has finished."""
+
+    def evaluate(self, trainer, eval_data) -> dict:
+        """The task's metrics over ``eval_data`` (from ``distribute_eval``)."""
+        return trainer.evaluate(eval_data)
+
+    def describe(self) -> dict:
+        """What metrics.json records about this mode beyond replicas and workers."""
+        return {}
+
+    def serve(self) -> int:
+        """Runs a serving role (see ``serving_roles``) to its end; returns the exit code."""
+        raise NotImplementedError
+
+    def explain(self, error: BaseException) -> str | None:
+        """A one-line account of ``error`` if this mode knows its cause; else None."""
+        return None
+
+    # -- the end -----------------------------------------------------------
+
+    def finish(self) -> None:
+        """What every task does before it leaves (a barrier, a goodbye)."""
+
+
+def mode_for(config, cluster=None) -> ParallelMode:
+    """The registered mode of ``config.strategy``, checked against the config
+    and the cluster (ConfigError when they do not fit)."""
+    from tftrain import plugins
+
+    cls = plugins.STRATEGIES.get(config.strategy)
+    cls.check(config, cluster)
+    return cls(config, cluster)

@@ -1,0 +1,157 @@
+"""``--strategy=multi_worker_mirrored``: synchronous data parallelism across
+processes and machines, from ``TF_CONFIG``.
+
+On CPU workers the gradients are summed by tftrain's TCP ring
+(:mod:`tftrain.distribute.ring`): TensorFlow's gRPC collectives cost
+milliseconds a step there (BUILD_NOTES.md).
+"""
+
+from __future__ import annotations
+
+from tftrain.distribute.base import ParallelMode, Placement
+from tftrain.errors import ConfigError
+
+
+class MultiWorkerMirrored(ParallelMode):
+    name = "multi_worker_mirrored"
+
+    @classmethod
+    def check(cls, config, cluster) -> None:
+        super().check(config, None)
+        if cluster is None:
+            return  # one worker on its own: a valid, if trivial, cluster
+        extra = sorted(set(cluster.cluster) - {"chief", "worker", "evaluator"})
+        if extra:
+            raise ConfigError(
+                f"--strategy=multi_worker_mirrored does not use {', '.join(extra)} "
+                "tasks, but TF_CONFIG's cluster has them: expected only chief and "
+                "worker tasks (use --strategy=parameter_server for ps tasks)."
+            )
+        if cluster.task_type not in cls.training_roles:
+            raise ConfigError(
+                f"TF_CONFIG task type {cluster.task_type!r} is not supported by "
+                "--strategy=multi_worker_mirrored: expected a chief or worker task."
+            )
+
+    @property
+    def _multi(self) -> bool:
+        return self.cluster is not None and self.cluster.num_workers > 1
+
+    def watchdog(self):
+        if not self._multi:
+            return super().watchdog()
+        from tftrain.distribute.watchdog import Watchdog
+
+        watchdog = Watchdog(self.config.collective_timeout_secs)
+        watchdog.kick("waiting for every worker of the cluster to start")
+        return watchdog
+
+    def create(self) -> Placement:
+        import tensorflow as tf
+
+        config, cluster = self.config, self.cluster
+        has_gpus = bool(tf.config.list_physical_devices("GPU"))
+        use_tcp = config.collective == "tcp" or (config.collective == "auto" and not has_gpus)
+        if config.collective == "nccl" and not has_gpus:
+            raise ConfigError(
+                "--collective=nccl needs GPUs; this machine has none: expected auto, tcp or grpc."
+            )
+        implementations = tf.distribute.experimental.CommunicationImplementation
+        implementation = {
+            "grpc": implementations.RING,
+            "nccl": implementations.NCCL,
+        }.get(config.collective, implementations.AUTO)
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=implementation, bytes_per_pack=config.collective_pack_bytes
+        )
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        except tf.errors.OpError as e:
+            where = f" on {cluster.address}" if cluster else ""
+            raise ConfigError(
+                f"could not start this task's server{where} "
+                f"({e.message.strip().splitlines()[0]}): is another "
+                "program using that port?"
+            ) from None
+        if cluster is None:
+            return Placement(strategy)
+        workers = cluster.training_tasks()
+        rank = workers.index((cluster.task_type, cluster.task_index))
+        reducer = None
+        if use_tcp and len(workers) > 1:
+            hosts = [cluster.host_of(t, i) for t, i in workers]
+            reducer = _gradient_ring(strategy, rank, hosts, config.collective_timeout_secs)
+        return Placement(strategy, cluster.is_chief, cluster.num_workers, rank, reducer)
+
+    def distribute_train(self, make_dataset):
+        strategy = self.strategy
+        if self._multi and strategy.num_replicas_in_sync == self.placement.num_workers:
+            # One replica per worker: each worker builds the stream of its own
+            # slice of every global batch, and gathers only those examples.
+            return iter(
+                strategy.distribute_datasets_from_function(
+                    lambda context: make_dataset(
+                        context.num_input_pipelines, context.input_pipeline_id
+                    )
+                )
+            )
+        return super().distribute_train(make_dataset)
+
+    def explain(self, error: BaseException) -> str | None:
+        reducer = self.placement.gradient_reducer if self.placement else None
+        failure = getattr(reducer, "failure", None)
+        if failure is not None:
+            return f"lost contact with another worker: {failure}"
+        return None
+
+    def finish(self) -> None:
+        if self._multi:
+            # A worker that exits while the chief still exports is reported by
+            # TensorFlow's coordination service as a crashed task, and the
+            # chief waits for it: leave together.
+            import tensorflow as tf
+
+            sum_over_workers(self.strategy, tf.constant(1.0))  # a barrier
+
+
+def sum_over_workers(strategy, value):
+    """``value`` (this worker's tensor) summed over every replica of ``strategy``.
+
+    A collective every worker must join: also a barrier.
+    """
+    import tensorflow as tf
+
+    @tf.function
+    def total():
+        per_replica = strategy.run(lambda: tf.identity(value))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return total()
+
+
+def _gradient_ring(strategy, rank: int, hosts: list[str], timeout: float):
+    """Forms tftrain's TCP ring among the workers of ``strategy``.
+
+    Each worker listens on a free port of its own host (from TF_CONFIG); the
+    ports are then summed across workers with one TensorFlow collective, so
+    the ring needs no ports beyond TF_CONFIG's.
+    """
+    import tensorflow as tf
+
+    from tftrain.distribute.ring import RingAllReduce, RingError
+
+    ring = RingAllReduce(rank, len(hosts), timeout)
+    try:
+        port = ring.listen(hosts[rank])
+    except OSError as e:
+        raise ConfigError(
+            f"could not open the gradient ring's socket on {hosts[rank]} ({e.strerror or e})"
+        ) from None
+    ports = sum_over_workers(strategy, tf.one_hot(rank, len(hosts), dtype=tf.int64) * port)
+    ports = [int(p) for p in ports.numpy()]
+    try:
+        ring.connect(list(zip(hosts, ports)))
+    except (OSError, RingError) as e:
+        ring.close()
+        raise ConfigError(f"could not form the gradient ring between the workers: {e}") from None
+    return ring

@@ -1,0 +1,36 @@
+"""What this process may use of the machine: one answer for every module."""
+
+from __future__ import annotations
+
+import os
+
+# More pool threads than this is never useful on one machine, and TensorFlow
+# hangs creating tens of thousands of them.
+MAX_THREADS = 1024
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else all)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(intra_op: int = 0, inter_op: int = 0, spinning: bool = True) -> None:
+    """Sizes TensorFlow's thread pools (0 leaves TensorFlow's default).
+
+    ``spinning=False`` stops idle pool threads from spinning while they wait
+    for work: right for a process that shares its cores with other tasks
+    (spinning there takes CPU the peers need; measured in BUILD_NOTES.md).
+    Call before any other TensorFlow work.
+    """
+    import tensorflow as tf
+
+    from tftrain import _internal
+
+    if intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    if not spinning:
+        _internal.disable_thread_spinning()
