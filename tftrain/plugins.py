@@ -57,6 +57,7 @@ STRATEGIES = Registry(
         "one_device": "tftrain.distribute.one_device:OneDevice",
         "mirrored": "tftrain.distribute.mirrored:Mirrored",
         "multi_worker_mirrored": "tftrain.distribute.multi_worker:MultiWorkerMirrored",
+        "parameter_server": "tftrain.distribute.parameter_server:ParameterServer",
     },
 )
 MODELS = Registry(

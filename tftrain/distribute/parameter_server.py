@@ -1,0 +1,171 @@
+"""``--strategy=parameter_server``: asynchronous SGD with parameter servers.
+
+The ``chief`` is the coordinator: it builds the model and optimizer under
+``tf.distribute.ParameterServerStrategy`` (their variables live on the
+``ps`` tasks), and schedules loops of steps on the ``worker`` tasks with a
+``ClusterCoordinator``; each worker reads and updates the variables
+without waiting for the others. ``ps`` and ``worker`` tasks run the same
+``tftrain train`` command: they serve (:func:`serve`) until the coordinator
+is gone, then exit 0.
+
+Each step is one update of ``--batch_size`` examples, as on one device:
+worker ``i`` of ``W`` takes global batches ``i, i + W, ...`` of the run's
+stream. The global step is advanced once per loop, after the loop's steps
+(a data dependency orders it), so it counts each applied update once; the
+optimizer's own counter adds in place (tftrain's optimizers), so Adam's
+bias correction and the learning-rate schedule see every update.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+
+from tftrain.distribute.base import ParallelMode, Placement
+from tftrain.errors import ConfigError
+
+# A worker or ps task whose coordinator has been gone this long exits 0.
+COORDINATOR_GONE_SECS = 3.0
+
+
+class ParameterServer(ParallelMode):
+    name = "parameter_server"
+    training_roles = frozenset({"chief"})
+    serving_roles = frozenset({"worker", "ps"})
+
+    @classmethod
+    def check(cls, config, cluster) -> None:
+        super().check(config, None)
+        if cluster is None or "ps" not in cluster.cluster:
+            raise ConfigError(
+                "--strategy=parameter_server needs a TF_CONFIG cluster with ps tasks "
+                "(tftrain launch --num_ps=M sets one up)."
+            )
+        for role, why in (("chief", "the coordinator"), ("worker", "they run the steps")):
+            if role not in cluster.cluster:
+                raise ConfigError(
+                    f"--strategy=parameter_server needs {role} task(s) in TF_CONFIG's "
+                    f"cluster ({why}); it has {', '.join(cluster.cluster)}."
+                )
+        if cluster.task_type not in cls.training_roles | cls.serving_roles:
+            raise ConfigError(
+                f"TF_CONFIG task type {cluster.task_type!r} is not supported by "
+                "--strategy=parameter_server: expected chief, worker or ps."
+            )
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.cluster.cluster["worker"])
+
+    @property
+    def loops_between_syncs(self) -> int:
+        return 2 * self.num_workers  # every worker busy, one loop queued each
+
+    def default_threads(self) -> tuple[int, int]:
+        # Scheduled functions and variable RPCs block inter-op threads: with
+        # fewer than workers + 1 of them a small machine deadlocks.
+        return 0, self.num_workers + 1
+
+    def watchdog(self):
+        from tftrain.distribute.watchdog import Watchdog
+
+        watchdog = Watchdog(self.config.collective_timeout_secs)
+        watchdog.kick("connecting to the parameter servers and workers")
+        return watchdog
+
+    def create(self) -> Placement:
+        import tensorflow as tf
+
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        strategy = tf.distribute.ParameterServerStrategy(resolver)
+        self.coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+        return Placement(strategy, True, self.num_workers, 0)
+
+    def distribute_train(self, make_dataset):
+        import tensorflow as tf
+
+        workers = self.num_workers
+
+        def per_worker():
+            index = tf.distribute.coordinator.experimental_get_current_worker_index()
+            return make_dataset(1, 0).shard(workers, index)
+
+        return iter(self.coordinator.create_per_worker_dataset(per_worker))
+
+    def distribute_eval(self, dataset):
+        return dataset  # evaluated on the coordinator, reading the ps variables
+
+    def evaluate(self, trainer, eval_data):
+        return trainer.evaluate(eval_data, in_replica=False)
+
+    def run_loop(self, trainer, iterator, num_steps: int) -> None:
+        import tensorflow as tf
+
+        self.coordinator.schedule(trainer.loop, args=(iterator, tf.constant(num_steps, tf.int64)))
+
+    def sync(self) -> None:
+        self.coordinator.join()
+
+    def describe(self) -> dict:
+        return {"num_ps": len(self.cluster.cluster["ps"])}
+
+    def serve(self) -> int:
+        """Serves this ps or worker task until the coordinator is gone; returns
+        the exit code (0, or 1 if the coordinator never appeared)."""
+        return serve(self.cluster, self.config.collective_timeout_secs, self.default_threads()[1])
+
+
+def serve(cluster, wait_secs: float, inter_op_threads: int) -> int:
+    import tensorflow as tf
+
+    config = tf.compat.v1.ConfigProto()
+    config.inter_op_parallelism_threads = max(2, inter_op_threads)
+    try:
+        tf.distribute.Server(
+            tf.train.ClusterSpec({k: list(v) for k, v in cluster.cluster.items()}),
+            job_name=cluster.task_type,
+            task_index=cluster.task_index,
+            protocol="grpc",
+            config=config,
+            start=True,
+        )
+    except tf.errors.OpError as e:
+        raise ConfigError(
+            f"could not start this task's server on {cluster.address} "
+            f"({e.message.strip().splitlines()[0]}): is another program using that port?"
+        ) from None
+    me = f"{cluster.task_type}:{cluster.task_index}"
+    print(f"{me} serving on {cluster.address}; waiting for the coordinator.", flush=True)
+    host, port = cluster.host_of("chief", 0), int(cluster.cluster["chief"][0].rsplit(":", 1)[1])
+    started, seen, gone_since = time.monotonic(), False, None
+    while True:
+        up = _reachable(host, port)
+        now = time.monotonic()
+        if up and not seen:
+            print(f"{me} joined the coordinator's run.", flush=True)
+        if up:
+            seen, gone_since = True, None
+        elif seen:
+            gone_since = gone_since or now
+            if now - gone_since >= COORDINATOR_GONE_SECS:
+                print(f"{me}: the coordinator is done; exiting.", flush=True)
+                return 0
+        elif now - started > wait_secs:
+            print(
+                f"tftrain: error: the coordinator (chief at {cluster.cluster['chief'][0]}) "
+                f"did not appear within {wait_secs:g} s (--collective_timeout_secs).",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
+        time.sleep(1.0)
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
