@@ -168,4 +168,3 @@ def _reachable(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
