@@ -9,6 +9,8 @@ as separate `tftrain` processes, one after another:
   2 launched workers multi_worker_mirrored, `tftrain launch --num_workers=2`
                     (gradients summed by tftrain's TCP ring, the CPU default)
   2 launched, gRPC  the same with `--collective=grpc`: TensorFlow's collectives
+  ps: N workers     parameter_server, `tftrain launch --num_workers=N --num_ps=1`
+                    (asynchronous: each step one update of the global batch)
 
 and prints examples/second (steady state: the first loop, which traces
 the graph, is left out) and the ratios the goals are stated in. This
@@ -17,6 +19,7 @@ machine's speed drifts between runs by 10-20%, so the runs go round
 median over the rounds.
 
     .venv/bin/python -m benchmarks.scaling [--steps=3000] [--batch_size=100] [--rounds=3]
+        [--only=one_device,ps:2]
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def throughput(args, strategy_flags, launch_workers=None):
+def throughput(args, strategy_flags, launch=None):
     with tempfile.TemporaryDirectory() as model_dir:
         train = [
             "--dataset=fashion_mnist",
@@ -46,8 +49,9 @@ def throughput(args, strategy_flags, launch_workers=None):
             f"--model_dir={model_dir}",
             *strategy_flags,
         ]
-        if launch_workers:
-            command = ["launch", f"--num_workers={launch_workers}", "--", *train]
+        if launch:
+            workers, ps = launch
+            command = ["launch", f"--num_workers={workers}", f"--num_ps={ps}", "--", *train]
         else:
             command = ["train", *train]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -70,14 +74,20 @@ def main():
     parser.add_argument("--steps_per_loop", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated run names (one_device first)")
     args = parser.parse_args()
     runs = [
         ("one_device", ["--strategy=one_device"], None),
         ("mirrored x2", ["--strategy=mirrored", "--num_replicas=2"], None),
-        ("1 launched worker", ["--strategy=multi_worker_mirrored"], 1),
-        ("2 launched workers", ["--strategy=multi_worker_mirrored"], 2),
-        ("2 launched, gRPC", ["--strategy=multi_worker_mirrored", "--collective=grpc"], 2),
+        ("1 launched worker", ["--strategy=multi_worker_mirrored"], (1, 0)),
+        ("2 launched workers", ["--strategy=multi_worker_mirrored"], (2, 0)),
+        ("2 launched, gRPC", ["--strategy=multi_worker_mirrored", "--collective=grpc"], (2, 0)),
+        ("ps: 1 worker", ["--strategy=parameter_server"], (1, 1)),
+        ("ps: 2 workers", ["--strategy=parameter_server"], (2, 1)),
     ]
+    if args.only:
+        wanted = args.only.split(",")
+        runs = [r for r in runs if r[0] in wanted or r[0] == "one_device"]
     print(
         f"MLP 256-128, Fashion-MNIST, global batch {args.batch_size}, {args.steps} steps, "
         f"{args.steps_per_loop} steps per loop, {os.cpu_count()} CPU cores, "
@@ -97,13 +107,9 @@ def main():
     for name, _, _ in runs:
         print(f"  {name:<20}{speeds[name]:>12,.0f} examples/s")
     base = speeds["one_device"]
-    print(f"mirrored x2 / one_device:               {speeds['mirrored x2'] / base:.2f}")
-    print(f"2 launched workers / one_device:        {speeds['2 launched workers'] / base:.2f}")
-    print(
-        f"2 launched workers / 1 launched worker: "
-        f"{speeds['2 launched workers'] / speeds['1 launched worker']:.2f}"
-    )
-    print(f"2 launched, gRPC / one_device:          {speeds['2 launched, gRPC'] / base:.2f}")
+    for name in speeds:
+        if name != "one_device":
+            print(f"{name + ' / one_device:':<40}{speeds[name] / base:.2f}")
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def test_one_device_mirrored_and_two_launched_workers_agree(tmp_path):
     assert metrics(runs["mwms"])["global_step"] == 60
 
 
-def _launch(args, model_dir):
+def _launch(args, model_dir, extra=()):
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("TF_CONFIG", None)
     return subprocess.Popen(
@@ -140,6 +140,7 @@ def _launch(args, model_dir):
             "--steps_per_loop=10",
             "--checkpoint_interval=20",
             "--eval_interval=1000",
+            *extra,
         ],
         cwd=ROOT,
         env=env,
@@ -207,17 +208,35 @@ def test_first_failure_stops_the_others_and_leaves_no_orphans(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_task(tmp_path):
-    proc = _launch(["--num_workers=2"], str(tmp_path / "run"))
+def test_ctrl_c_saves_the_same_step_on_every_worker_and_the_run_resumes_exactly(tmp_path):
+    model_dir = str(tmp_path / "run")
+    longer = ["--train_steps=3000", "--checkpoint_interval=1000", "--log_interval_secs=0"]
+    proc = _launch(["--num_workers=2"], model_dir, longer)
     lines, pids = [], []
     for _ in range(2):
         pids.append(int(_read_until(proc, r"started worker:\d \(pid (\d+)\)", lines).group(1)))
-    _read_until(proc, r"\[worker:0\] step \d+/400", lines)
+    _read_until(proc, r"\[worker:0\] step \d+/3000", lines)
+    interrupted = time.time()
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
+    assert time.time() - interrupted < 30
     assert proc.returncode == 130
-    assert "interrupted: stopping every task" in out
+    assert "every task stopped; run the same command to resume" in out, out
     assert not any(_alive(p) for p in pids)
+    stopped = re.findall(r"\[worker:(\d)\] Stopped at step (\d+)/3000 on request", out)
+    assert len(stopped) == 2 and stopped[0][1] == stopped[1][1], out
+    step = int(stopped[0][1])
+    assert 0 < step < 3000
+
+    resumed = _launch(["--num_workers=2"], model_dir, longer)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"at step {step}." in out
+    straight = _launch(["--num_workers=2"], str(tmp_path / "straight"), longer)
+    straight.communicate(timeout=300)
+    assert straight.returncode == 0
+    got, want = metrics(model_dir), metrics(str(tmp_path / "straight"))
+    assert got["global_step"] == 3000 and got["weights_sha256"] == want["weights_sha256"]
 
 
 @pytest.mark.slow

@@ -13,12 +13,15 @@ from tftrain.trainer import Trainer
 TASK = tasks.Classification(None, None)
 
 
-def make(strategy, *, batch=32, model="mlp", optimizer="adam", seed=0, microbatches=1):
+IMAGES = {"input_shape": (28, 28, 1), "num_classes": 10, "hidden_units": (32,)}
+
+
+def make(
+    strategy, *, batch=32, model="mlp", optimizer="adam", seed=0, microbatches=1, lr=0.01, **shape
+):
     with strategy.scope():
-        m = models.build_model(
-            model, input_shape=(28, 28, 1), num_classes=10, seed=seed, hidden_units=(32,)
-        )
-        opt = optimizers.get(optimizer, learning_rate=0.01)
+        m = models.build_model(model, seed=seed, **(shape or IMAGES))
+        opt = optimizers.get(optimizer, learning_rate=lr)
         opt.build(m.trainable_variables)
     return Trainer(
         strategy=strategy,
@@ -152,21 +155,16 @@ def test_gradient_accumulation_equals_the_whole_batch(synthetic, optimizer):
 def test_sparse_gradients_accumulate_over_micro_batches():
     tokens = data.make_synthetic_tokens(0, num_train=256, num_test=64, vocab_size=300)
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    shape = {"input_shape": (16,), "num_classes": 4, "vocab_size": 300}
 
     def trainer(microbatches):
-        with strategy.scope():
-            m = models.build_model(
-                "embedding_bag", input_shape=(16,), num_classes=4, seed=0, vocab_size=300
-            )
-            opt = optimizers.get("adagrad", learning_rate=0.1)
-            opt.build(m.trainable_variables)
-        return Trainer(
-            strategy=strategy,
-            task=TASK,
-            model=m,
-            optimizer=opt,
-            global_batch_size=32,
-            num_microbatches=microbatches,
+        return make(
+            strategy,
+            model="embedding_bag",
+            optimizer="adagrad",
+            lr=0.1,
+            microbatches=microbatches,
+            **shape,
         )
 
     a, b = trainer(1), trainer(4)

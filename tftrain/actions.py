@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import time
 
+from tftrain.errors import DivergedError
+
 
 def format_duration(seconds: float) -> str:
     seconds = int(round(max(seconds, 0)))
@@ -51,6 +53,18 @@ class Progress(Action):
     def __call__(self, run, step, seconds, steps) -> None:
         config, plan = run.config, run.plan
         metrics = run.trainer.take_train_metrics()
+        if not math.isfinite(metrics["loss"]):
+            raise DivergedError(
+                f"the training loss became {metrics['loss']} in steps {step - steps + 1}-{step}: "
+                "the run diverged and was stopped. "
+                + (
+                    f"The last good checkpoint is {run.checkpoints.last_saved}. "
+                    if run.checkpoints.last_saved
+                    else "No checkpoint was saved before it. "
+                )
+                + "Try a lower --learning_rate (or a warm-up, --warmup_epochs); "
+                "nothing was exported."
+            )
         self.stretches += 1
         if self.stretches > 1 or step == plan.total_steps:
             self.seconds += seconds
@@ -95,6 +109,12 @@ class Evaluate(Action):
     def __call__(self, run, step, seconds=0.0, steps=0) -> None:
         run.watchdog.kick(f"evaluating at step {step}")
         metrics = run.mode.evaluate(run.trainer, run.eval_data)
+        if not math.isfinite(metrics["loss"]):
+            raise DivergedError(
+                f"the evaluation loss at step {step} is {metrics['loss']}: the model "
+                "outputs NaN or infinite values, so it was not exported. Try a lower "
+                "--learning_rate."
+            )
         run.summaries.scalars(
             "eval", step, {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
         )

@@ -3,35 +3,126 @@
 The global step is also the data position (the stream is a function of it),
 so restoring these three resumes a run exactly. Every worker takes part in
 a save (variable reads can be collective); only the chief keeps it.
+
+A restore never trusts the newest checkpoint blindly: every tensor of it is
+read back first. A checkpoint that is missing a file or cannot be read is
+named, moved aside into ``checkpoints/damaged/`` (by the chief; nothing is
+deleted) and the next newest is tried; the checkpoint manager then tracks
+only the good ones, so its rotation never deletes the last good checkpoint
+in favour of a damaged one. A run never starts again from step 0 over
+checkpoints it cannot read: that needs a new ``--model_dir``.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import shutil
 
 import tensorflow as tf
 
 from tftrain.errors import RunError
 
+_NUMBERED = re.compile(r"ckpt-(\d+)$")
+
+
+def _candidates(folder: str) -> list[str]:
+    """Every checkpoint prefix in ``folder``, the state file's and any other
+    ``ckpt-N`` files, newest first."""
+    files = glob.glob(os.path.join(glob.escape(folder), "ckpt-*.*"))
+    prefixes = {os.path.join(folder, os.path.basename(p).split(".", 1)[0]) for p in files}
+    try:
+        state = tf.train.get_checkpoint_state(folder)
+    except (tf.errors.OpError, ValueError):  # an unreadable state file
+        state = None
+    if state is not None:
+        prefixes |= {
+            p if os.path.isabs(p) else os.path.join(folder, p)
+            for p in state.all_model_checkpoint_paths
+        }
+    numbered = [(int(m.group(1)), p) for p in prefixes if (m := _NUMBERED.search(p))]
+    return [p for _, p in sorted(numbered, reverse=True)]
+
+
+def damage(prefix: str) -> str | None:
+    """Why the checkpoint at ``prefix`` cannot be restored, or None if every
+    tensor in it reads back."""
+    if not os.path.exists(prefix + ".index"):
+        return "its .index file is missing"
+    if not glob.glob(prefix + ".data-*"):
+        return "its .data file is missing"
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except Exception as e:  # noqa: BLE001 - any failure to read is damage
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"it cannot be read: {first[:200]}"
+    return None
+
+
+def _write_state(folder: str, newest_first: list[str]) -> None:
+    """Rewrites the ``checkpoint`` state file (a text proto) to list these only."""
+    names = [os.path.basename(p) for p in reversed(newest_first)]
+    lines = [f'model_checkpoint_path: "{names[-1]}"']
+    lines += [f'all_model_checkpoint_paths: "{name}"' for name in names]
+    tmp = os.path.join(folder, "checkpoint.tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, os.path.join(folder, "checkpoint"))
+
 
 class Checkpoints:
-    def __init__(self, *, model_dir: str, out, objects: dict, step_counter, keep: int, is_chief):
-        self.model_dir, self.is_chief = model_dir, is_chief
+    def __init__(
+        self, *, model_dir: str, out, objects: dict, step_counter, keep: int, is_chief: bool, log
+    ):
+        self.model_dir, self.is_chief, self.log = model_dir, is_chief, log
         self.checkpoint = tf.train.Checkpoint(**objects)
+        self.good = self._check_existing()
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, out.path("checkpoints"), max_to_keep=keep, step_counter=step_counter
         )
+        self.last_saved: str | None = self.good[0] if self.good else None
 
     @property
     def folder(self) -> str:
         return os.path.join(self.model_dir, "checkpoints")
 
+    def _check_existing(self) -> list[str]:
+        """The readable checkpoints, newest first; damaged ones are reported
+        and (on the chief) moved aside, and the state file lists the rest."""
+        candidates = _candidates(self.folder)
+        good, damaged = [], []
+        for prefix in candidates:
+            why = damage(prefix)
+            if why is None:
+                good.append(prefix)
+            else:
+                damaged.append(prefix)
+                self.log(f"Checkpoint {prefix} is damaged ({why}); not using it.")
+        if damaged and not good:
+            raise RunError(
+                f"every checkpoint in {self.folder} is damaged (newest: {damaged[0]}), so "
+                "this run cannot resume, and it will not start again from step 0 over "
+                "them. Move them away (or use a new --model_dir) to start afresh. "
+                "Nothing was changed."
+            )
+        if damaged and self.is_chief:
+            aside = os.path.join(self.folder, "damaged")
+            os.makedirs(aside, exist_ok=True)
+            for prefix in damaged:
+                for path in glob.glob(glob.escape(prefix) + ".*"):
+                    shutil.move(path, os.path.join(aside, os.path.basename(path)))
+            _write_state(self.folder, good)
+            self.log(f"Moved the damaged checkpoint(s) to {aside}; nothing was deleted.")
+        return good
+
     def restore_latest(self) -> str | None:
-        """Restores the latest checkpoint in model_dir, if any; returns its path."""
-        latest = tf.train.latest_checkpoint(self.folder)
-        if not latest:
+        """Restores the newest good checkpoint, if any; returns its path."""
+        if not self.good:
             return None
+        latest = self.good[0]
         try:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as e:
@@ -43,7 +134,9 @@ class Checkpoints:
             ) from None
         return latest
 
-    def save(self, step: int) -> None:
+    def save(self, step: int) -> str:
         saved = self.manager.save(checkpoint_number=step)
         if not self.is_chief:  # every worker saves; only the chief keeps it
             shutil.rmtree(os.path.dirname(saved), ignore_errors=True)
+        self.last_saved = saved
+        return saved

@@ -188,7 +188,9 @@ def _train_main(argv):
 
     from tftrain import controller, resources
     from tftrain.errors import RunError
+    from tftrain.stopping import Stopped, StopRequest
 
+    stop = StopRequest().install()  # again once the strategy exists: see below
     watchdog = mode.watchdog()
     try:
         intra, inter = mode.default_threads()
@@ -204,10 +206,22 @@ def _train_main(argv):
             sys.stderr.flush()
             os._exit(code)  # TensorFlow's server threads never end on their own
         mode.setup()
-        controller.run(config, mode, watchdog=watchdog)
+        # TensorFlow's coordination service installs a SIGTERM handler of its
+        # own when a multi-worker strategy starts; tftrain's comes back on top.
+        stop.install()
+        controller.run(config, mode, watchdog=watchdog, stop=stop)
         watchdog.stop()
-    except (ConfigError, DataError, RunError) as e:
+    except Stopped as e:
+        watchdog.stop()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The checkpoint is written; TensorFlow's multi-worker shutdown can
+        # wait on tasks that already left, so leave without it.
+        os._exit(e.exit_code)
+    except (ConfigError, DataError) as e:
         _fail(str(e))
+    except RunError as e:
+        _fail(str(e), code=e.exit_code)
     except OSError as e:  # the file system refused: unwritable model_dir, disk full
         where = f" ({e.filename})" if e.filename else ""
         _fail(f"{e.strerror or e}{where}: check --model_dir={config.model_dir}.")

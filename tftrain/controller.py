@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -29,16 +30,28 @@ from tftrain.config import ExperimentConfig
 from tftrain.distribute.base import ParallelMode
 from tftrain.distribute.watchdog import NoWatchdog
 from tftrain.errors import RunError
+from tftrain.stopping import NeverStop, Stopped
 from tftrain.summaries import Summaries
 from tftrain.trainer import Trainer
 
 __all__ = ["Controller", "Plan", "RunError", "run"]
 
 
+def _strict(value):
+    """JSON has no NaN or infinity: they are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_json_atomically(path: str, payload: dict) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, allow_nan=False)
+        json.dump(_strict(payload), f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
 
@@ -95,11 +108,15 @@ class Controller:
       log: prints a line for the person watching.
       watchdog: told what the run does next, before each stage that can block.
       actions: what runs between loops (default: progress, evaluation, checkpoints).
+      stop: says when a signal asked the run to stop (stopping.StopRequest).
     """
 
-    def __init__(self, *, config, mode: ParallelMode, plan: Plan, out, log, watchdog, actions=None):
+    def __init__(
+        self, *, config, mode: ParallelMode, plan: Plan, out, log, watchdog, actions=None, stop=None
+    ):
         self.config, self.mode, self.plan = config, mode, plan
         self.out, self.log, self.watchdog = out, log, watchdog
+        self.stop = stop or NeverStop()
         placement = mode.placement
         self.task = tasks.from_config(config, plan.dataset)
         watchdog.kick("creating the model's variables (all workers must join)")
@@ -127,6 +144,7 @@ class Controller:
             step_counter=self.trainer.global_step,
             keep=config.keep_checkpoints,
             is_chief=placement.is_chief,
+            log=log,
         )
         self.summaries = Summaries(out, placement.is_chief)
         self.actions = actions if actions is not None else actions_lib.default_actions(config, plan)
@@ -178,9 +196,27 @@ class Controller:
                 if action.due(step, last=step == plan.total_steps):
                     action(self, step, seconds, n)
             self.summaries.flush()
+            if step < plan.total_steps and mode.agree_to_stop(self.stop.requested):
+                self._stop_early(step)
         if self.last_eval is None:  # a finished run resumed: evaluate it
             actions_lib.Evaluate(1)(self, step)
         return self.last_eval
+
+    def _stop_early(self, step: int) -> None:
+        """Saves the step reached (unless just saved) and stops the run."""
+        saved = self.checkpoints.last_saved
+        if not saved or not saved.endswith(f"ckpt-{step}"):
+            self.watchdog.kick(f"saving the checkpoint of step {step} before stopping")
+            saved = self.checkpoints.save(step)
+        signum = self.stop.signum or 15
+        kept = os.path.join(self.checkpoints.folder, os.path.basename(saved))
+        self.log(
+            f"Stopped at step {step}/{self.plan.total_steps} on request; checkpoint "
+            f"{kept}. Run the same command again to resume from it."
+        )
+        self.watchdog.kick("waiting for every worker to stop")
+        self.mode.finish()
+        raise Stopped(signum)
 
     def _announce(self) -> None:
         config, plan, placement = self.config, self.plan, self.mode.placement
@@ -245,12 +281,14 @@ def run(
     *,
     log: Callable[[str], None] = print,
     watchdog=None,
+    stop=None,
 ) -> dict:
     """Trains, evaluates and exports one run under a set-up mode; returns
     what metrics.json holds.
 
     Raises:
       ConfigError, data_lib.DataError, RunError: for mistakes the user can fix.
+      stopping.Stopped: a signal stopped the run, after a checkpoint was saved.
     """
     keras.utils.set_random_seed(config.seed)
     plan = Plan.make(config)
@@ -264,6 +302,7 @@ def run(
             out=out,
             log=log,
             watchdog=watchdog or NoWatchdog(),
+            stop=stop,
         )
         controller.restore()
         result = controller.finish(controller.train())

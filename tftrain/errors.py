@@ -1,4 +1,5 @@
-"""The errors a user can act on: each becomes one ``tftrain: error:`` line."""
+"""The errors a user can act on: each becomes one ``tftrain: error:`` line
+and the exit code it names."""
 
 from __future__ import annotations
 
@@ -9,3 +10,11 @@ class ConfigError(ValueError):
 
 class RunError(RuntimeError):
     """A run that cannot go on, for a reason the user can act on."""
+
+    exit_code = 2
+
+
+class DivergedError(RunError):
+    """The training loss or the evaluation became NaN or infinite."""
+
+    exit_code = 1

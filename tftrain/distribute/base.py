@@ -141,6 +141,11 @@ class ParallelMode:
         """Runs a serving role (see ``serving_roles``) to its end; returns the exit code."""
         raise NotImplementedError
 
+    def agree_to_stop(self, requested: bool) -> bool:
+        """Whether the run stops now: True on every task if any task asks to
+        (a signal arrived), so that all stop at the same step."""
+        return requested
+
     def explain(self, error: BaseException) -> str | None:
         """A one-line account of ``error`` if this mode knows its cause; else None."""
         return None

@@ -46,8 +46,8 @@ def define_flags(flag_values) -> None:
     )
     flags.DEFINE_float(
         "stop_grace_secs",
-        10.0,
-        "seconds a task gets to stop after SIGTERM before SIGKILL",
+        30.0,
+        "seconds a task gets to save a checkpoint and stop after SIGTERM, before SIGKILL",
         lower_bound=0.0,
         flag_values=flag_values,
     )
@@ -186,7 +186,7 @@ class Cluster:
         num_ps: int,
         train_argv: list[str],
         threads_per_task: int = 0,
-        stop_grace_secs: float = 10.0,
+        stop_grace_secs: float = 30.0,
     ):
         self.num_workers = num_workers
         self.num_ps = num_ps
@@ -302,7 +302,7 @@ def run(
     train_argv: list[str],
     max_restarts: int = 0,
     threads_per_task: int = 0,
-    stop_grace_secs: float = 10.0,
+    stop_grace_secs: float = 30.0,
 ) -> int:
     """Runs the cluster to the end, restarting it up to ``max_restarts`` times."""
     attempt = 0
@@ -331,8 +331,17 @@ def run(
                 cluster.start()
                 code, failed = cluster.watch()
             except KeyboardInterrupt:
-                cluster._say("interrupted: stopping every task.")
+                cluster._say(
+                    "interrupted: asking every task to save a checkpoint and stop "
+                    f"(SIGTERM; SIGKILL after {cluster.stop_grace_secs:g} s)."
+                )
                 cluster.stop()
+                killed = [t.name for t in cluster.tasks.values() if t.process.returncode == -9]
+                cluster._say(
+                    f"{', '.join(killed)} did not stop in time and were killed."
+                    if killed
+                    else "every task stopped; run the same command to resume."
+                )
                 return 128 + (stopping["signal"] or signal.SIGINT)
             cluster.stop()
             if failed is None:
@@ -352,50 +361,6 @@ def run(
             signal.signal(s, handler)
 
 
-# -- Kubeflow ---------------------------------------------------------------
-
-
-def tfjob_manifest(
-    *, job_name: str, image: str, num_workers: int, num_ps: int, train_argv: list[str]
-) -> str:
-    """A Kubeflow TFJob whose operator sets TF_CONFIG for every replica.
-
-    JSON-quoted strings keep it valid YAML whatever the flags hold.
-    """
-    command = json.dumps(
-        ["tftrain", "train", f"--inter_op_threads={inter_op_threads(num_workers)}", *train_argv]
-    )
-    lines = [
-        "apiVersion: kubeflow.org/v1",
-        "kind: TFJob",
-        "metadata:",
-        f"  name: {json.dumps(job_name)}",
-        "spec:",
-        "  tfReplicaSpecs:",
-    ]
-    roles = (
-        ([("Chief", 1)] if num_ps else [])
-        + [("Worker", num_workers)]
-        + ([("PS", num_ps)] if num_ps else [])
-    )
-    for role, replicas in roles:
-        lines += [
-            f"    {role}:",
-            f"      replicas: {replicas}",
-            "      restartPolicy: OnFailure",
-            "      template:",
-            "        spec:",
-            "          containers:",
-            "            - name: tensorflow",
-            f"              image: {json.dumps(image)}",
-            f"              command: {command}",
-            "              env:",
-            "                - name: GRPC_FAIL_FAST",
-            '                  value: "use_caller"',
-        ]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str]) -> None:
     from absl import flags
 
@@ -409,6 +374,8 @@ def main(argv: list[str]) -> None:
         )
         sys.exit(2)
     if fv.emit == "tfjob":
+        from tftrain.distribute.tfjob import tfjob_manifest
+
         sys.stdout.write(
             tfjob_manifest(
                 job_name=fv.job_name,

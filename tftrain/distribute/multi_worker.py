@@ -104,6 +104,17 @@ class MultiWorkerMirrored(ParallelMode):
             return f"lost contact with another worker: {failure}"
         return None
 
+    def agree_to_stop(self, requested: bool) -> bool:
+        if not self._multi:
+            return requested
+        import tensorflow as tf
+
+        # One small collective per stretch of steps: a signal to any worker
+        # stops them all at the same step.
+        if not hasattr(self, "_vote"):
+            self._vote = _summing_function(self.strategy)
+        return float(self._vote(tf.constant(1.0 if requested else 0.0)).numpy()) > 0
+
     def finish(self) -> None:
         if self._multi:
             # A worker that exits while the chief still exports is reported by
@@ -114,19 +125,22 @@ class MultiWorkerMirrored(ParallelMode):
             sum_over_workers(self.strategy, tf.constant(1.0))  # a barrier
 
 
-def sum_over_workers(strategy, value):
-    """``value`` (this worker's tensor) summed over every replica of ``strategy``.
-
-    A collective every worker must join: also a barrier.
-    """
+def _summing_function(strategy):
+    """A tf.function summing its argument (this worker's tensor) over every
+    replica of ``strategy``: a collective every worker must join."""
     import tensorflow as tf
 
     @tf.function
-    def total():
-        per_replica = strategy.run(lambda: tf.identity(value))
+    def total(value):
+        per_replica = strategy.run(tf.identity, args=(value,))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    return total()
+    return total
+
+
+def sum_over_workers(strategy, value):
+    """``value`` summed over every replica of ``strategy``; also a barrier."""
+    return _summing_function(strategy)(value)
 
 
 def _gradient_ring(strategy, rank: int, hosts: list[str], timeout: float):

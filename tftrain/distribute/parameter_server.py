@@ -117,8 +117,13 @@ class ParameterServer(ParallelMode):
 
 
 def serve(cluster, wait_secs: float, inter_op_threads: int) -> int:
+    import signal
+
     import tensorflow as tf
 
+    # The coordinator decides when the run ends: a SIGTERM sent to the whole
+    # cluster must not take this task away while the coordinator saves.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = tf.compat.v1.ConfigProto()
     config.inter_op_parallelism_threads = max(2, inter_op_threads)
     try:

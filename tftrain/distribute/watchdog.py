@@ -19,6 +19,10 @@ import sys
 # stdin; "\x04" (or end of input: the run exited) ends it quietly.
 _WATCHER = r"""
 import os, select, signal, sys, time
+# A signal to the run's process group asks the run to save and stop; the
+# watcher keeps watching that save.
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 parent, timeout = int(sys.argv[1]), float(sys.argv[2])
 stage, last, buf = "starting", time.monotonic(), b""
 while True:
@@ -65,7 +69,10 @@ class Watchdog:
 
     def stop(self) -> None:
         self._send("\x04\n")
-        self._process.stdin.close()
+        try:
+            self._process.stdin.close()
+        except BrokenPipeError:  # the watcher is already gone
+            pass
         self._process.wait()
 
     def _send(self, text: str) -> None:

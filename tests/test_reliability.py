@@ -1,0 +1,150 @@
+"""No silent data loss, no silent divergence, no lost work on SIGTERM: the
+CLI run as a user would, with its files damaged and its process signalled."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, run_tftrain
+
+pytestmark = pytest.mark.slow
+
+# A constant rate: a 60-step run resumed to 80 steps is then the 80-step run.
+SMOKE = [
+    "--experiment=fashion_mnist_mlp:smoke",
+    "--lr_schedule=constant",
+    "--steps_per_loop=10",
+    "--checkpoint_interval=20",
+]
+
+
+def metrics(model_dir):
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        return json.load(f)  # strict JSON: NaN would not parse with parse_constant below
+
+
+def strict_json(path):
+    def refuse(name):
+        raise AssertionError(f"{path} holds {name}: not JSON")
+
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+def train(model_dir, steps, *extra, check=True):
+    return run_tftrain(
+        "train", *SMOKE, f"--train_steps={steps}", f"--model_dir={model_dir}", *extra, check=check
+    )
+
+
+@pytest.fixture(scope="module")
+def straight_80(tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("straight") / "run")
+    train(model_dir, 80)
+    return metrics(model_dir)
+
+
+def _ckpt(model_dir, step, suffix):
+    return os.path.join(model_dir, "checkpoints", f"ckpt-{step}{suffix}")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["delete the index", "truncate the data", "random bytes in the index"],
+)
+def test_a_damaged_latest_checkpoint_is_named_set_aside_and_the_previous_one_used(
+    tmp_path, straight_80, damage
+):
+    model_dir = str(tmp_path / "run")
+    train(model_dir, 60)
+    index, data = _ckpt(model_dir, 60, ".index"), _ckpt(model_dir, 60, ".data-00000-of-00001")
+    if damage == "delete the index":
+        os.remove(index)
+    elif damage == "truncate the data":
+        with open(data, "r+b") as f:
+            f.truncate(os.path.getsize(data) // 2)
+    else:
+        with open(index, "wb") as f:
+            f.write(os.urandom(300))
+    result = train(model_dir, 80)
+    assert f"Checkpoint {_ckpt(model_dir, 60, '')} is damaged" in result.stdout
+    assert f"Resumed from {_ckpt(model_dir, 40, '')} at step 40." in result.stdout
+    kept = os.listdir(os.path.join(model_dir, "checkpoints", "damaged"))
+    assert any(name.startswith("ckpt-60.") for name in kept)  # set aside, not deleted
+    assert os.path.exists(_ckpt(model_dir, 40, ".index"))
+    got = metrics(model_dir)
+    assert got["global_step"] == 80
+    assert got["weights_sha256"] == straight_80["weights_sha256"]  # an exact resume
+
+
+def test_when_every_checkpoint_is_damaged_the_run_refuses_and_changes_nothing(tmp_path):
+    model_dir = str(tmp_path / "run")
+    train(model_dir, 40)
+    for step in (20, 40):
+        os.remove(_ckpt(model_dir, step, ".index"))
+    before = sorted(os.listdir(os.path.join(model_dir, "checkpoints")))
+    result = train(model_dir, 60, check=False)
+    assert result.returncode == 2
+    assert "every checkpoint in" in result.stderr and "will not start again from step 0" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr + result.stdout
+    assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == before
+
+
+def test_a_diverging_run_stops_loudly_and_exports_nothing(tmp_path):
+    model_dir = str(tmp_path / "run")
+    result = train(model_dir, 60, "--optimizer=sgd", "--learning_rate=1e8", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "tftrain: error: the training loss became nan in steps" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not os.path.exists(os.path.join(model_dir, "export"))
+    assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
+    strict_json(os.path.join(model_dir, "config.json"))
+
+
+def test_sigterm_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, straight_80):
+    model_dir = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CONFIG", None)
+    # Checkpoints only at the end: whatever is saved early is the signal's doing.
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tftrain",
+            "train",
+            *SMOKE,
+            "--train_steps=80",
+            "--checkpoint_interval=1000",
+            "--log_interval_secs=0",
+            f"--model_dir={model_dir}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if line.startswith("step ") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out + err
+    assert "SIGTERM: saving a checkpoint" in err
+    said = [line for line in out.splitlines() if line.startswith("Stopped at step")]
+    assert said, out
+    step = int(said[0].split()[3].split("/")[0])
+    assert 0 < step < 80 and os.path.exists(_ckpt(model_dir, step, ".index"))
+    assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
+
+    resumed = train(model_dir, 80)
+    assert f"at step {step}." in resumed.stdout
+    assert metrics(model_dir)["weights_sha256"] == straight_80["weights_sha256"]
