@@ -16,6 +16,15 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def cluster_inter_op_threads(num_workers: int) -> int:
+    """Inter-op threads for a task of a cluster with ``num_workers`` workers.
+
+    Collectives and parameter-server RPCs block inter-op threads; with fewer
+    than workers + 1 of them a small machine deadlocks.
+    """
+    return max(num_workers + 1, 2)
+
+
 def configure_threads(intra_op: int = 0, inter_op: int = 0, spinning: bool = True) -> None:
     """Sizes TensorFlow's thread pools (0 leaves TensorFlow's default).
 

@@ -128,18 +128,12 @@ def task_env(spec, task_type: str, index: int) -> dict:
     return env
 
 
-def inter_op_threads(num_workers: int) -> int:
-    """Collectives and parameter-server RPCs block inter-op threads; with fewer
-    than workers + 1 of them a small machine deadlocks."""
-    return max(num_workers + 1, 2)
-
-
 def task_flags(threads: int, num_workers: int) -> list[str]:
     """Thread flags for a task that shares this machine's cores with the
     others; put before the user's flags, which win."""
     return [
         f"--intra_op_threads={threads}",
-        f"--inter_op_threads={inter_op_threads(num_workers)}",
+        f"--inter_op_threads={resources.cluster_inter_op_threads(num_workers)}",
         # A pool thread spinning for work in one task takes CPU its peers need.
         "--nothread_spinning",
     ]

@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 
+from tftrain import resources
 from tftrain.distribute.base import ParallelMode, Placement
 from tftrain.errors import ConfigError
 
@@ -63,9 +64,7 @@ class ParameterServer(ParallelMode):
         return 2 * self.num_workers  # every worker busy, one loop queued each
 
     def default_threads(self) -> tuple[int, int]:
-        # Scheduled functions and variable RPCs block inter-op threads: with
-        # fewer than workers + 1 of them a small machine deadlocks.
-        return 0, self.num_workers + 1
+        return 0, resources.cluster_inter_op_threads(self.num_workers)
 
     def watchdog(self):
         from tftrain.distribute.watchdog import Watchdog
@@ -125,7 +124,7 @@ def serve(cluster, wait_secs: float, inter_op_threads: int) -> int:
     # cluster must not take this task away while the coordinator saves.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = tf.compat.v1.ConfigProto()
-    config.inter_op_parallelism_threads = max(2, inter_op_threads)
+    config.inter_op_parallelism_threads = inter_op_threads
     try:
         tf.distribute.Server(
             tf.train.ClusterSpec({k: list(v) for k, v in cluster.cluster.items()}),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tftrain.distribute.launch import inter_op_threads
+from tftrain.resources import cluster_inter_op_threads
 
 
 def tfjob_manifest(
@@ -15,7 +15,12 @@ def tfjob_manifest(
     JSON-quoted strings keep it valid YAML whatever the flags hold.
     """
     command = json.dumps(
-        ["tftrain", "train", f"--inter_op_threads={inter_op_threads(num_workers)}", *train_argv]
+        [
+            "tftrain",
+            "train",
+            f"--inter_op_threads={cluster_inter_op_threads(num_workers)}",
+            *train_argv,
+        ]
     )
     lines = [
         "apiVersion: kubeflow.org/v1",
