@@ -7,9 +7,9 @@ a save (variable reads can be collective); only the chief keeps it.
 A restore never trusts the newest checkpoint blindly: every tensor of it is
 read back first. A checkpoint that is missing a file or cannot be read is
 named, moved aside into ``checkpoints/damaged/`` (by the chief; nothing is
-deleted) and the next newest is tried; the checkpoint manager then tracks
-only the good ones, so its rotation never deletes the last good checkpoint
-in favour of a damaged one. A run never starts again from step 0 over
+deleted) and the next newest is read back in turn; the checkpoint manager
+then tracks only the others, so its rotation never deletes the last good
+checkpoint in favour of a damaged one. A run never starts again from step 0 over
 checkpoints it cannot read: that needs a new ``--model_dir``.
 """
 
@@ -28,19 +28,21 @@ _NUMBERED = re.compile(r"ckpt-(\d+)$")
 
 
 def _candidates(folder: str) -> list[str]:
-    """Every checkpoint prefix in ``folder``, the state file's and any other
-    ``ckpt-N`` files, newest first."""
-    files = glob.glob(os.path.join(glob.escape(folder), "ckpt-*.*"))
-    prefixes = {os.path.join(folder, os.path.basename(p).split(".", 1)[0]) for p in files}
+    """The checkpoint prefixes in ``folder``, newest first: those the state
+    file lists (a save counts once it is recorded there), or, when the state
+    file is missing or unreadable, every ``ckpt-N`` found."""
     try:
         state = tf.train.get_checkpoint_state(folder)
     except (tf.errors.OpError, ValueError):  # an unreadable state file
         state = None
-    if state is not None:
-        prefixes |= {
+    if state is not None and state.all_model_checkpoint_paths:
+        prefixes = {
             p if os.path.isabs(p) else os.path.join(folder, p)
             for p in state.all_model_checkpoint_paths
         }
+    else:
+        files = glob.glob(os.path.join(glob.escape(folder), "ckpt-*.*"))
+        prefixes = {os.path.join(folder, os.path.basename(p).split(".", 1)[0]) for p in files}
     numbered = [(int(m.group(1)), p) for p in prefixes if (m := _NUMBERED.search(p))]
     return [p for _, p in sorted(numbered, reverse=True)]
 
@@ -90,17 +92,22 @@ class Checkpoints:
         return os.path.join(self.model_dir, "checkpoints")
 
     def _check_existing(self) -> list[str]:
-        """The readable checkpoints, newest first; damaged ones are reported
-        and (on the chief) moved aside, and the state file lists the rest."""
+        """The checkpoints from the newest readable one down, newest first.
+
+        Checkpoints are read back newest first until one reads whole (only
+        that one is restored; older ones are read only if it is damaged).
+        Damaged ones are reported and (on the chief) moved aside, and the
+        state file lists the rest.
+        """
         candidates = _candidates(self.folder)
-        good, damaged = [], []
+        damaged = []
         for prefix in candidates:
             why = damage(prefix)
             if why is None:
-                good.append(prefix)
-            else:
-                damaged.append(prefix)
-                self.log(f"Checkpoint {prefix} is damaged ({why}); not using it.")
+                break
+            damaged.append(prefix)
+            self.log(f"Checkpoint {prefix} is damaged ({why}); not using it.")
+        good = candidates[len(damaged) :]
         if damaged and not good:
             raise RunError(
                 f"every checkpoint in {self.folder} is damaged (newest: {damaged[0]}), so "
