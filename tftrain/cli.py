@@ -137,6 +137,13 @@ def _fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+def _leave(code: int) -> None:
+    """Exits now with ``code``, without waiting for TensorFlow's threads."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _quiet_tensorflow() -> None:
     # TensorFlow's C++ start-up lines are noise to a person watching a run.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -187,11 +194,12 @@ def _train_main(argv):
     import tensorflow as tf
 
     from tftrain import controller, resources
+    from tftrain.distribute.watchdog import NoWatchdog
     from tftrain.errors import RunError
     from tftrain.stopping import Stopped, StopRequest
 
     stop = StopRequest().install()  # again once the strategy exists: see below
-    watchdog = mode.watchdog()
+    watchdog = NoWatchdog()
     try:
         intra, inter = mode.default_threads()
         resources.configure_threads(
@@ -200,11 +208,8 @@ def _train_main(argv):
             spinning=config.thread_spinning,
         )
         if cluster is not None and cluster.task_type in mode.serving_roles:
-            watchdog.stop()
-            code = mode.serve()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)  # TensorFlow's server threads never end on their own
+            _leave(mode.serve())  # TensorFlow's server threads never end on their own
+        watchdog = mode.watchdog()
         mode.setup()
         # TensorFlow's coordination service installs a SIGTERM handler of its
         # own when a multi-worker strategy starts; tftrain's comes back on top.
@@ -213,11 +218,9 @@ def _train_main(argv):
         watchdog.stop()
     except Stopped as e:
         watchdog.stop()
-        sys.stdout.flush()
-        sys.stderr.flush()
         # The checkpoint is written; TensorFlow's multi-worker shutdown can
         # wait on tasks that already left, so leave without it.
-        os._exit(e.exit_code)
+        _leave(e.exit_code)
     except (ConfigError, DataError) as e:
         _fail(str(e))
     except RunError as e:
