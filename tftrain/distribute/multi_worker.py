@@ -73,6 +73,8 @@ class MultiWorkerMirrored(ParallelMode):
                 f"({e.message.strip().splitlines()[0]}): is another "
                 "program using that port?"
             ) from None
+        # Sums a tensor over the workers: the stop vote and the end barrier.
+        self._sum = _summing_function(strategy)
         if cluster is None:
             return Placement(strategy)
         workers = cluster.training_tasks()
@@ -80,7 +82,7 @@ class MultiWorkerMirrored(ParallelMode):
         reducer = None
         if use_tcp and len(workers) > 1:
             hosts = [cluster.host_of(t, i) for t, i in workers]
-            reducer = _gradient_ring(strategy, rank, hosts, config.collective_timeout_secs)
+            reducer = _gradient_ring(self._sum, rank, hosts, config.collective_timeout_secs)
         return Placement(strategy, cluster.is_chief, cluster.num_workers, rank, reducer)
 
     def distribute_train(self, make_dataset):
@@ -111,9 +113,7 @@ class MultiWorkerMirrored(ParallelMode):
 
         # One small collective per stretch of steps: a signal to any worker
         # stops them all at the same step.
-        if not hasattr(self, "_vote"):
-            self._vote = _summing_function(self.strategy)
-        return float(self._vote(tf.constant(1.0 if requested else 0.0)).numpy()) > 0
+        return float(self._sum(tf.constant(1.0 if requested else 0.0)).numpy()) > 0
 
     def finish(self) -> None:
         if self._multi:
@@ -122,7 +122,7 @@ class MultiWorkerMirrored(ParallelMode):
             # chief waits for it: leave together.
             import tensorflow as tf
 
-            sum_over_workers(self.strategy, tf.constant(1.0))  # a barrier
+            self._sum(tf.constant(1.0))  # a barrier
 
 
 def _summing_function(strategy):
@@ -138,13 +138,9 @@ def _summing_function(strategy):
     return total
 
 
-def sum_over_workers(strategy, value):
-    """``value`` summed over every replica of ``strategy``; also a barrier."""
-    return _summing_function(strategy)(value)
-
-
-def _gradient_ring(strategy, rank: int, hosts: list[str], timeout: float):
-    """Forms tftrain's TCP ring among the workers of ``strategy``.
+def _gradient_ring(sum_over_workers, rank: int, hosts: list[str], timeout: float):
+    """Forms tftrain's TCP ring among the workers (``sum_over_workers``: the
+    strategy's summing function).
 
     Each worker listens on a free port of its own host (from TF_CONFIG); the
     ports are then summed across workers with one TensorFlow collective, so
@@ -161,7 +157,7 @@ def _gradient_ring(strategy, rank: int, hosts: list[str], timeout: float):
         raise ConfigError(
             f"could not open the gradient ring's socket on {hosts[rank]} ({e.strerror or e})"
         ) from None
-    ports = sum_over_workers(strategy, tf.one_hot(rank, len(hosts), dtype=tf.int64) * port)
+    ports = sum_over_workers(tf.one_hot(rank, len(hosts), dtype=tf.int64) * port)
     ports = [int(p) for p in ports.numpy()]
     try:
         ring.connect(list(zip(hosts, ports)))
