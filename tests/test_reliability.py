@@ -148,3 +148,22 @@ def test_sigterm_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, st
     resumed = train(model_dir, 80)
     assert f"at step {step}." in resumed.stdout
     assert metrics(model_dir)["weights_sha256"] == straight_80["weights_sha256"]
+
+
+def test_a_relative_model_dir_resumes_its_own_checkpoints(tmp_path, monkeypatch):
+    """The README's main command names a relative --model_dir; its checkpoints
+    must be found whole on the next run, not reported damaged."""
+    import tensorflow as tf
+
+    from tftrain import checkpoints
+
+    monkeypatch.chdir(tmp_path)
+    variable = tf.Variable(1.0)
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(v=variable), "runs/main/checkpoints", max_to_keep=3
+    )
+    for step in (1, 2):
+        manager.save(checkpoint_number=step)
+    found = checkpoints._candidates("runs/main/checkpoints")
+    assert found == ["runs/main/checkpoints/ckpt-2", "runs/main/checkpoints/ckpt-1"]
+    assert all(checkpoints.damage(prefix) is None for prefix in found)

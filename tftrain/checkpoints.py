@@ -36,10 +36,8 @@ def _candidates(folder: str) -> list[str]:
     except (tf.errors.OpError, ValueError):  # an unreadable state file
         state = None
     if state is not None and state.all_model_checkpoint_paths:
-        prefixes = {
-            p if os.path.isabs(p) else os.path.join(folder, p)
-            for p in state.all_model_checkpoint_paths
-        }
+        # TensorFlow has already put relative entries under ``folder``.
+        prefixes = set(state.all_model_checkpoint_paths)
     else:
         files = glob.glob(os.path.join(glob.escape(folder), "ckpt-*.*"))
         prefixes = {os.path.join(folder, os.path.basename(p).split(".", 1)[0]) for p in files}
