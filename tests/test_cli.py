@@ -135,6 +135,16 @@ BAD_INPUT = [
     (["--optimizer=adam", "--momentum=0.9"], "--momentum applies to --optimizer=sgd"),
     (["--seed=-1"], "--seed=-1: expected an integer in 0-4294967295"),
     (["--inter_op_threads=100000"], "--inter_op_threads=100000: expected 0"),
+    (
+        ["--model=embedding_bag"],
+        "--model=embedding_bag takes tokens, but --dataset=fashion_mnist holds images: "
+        "expected one of softmax, mlp, cnn",
+    ),
+    (
+        ["--dataset=synthetic_tokens", "--model=mlp"],
+        "--model=mlp takes images, but --dataset=synthetic_tokens holds tokens: "
+        "expected one of embedding_bag",
+    ),
 ]
 
 

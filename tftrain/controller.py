@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tftrain import actions as actions_lib
 from tftrain import data as data_lib
-from tftrain import export, optimizers, tasks
+from tftrain import export, models, optimizers, tasks
 from tftrain.checkpoints import Checkpoints
 from tftrain.config import ExperimentConfig
 from tftrain.distribute.base import ParallelMode
@@ -90,6 +90,7 @@ class Plan:
     @classmethod
     def make(cls, config: ExperimentConfig) -> Plan:
         dataset = data_lib.load(config.dataset, config.data_dir, seed=config.seed)
+        models.check_fits(config.model, dataset)
         train = dataset.train.take(config.max_train_examples)
         test = dataset.test.take(config.max_eval_examples)
         per_epoch = data_lib.steps_per_epoch(len(train), config.batch_size)

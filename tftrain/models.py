@@ -6,6 +6,8 @@ serves the same inputs the dataset holds. ``embedding_bag`` takes integer
 token ids ``(batch, length)``. A builder is a function of keyword
 arguments: ``input_shape``, ``num_classes``, ``seed`` (seeds every
 initializer) and the model's own options; it returns a built ``keras.Model``.
+Its ``inputs`` attribute (set with ``@takes``) says which kind of data it
+takes: ``"images"`` or ``"tokens"``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tftrain import plugins
+from tftrain.errors import ConfigError
 
 
 def build_model(name: str, **kwargs):
@@ -24,6 +27,31 @@ def build_model(name: str, **kwargs):
     if name not in plugins.MODELS:
         raise ValueError(f"model={name!r}: expected one of {', '.join(plugins.MODELS.names())}.")
     return plugins.MODELS.get(name)(**kwargs)
+
+
+def takes(kind: str):
+    """Marks a builder as taking ``kind`` of data: ``images`` or ``tokens``."""
+
+    def mark(builder):
+        builder.inputs = kind
+        return builder
+
+    return mark
+
+
+def _kind_taken(name: str) -> str:
+    return getattr(plugins.MODELS.get(name), "inputs", "images")
+
+
+def check_fits(name: str, dataset) -> None:
+    """Raises ConfigError unless model ``name`` takes the kind of data ``dataset`` holds."""
+    has = "tokens" if dataset.vocab_size else "images"
+    if _kind_taken(name) != has:
+        fitting = [m for m in plugins.MODELS.names() if _kind_taken(m) == has]
+        raise ConfigError(
+            f"--model={name} takes {_kind_taken(name)}, but --dataset={dataset.name} holds "
+            f"{has}: expected one of {', '.join(fitting)}."
+        )
 
 
 def _initializers(seed: int):
@@ -40,6 +68,7 @@ def _image_input(input_shape):
     return inputs, keras.layers.Rescaling(1.0 / 255.0)(inputs)
 
 
+@takes("images")
 def softmax(*, input_shape: Sequence[int], num_classes: int, seed: int, **_):
     """The seed's softmax regression: y = softmax(xW + b), W and b zero."""
     import keras
@@ -50,6 +79,7 @@ def softmax(*, input_shape: Sequence[int], num_classes: int, seed: int, **_):
     return keras.Model(inputs, logits, name="softmax")
 
 
+@takes("images")
 def mlp(
     *,
     input_shape: Sequence[int],
@@ -72,6 +102,7 @@ def mlp(
     return keras.Model(inputs, logits, name="mlp")
 
 
+@takes("images")
 def cnn(*, input_shape: Sequence[int], num_classes: int, seed: int, **_):
     """Two conv+pool blocks and a dense head, as in TensorFlow's layers
     tutorial (0.916 in the Fashion-MNIST benchmark table)."""
@@ -96,6 +127,7 @@ def cnn(*, input_shape: Sequence[int], num_classes: int, seed: int, **_):
     return keras.Model(inputs, logits, name="cnn")
 
 
+@takes("tokens")
 def embedding_bag(
     *,
     input_shape: Sequence[int],
