@@ -32,7 +32,6 @@ from tftrain.distribute.watchdog import NoWatchdog
 from tftrain.errors import RunError
 from tftrain.stopping import NeverStop, Stopped
 from tftrain.summaries import Summaries
-from tftrain.trainer import Trainer
 
 __all__ = ["Controller", "Plan", "RunError", "run"]
 
@@ -122,16 +121,16 @@ class Controller:
         self.task = tasks.from_config(config, plan.dataset)
         watchdog.kick("creating the model's variables (all workers must join)")
         with placement.strategy.scope():
-            self.model = self.task.build_model()
+            self.model = mode.place_model(self.task.build_model())
             self.optimizer = optimizers.from_config(config, plan.steps_per_epoch, plan.total_steps)
             self.optimizer.build(self.model.trainable_variables)
-        self.trainer = Trainer(
+        self.trainer = mode.make_trainer(
             strategy=placement.strategy,
             task=self.task,
             model=self.model,
             optimizer=self.optimizer,
             global_batch_size=config.batch_size,
-            num_microbatches=config.num_microbatches,
+            num_microbatches=config.microbatches,
             gradient_reducer=placement.gradient_reducer,
         )
         self.checkpoints = Checkpoints(
@@ -150,6 +149,7 @@ class Controller:
         self.summaries = Summaries(out, placement.is_chief)
         self.actions = actions if actions is not None else actions_lib.default_actions(config, plan)
         self.last_eval: dict | None = None
+        self.last_timings: dict[str, float] = {}
 
     @property
     def step(self) -> int:
@@ -230,6 +230,8 @@ class Controller:
             f"worker(s), global batch {config.batch_size}: {plan.total_steps} steps "
             f"({plan.steps_per_epoch} per epoch)."
         )
+        for line in self.mode.announce():
+            self.log(line)
 
     def finish(self, eval_metrics: dict) -> dict:
         """Exports the model and writes metrics.json; returns the metrics."""
@@ -259,6 +261,8 @@ class Controller:
             "weights_sha256": export.weights_fingerprint(self.model),
             **self.mode.describe(),
         }
+        if self.last_timings:
+            result["timings"] = self.last_timings
         self.log(
             f"Final weights sha256 {result['weights_sha256'][:16]} "
             f"(worker {placement.worker_index} of {placement.num_workers})."

@@ -43,3 +43,30 @@ def configure_threads(intra_op: int = 0, inter_op: int = 0, spinning: bool = Tru
         tf.config.threading.set_inter_op_parallelism_threads(inter_op)
     if not spinning:
         _internal.disable_thread_spinning()
+
+
+def local_devices(count: int, flag: str) -> list[str]:
+    """``count`` GPUs where there are enough, else ``count`` logical CPU devices
+    (set up before any other TensorFlow work). ``flag`` names the setting
+    that asked for them, for the error when TensorFlow started with fewer."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) >= count:
+        return [f"/gpu:{i}" for i in range(count)]
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * count
+        )
+    except RuntimeError:  # already initialised (a test process): use what is there
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have < count:
+            from tftrain.errors import ConfigError
+
+            raise ConfigError(
+                f"{flag}={count}: TensorFlow was already started with "
+                f"{have} CPU device(s); logical devices must be set up before any "
+                "other TensorFlow work."
+            ) from None
+    return [f"/cpu:{i}" for i in range(count)]

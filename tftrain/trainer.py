@@ -109,17 +109,23 @@ class Trainer:
         gradients = tape.gradient(loss, self.model.trainable_variables)
         return gradients, self.task.batch_stats(labels, outputs, per_example)
 
-    def _replica_train_step(self, inputs, labels):
+    def accumulate_gradients(self, inputs, labels):
+        """The gradients of one update on this replica's batch, and its statistics:
+        the sum over ``num_microbatches`` slices, in slice order. A pipeline
+        overrides this (tftrain.pipeline)."""
         m = self.num_microbatches
         if m == 1:
-            gradients, stats = self.compute_gradients(inputs, labels)
-        else:
-            slices = zip(tf.split(inputs, m), tf.split(labels, m))
-            gradients, stats = None, None
-            for i, (x, y) in enumerate(slices):
-                g, s = self.compute_gradients(x, y, with_regularization=i == 0)
-                gradients = g if gradients is None else list(map(_accumulate, gradients, g))
-                stats = s if stats is None else stats + s
+            return self.compute_gradients(inputs, labels)
+        slices = zip(tf.split(inputs, m), tf.split(labels, m))
+        gradients, stats = None, None
+        for i, (x, y) in enumerate(slices):
+            g, s = self.compute_gradients(x, y, with_regularization=i == 0)
+            gradients = g if gradients is None else list(map(_accumulate, gradients, g))
+            stats = s if stats is None else stats + s
+        return gradients, stats
+
+    def _replica_train_step(self, inputs, labels):
+        gradients, stats = self.accumulate_gradients(inputs, labels)
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         self._train_stats.assign_add(stats)
 
@@ -138,6 +144,10 @@ class Trainer:
         """Runs ``num_steps`` training steps in one graph call."""
         self.loop(iterator, tf.constant(num_steps, tf.int64))
 
+    def timings(self) -> dict[str, float]:
+        """Timings of the step's parts worth a chart (a pipeline's stages); none here."""
+        return {}
+
     def take_train_metrics(self) -> dict[str, float]:
         """The task's metrics since the last call, over every replica."""
         stats = self._train_stats.read_value().numpy()
@@ -146,8 +156,12 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------
 
+    def outputs(self, inputs, training: bool = False):
+        """The model's outputs for ``inputs`` (a pipeline runs them stage by stage)."""
+        return self.model(inputs, training=training)
+
     def _replica_eval_step(self, inputs, labels):
-        outputs = self.model(inputs, training=False)
+        outputs = self.outputs(inputs)
         per_example = self.task.per_example_loss(labels, outputs)
         self._eval_stats.assign_add(self.task.batch_stats(labels, outputs, per_example))
 

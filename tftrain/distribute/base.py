@@ -106,6 +106,20 @@ class ParallelMode:
     def strategy(self):
         return self.placement.strategy
 
+    # -- the model and its trainer -----------------------------------------
+
+    def place_model(self, model):
+        """The model to train: ``model`` as built under the strategy's scope,
+        or a copy of it placed otherwise (a pipeline's stages); the same
+        layers and weights either way."""
+        return model
+
+    def make_trainer(self, **kwargs):
+        """The trainer of this mode's steps (``kwargs``: tftrain.trainer.Trainer's)."""
+        from tftrain.trainer import Trainer
+
+        return Trainer(**kwargs)
+
     # -- data --------------------------------------------------------------
 
     def distribute_train(self, make_dataset: DatasetFn):
@@ -133,9 +147,17 @@ class ParallelMode:
         """The task's metrics over ``eval_data`` (from ``distribute_eval``)."""
         return trainer.evaluate(eval_data)
 
+    def announce(self) -> list[str]:
+        """Lines to show the person watching when training starts."""
+        return []
+
     def describe(self) -> dict:
         """What metrics.json records about this mode beyond replicas and workers."""
         return {}
+
+    def serves(self, cluster) -> bool:
+        """Whether this task of ``cluster`` serves (``serve``) instead of training."""
+        return cluster.task_type in self.serving_roles
 
     def serve(self) -> int:
         """Runs a serving role (see ``serving_roles``) to its end; returns the exit code."""

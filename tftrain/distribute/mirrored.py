@@ -32,32 +32,9 @@ class Mirrored(ParallelMode):
     def create(self) -> Placement:
         import tensorflow as tf
 
-        devices = _local_devices(self.config.num_replicas)
+        devices = resources.local_devices(self.config.num_replicas, "--num_replicas")
         ops = _cross_device_ops(self.config.all_reduce, devices)
         return Placement(tf.distribute.MirroredStrategy(devices, cross_device_ops=ops))
-
-
-def _local_devices(num_replicas: int) -> list[str]:
-    """``num_replicas`` GPUs where there are enough, else logical CPU devices."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if len(gpus) >= num_replicas:
-        return [f"/gpu:{i}" for i in range(num_replicas)]
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    try:
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * num_replicas
-        )
-    except RuntimeError:  # already initialised (a test process): use what is there
-        have = len(tf.config.list_logical_devices("CPU"))
-        if have < num_replicas:
-            raise ConfigError(
-                f"--num_replicas={num_replicas}: TensorFlow was already started with "
-                f"{have} CPU device(s); logical devices must be set up before any "
-                "other TensorFlow work."
-            ) from None
-    return [f"/cpu:{i}" for i in range(num_replicas)]
 
 
 def _cross_device_ops(name: str, devices: list[str]):

@@ -18,16 +18,10 @@ bias correction and the learning-rate schedule see every update.
 
 from __future__ import annotations
 
-import socket
-import sys
-import time
-
 from tftrain import resources
+from tftrain.distribute import serving
 from tftrain.distribute.base import ParallelMode, Placement
 from tftrain.errors import ConfigError
-
-# A worker or ps task whose coordinator has been gone this long exits 0.
-COORDINATOR_GONE_SECS = 3.0
 
 
 class ParameterServer(ParallelMode):
@@ -112,63 +106,6 @@ class ParameterServer(ParallelMode):
     def serve(self) -> int:
         """Serves this ps or worker task until the coordinator is gone; returns
         the exit code (0, or 1 if the coordinator never appeared)."""
-        return serve(self.cluster, self.config.collective_timeout_secs, self.default_threads()[1])
-
-
-def serve(cluster, wait_secs: float, inter_op_threads: int) -> int:
-    import signal
-
-    import tensorflow as tf
-
-    # The coordinator decides when the run ends: a SIGTERM sent to the whole
-    # cluster must not take this task away while the coordinator saves.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    config = tf.compat.v1.ConfigProto()
-    config.inter_op_parallelism_threads = inter_op_threads
-    try:
-        tf.distribute.Server(
-            tf.train.ClusterSpec({k: list(v) for k, v in cluster.cluster.items()}),
-            job_name=cluster.task_type,
-            task_index=cluster.task_index,
-            protocol="grpc",
-            config=config,
-            start=True,
+        return serving.serve(
+            self.cluster, self.config.collective_timeout_secs, self.default_threads()[1]
         )
-    except tf.errors.OpError as e:
-        raise ConfigError(
-            f"could not start this task's server on {cluster.address} "
-            f"({e.message.strip().splitlines()[0]}): is another program using that port?"
-        ) from None
-    me = f"{cluster.task_type}:{cluster.task_index}"
-    print(f"{me} serving on {cluster.address}; waiting for the coordinator.", flush=True)
-    host, port = cluster.host_of("chief", 0), int(cluster.cluster["chief"][0].rsplit(":", 1)[1])
-    started, seen, gone_since = time.monotonic(), False, None
-    while True:
-        up = _reachable(host, port)
-        now = time.monotonic()
-        if up and not seen:
-            print(f"{me} joined the coordinator's run.", flush=True)
-        if up:
-            seen, gone_since = True, None
-        elif seen:
-            gone_since = gone_since or now
-            if now - gone_since >= COORDINATOR_GONE_SECS:
-                print(f"{me}: the coordinator is done; exiting.", flush=True)
-                return 0
-        elif now - started > wait_secs:
-            print(
-                f"tftrain: error: the coordinator (chief at {cluster.cluster['chief'][0]}) "
-                f"did not appear within {wait_secs:g} s (--collective_timeout_secs).",
-                file=sys.stderr,
-                flush=True,
-            )
-            return 1
-        time.sleep(1.0)
-
-
-def _reachable(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
