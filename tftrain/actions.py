@@ -125,6 +125,20 @@ class Evaluate(Action):
         run.last_eval = metrics
 
 
+class Timings(Action):
+    """The trainer's timings of the step's parts (``Trainer.timings``; a
+    pipeline's stages) as TensorBoard train scalars, when it has any."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+
+    def __call__(self, run, step, seconds=0.0, steps=0) -> None:
+        values = run.trainer.timings()
+        if values:
+            run.summaries.scalars("train", step, values)
+            run.last_timings = values
+
+
 class SaveCheckpoint(Action):
     def __init__(self, interval: int):
         self.interval = interval
@@ -140,5 +154,6 @@ def default_actions(config, plan) -> list[Action]:
     return [
         Progress(),
         Evaluate(config.eval_interval or plan.steps_per_epoch),
+        Timings(config.eval_interval or plan.steps_per_epoch),
         SaveCheckpoint(config.checkpoint_interval or plan.steps_per_epoch),
     ]

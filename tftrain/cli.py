@@ -51,7 +51,8 @@ def _help() -> dict[str, str]:
         "(with --scale_lr_with_batch)",
         "batch_size": "the global batch size, all replicas together",
         "num_microbatches": "gradient accumulation: each replica's batch is cut into this "
-        "many slices, whose gradients are summed before one update",
+        "many slices, whose gradients are summed before one update (default 1; under "
+        "model_parallel, the pipeline's micro-batches: 4 per stage where the batch splits so)",
         "eval_batch_size": "the global evaluation batch size",
         "epochs": "epochs to train",
         "train_steps": "steps to train; wins over --epochs",
@@ -70,6 +71,12 @@ def _help() -> dict[str, str]:
         "fails with a message (a worker that died or never started)",
         "collective_pack_bytes": "grpc/nccl collectives: all-reduce gradients in packs of "
         "this many bytes (0: one pack)",
+        "num_stages": "model_parallel: pipeline stages, each a run of consecutive layers on "
+        "its own device (default 2)",
+        "pipeline_schedule": f"model_parallel: {_choices(c.PIPELINE_SCHEDULES)} (default gpipe; "
+        "1f1b holds fewer micro-batches' activations)",
+        "pipeline_balance": f"model_parallel: balance stages by {_choices(c.PIPELINE_BALANCES)} "
+        "(default time: each layer's measured forward+backward time; params: parameter count)",
         "intra_op_threads": "threads inside one op (0: the strategy's default)",
         "inter_op_threads": "ops run at once (0: the strategy's default)",
         "thread_spinning": "let idle TensorFlow threads spin for work (off when tasks share cores)",
@@ -207,7 +214,7 @@ def _train_main(argv):
             config.inter_op_threads or inter,
             spinning=config.thread_spinning,
         )
-        if cluster is not None and cluster.task_type in mode.serving_roles:
+        if cluster is not None and mode.serves(cluster):
             _leave(mode.serve())  # TensorFlow's server threads never end on their own
         watchdog = mode.watchdog()
         mode.setup()

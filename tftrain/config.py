@@ -19,6 +19,9 @@ __all__ = ["ConfigError", "ExperimentConfig", "check_batch_splits"]
 
 DATASETS_BUILTIN = ("fashion_mnist", "mnist", "cifar10", "synthetic", "synthetic_tokens")
 LR_SCHEDULES = ("constant", "cosine", "step")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+PIPELINE_BALANCES = ("time", "params")
+PIPELINE_FIELDS = ("num_stages", "pipeline_schedule", "pipeline_balance")
 ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduction_to_one_device")
 # tcp: tftrain's ring all-reduce over TCP (CPU workers); grpc: TensorFlow's
 # ring collectives over its gRPC worker service; nccl: NVIDIA's, on GPUs.
@@ -56,7 +59,10 @@ class ExperimentConfig:
     base_batch_size: int = 256  # the batch the learning rate is quoted for
     # Schedule of the run.
     batch_size: int = 100  # global: all replicas together
-    num_microbatches: int = 1  # gradient accumulation: slices of each replica's batch
+    # Slices of each replica's batch whose gradients are summed into one update
+    # (None: 1; under model_parallel, the micro-batches of the pipeline: see
+    # ``microbatches``).
+    num_microbatches: int | None = None
     eval_batch_size: int = 1000
     epochs: int = 1
     train_steps: int | None = None  # wins over epochs when given
@@ -75,6 +81,10 @@ class ExperimentConfig:
     # collectives: ~2x faster on 256 KiB packs than on one 0.9 MB message
     # (benchmarks/allreduce.py); 0 sends one pack.
     collective_pack_bytes: int = 256 * 1024
+    # Pipeline model parallelism (model_parallel only; None: 2, gpipe, time).
+    num_stages: int | None = None
+    pipeline_schedule: str | None = None
+    pipeline_balance: str | None = None
     # This process's threads (0: the mode's default).
     intra_op_threads: int = 0
     inter_op_threads: int = 0
@@ -94,6 +104,22 @@ class ExperimentConfig:
     def mlp_hidden_units(self) -> tuple[int, ...]:
         return self.hidden_units or DEFAULT_HIDDEN_UNITS
 
+    @property
+    def stages(self) -> int:
+        return self.num_stages or 2
+
+    @property
+    def microbatches(self) -> int:
+        """``num_microbatches``, or its default: 1, and under model_parallel
+        the first of 4, 2 or 1 micro-batches per stage that splits the batch."""
+        if self.num_microbatches is not None:
+            return self.num_microbatches
+        if self.strategy == "model_parallel":
+            for m in (4 * self.stages, 2 * self.stages, self.stages):
+                if self.batch_size % m == 0:
+                    return m
+        return 1
+
     def validate(self) -> ExperimentConfig:
         """Checks every field and their combinations; raises ConfigError naming
         the first bad one. The strategy's own checks follow in its module."""
@@ -112,7 +138,6 @@ class ExperimentConfig:
         _positive_float("collective_timeout_secs", self.collective_timeout_secs)
         for name in (
             "batch_size",
-            "num_microbatches",
             "eval_batch_size",
             "epochs",
             "steps_per_loop",
@@ -122,6 +147,8 @@ class ExperimentConfig:
         ):
             _positive_int(name, getattr(self, name))
         for name in (
+            "num_microbatches",
+            "num_stages",
             "train_steps",
             "checkpoint_interval",
             "eval_interval",
@@ -180,7 +207,18 @@ class ExperimentConfig:
                     f"--hidden_units={','.join(map(str, self.hidden_units))}: "
                     "expected a comma-separated list of positive layer widths."
                 )
-        check_batch_splits(self.batch_size, self.num_replicas, self.num_microbatches)
+        if self.strategy != "model_parallel":
+            for name in PIPELINE_FIELDS:
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"--{name} applies to --strategy=model_parallel only "
+                        f"(got --strategy={self.strategy})."
+                    )
+        if self.pipeline_schedule is not None:
+            _one_of("pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
+        if self.pipeline_balance is not None:
+            _one_of("pipeline_balance", self.pipeline_balance, PIPELINE_BALANCES)
+        check_batch_splits(self.batch_size, self.num_replicas, self.microbatches)
         if not self.model_dir:
             raise ConfigError(
                 "--model_dir is required: the folder for this run's "

@@ -58,6 +58,7 @@ STRATEGIES = Registry(
         "mirrored": "tftrain.distribute.mirrored:Mirrored",
         "multi_worker_mirrored": "tftrain.distribute.multi_worker:MultiWorkerMirrored",
         "parameter_server": "tftrain.distribute.parameter_server:ParameterServer",
+        "model_parallel": "tftrain.distribute.model_parallel:ModelParallel",
     },
 )
 MODELS = Registry(

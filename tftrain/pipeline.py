@@ -1,0 +1,405 @@
+"""Pipeline model parallelism: a model's layers cut into stages on their own
+devices, a batch cut into micro-batches that flow through them.
+
+Three parts, each usable alone:
+
+- **Schedules** (:func:`schedule`): the order in which each stage runs the
+  forward (``F``) and backward (``B``) pass of each micro-batch. ``gpipe``
+  (Huang et al. 2019) runs every forward, then every backward: each stage
+  holds the activations of all M micro-batches. ``1f1b`` (PipeDream-Flush,
+  Narayanan et al. 2021) starts backward passes as soon as the last stage
+  can: stage k holds at most K - k micro-batches' activations.
+- **Partition** (:func:`partition`, :func:`layer_costs`): consecutive layers
+  per stage, balanced by each layer's measured forward+backward time (or its
+  parameter count).
+- **The step** (:class:`PipelineTrainer`): one ``tf.function`` graph in
+  which each stage's ops are placed on its device and ordered by the
+  schedule with control dependencies; the dataflow executor then runs the
+  stages at the same time on different micro-batches. Gradients are summed
+  over micro-batches in micro-batch order, whatever the schedule, and applied
+  once: one step equals the unsplit model's step on the whole batch up to the
+  order of that sum (and equals ``--num_microbatches=M`` on one device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Sequence
+
+from tftrain.errors import ConfigError
+from tftrain.trainer import Trainer, _accumulate
+
+SCHEDULES = ("gpipe", "1f1b")
+BALANCES = ("time", "params")
+
+# -- schedules ----------------------------------------------------------------
+
+
+def schedule(kind: str, num_stages: int, num_microbatches: int) -> list[list[tuple[str, int]]]:
+    """Each stage's actions, in order: ``("F", j)`` or ``("B", j)`` for micro-batch j."""
+    K, M = num_stages, num_microbatches
+    stages = []
+    for k in range(K):
+        if kind == "gpipe":
+            stages.append([("F", j) for j in range(M)] + [("B", j) for j in range(M)])
+            continue
+        if kind != "1f1b":
+            raise ValueError(f"pipeline schedule {kind!r}: expected one of {', '.join(SCHEDULES)}")
+        warmup = min(K - k - 1, M)
+        actions = [("F", j) for j in range(warmup)]
+        for j in range(M - warmup):
+            actions += [("F", warmup + j), ("B", j)]
+        actions += [("B", j) for j in range(M - warmup, M)]
+        stages.append(actions)
+    return stages
+
+
+def construction_order(stages: list[list[tuple[str, int]]]) -> list[tuple[str, int, int]]:
+    """All actions as ``(kind, stage, micro-batch)``, each after the actions it
+    needs: a stage's previous action, the forward of the stage before, the
+    backward of the stage after."""
+    K = len(stages)
+    position = [0] * K
+    done: set[tuple[str, int, int]] = set()
+    order = []
+    while any(position[k] < len(stages[k]) for k in range(K)):
+        progressed = False
+        for k in range(K):
+            if position[k] == len(stages[k]):
+                continue
+            kind, j = stages[k][position[k]]
+            needs = [("F", k, j)] if kind == "B" else []
+            if kind == "F" and k > 0:
+                needs.append(("F", k - 1, j))
+            if kind == "B" and k < K - 1:
+                needs.append(("B", k + 1, j))
+            if all(n in done for n in needs):
+                done.add((kind, k, j))
+                order.append((kind, k, j))
+                position[k] += 1
+                progressed = True
+        if not progressed:
+            raise ValueError("the pipeline schedule deadlocks")
+    return order
+
+
+def peak_in_flight(actions: list[tuple[str, int]]) -> int:
+    """The most micro-batches whose activations a stage holds at once."""
+    held = peak = 0
+    for kind, _ in actions:
+        held += 1 if kind == "F" else -1
+        peak = max(peak, held)
+    return peak
+
+
+def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
+    """The idle share of a synchronous pipeline's step: (K - 1) / (M + K - 1)."""
+    return (num_stages - 1) / (num_microbatches + num_stages - 1)
+
+
+# -- partition ----------------------------------------------------------------
+
+
+def chain_layers(model) -> list:
+    """The model's layers after its input, in order, if each takes the output
+    of the one before (a chain); else ConfigError."""
+    import keras
+
+    layers = [la for la in model.layers if not isinstance(la, keras.layers.InputLayer)]
+    previous = model.inputs[0] if len(model.inputs) == 1 else None
+    for layer in layers:
+        try:
+            takes = layer.input
+        except (AttributeError, ValueError):
+            takes = None
+        if previous is None or takes is not previous:
+            raise ConfigError(
+                f"--strategy=model_parallel cuts models whose layers form a chain; "
+                f"{model.name}'s layer {layer.name!r} does not take the output of the "
+                "layer before it."
+            )
+        previous = layer.output
+    if len(model.outputs) != 1 or model.outputs[0] is not previous:
+        raise ConfigError(f"--strategy=model_parallel: {model.name} has more than one output.")
+    return layers
+
+
+def partition(costs: Sequence[float], num_stages: int) -> list[int]:
+    """Stage boundaries ``[0, b1, ..., n]`` of consecutive items, each stage
+    non-empty, minimising the largest stage's total cost (ties: earlier cuts)."""
+    n, K = len(costs), num_stages
+    if not 1 <= K <= n:
+        raise ValueError(f"cannot cut {n} layers into {K} stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: the smallest largest-stage cost of the first i items in k stages.
+    best = [[inf] * (n + 1) for _ in range(K + 1)]
+    cut = [[0] * (n + 1) for _ in range(K + 1)]
+    best[0][0] = 0.0
+    for k in range(1, K + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    bounds, i = [n], n
+    for k in range(K, 0, -1):
+        i = cut[k][i]
+        bounds.append(i)
+    return bounds[::-1]
+
+
+def _activation_shape(layer) -> tuple[int, ...]:
+    return tuple(int(d) for d in layer.output.shape[1:])
+
+
+def layer_costs(layers, input_shape, input_dtype, batch: int, balance: str):
+    """Each layer's cost, and what it was: ``("time", seconds per
+    forward+backward of one micro-batch)`` or ``("params", parameter count)``.
+
+    Timing that fails (a layer that cannot run alone) falls back to
+    parameter counts, and says so in the returned kind.
+    """
+    if balance == "time":
+        try:
+            return "time", [
+                _time_layer(la, shape, batch)
+                for la, shape in _inputs_of(layers, input_shape, input_dtype)
+            ]
+        except Exception as e:  # noqa: BLE001 - any failure: fall back, and say why
+            kind = f"params (timing failed: {type(e).__name__})"
+            return kind, [1.0 + la.count_params() for la in layers]
+    return "params", [1.0 + la.count_params() for la in layers]
+
+
+def _inputs_of(layers, input_shape, input_dtype):
+    shape, dtype = tuple(input_shape), input_dtype
+    for layer in layers:
+        yield layer, (shape, dtype)
+        shape, dtype = _activation_shape(layer), "float32"
+
+
+def _time_layer(layer, shape_dtype, batch: int) -> float:
+    return _median_seconds(_forward_backward([layer]), _zeros(shape_dtype, batch))
+
+
+def _zeros(shape_dtype, batch: int):
+    import tensorflow as tf
+
+    shape, dtype = shape_dtype
+    return tf.zeros((batch, *shape), dtype)
+
+
+def _forward_backward(layers, device: str | None = None):
+    """A tf.function of one forward and backward pass through ``layers``."""
+    import tensorflow as tf
+
+    variables = [v for la in layers for v in la.trainable_variables]
+
+    @tf.function
+    def forward_backward(x):
+        with tf.device(device), tf.GradientTape() as tape:
+            if x.dtype.is_floating:
+                tape.watch(x)
+            y = x
+            for layer in layers:
+                y = layer(y, training=True)
+            total = tf.reduce_sum(y)
+            sources = variables + ([x] if x.dtype.is_floating else [])
+            return tape.gradient(total, sources) if sources else total
+
+    return forward_backward
+
+
+def _median_seconds(fn, x, repeats: int = 7) -> float:
+    import tensorflow as tf
+
+    fn(x)  # trace
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tf.nest.map_structure(lambda t: t.numpy() if t is not None else None, fn(x))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- placement ----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Stage:
+    index: int
+    device: str
+    layers: list
+    cost: float
+    activation_values: int  # floats the stage keeps per example for its backward pass
+
+    @property
+    def variables(self) -> list:
+        return [v for la in self.layers for v in la.trainable_variables]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [la.name for la in self.layers]
+
+
+def place(model, devices: Sequence[str], bounds: Sequence[int], costs: Sequence[float]):
+    """A copy of ``model`` (same weights, same layer names: the same
+    checkpoints and export) whose stage k's variables live on ``devices[k]``,
+    and its stages."""
+    import keras
+    import tensorflow as tf
+
+    layers = chain_layers(model)
+    where = {}
+    for k in range(len(bounds) - 1):
+        for layer in layers[bounds[k] : bounds[k + 1]]:
+            where[layer.name] = devices[k]
+
+    def call_placed(layer, *args, **kwargs):
+        with tf.device(where.get(layer.name, devices[0])):
+            return layer(*args, **kwargs)
+
+    with tf.device(devices[0]):
+        placed = keras.models.clone_model(model, call_function=call_placed)
+    placed.set_weights(model.get_weights())
+    placed_layers = chain_layers(placed)
+    stages = []
+    for k in range(len(bounds) - 1):
+        chunk = placed_layers[bounds[k] : bounds[k + 1]]
+        values = sum(_size(_activation_shape(la)) for la in chunk)
+        stages.append(Stage(k, devices[k], chunk, sum(costs[bounds[k] : bounds[k + 1]]), values))
+    return placed, stages
+
+
+def _size(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# -- the step -----------------------------------------------------------------
+
+
+class PipelineTrainer(Trainer):
+    """The trainer whose step runs the model's stages as a pipeline.
+
+    Args:
+      stages: the model's stages (from :func:`place`), in order.
+      pipeline_schedule: ``gpipe`` or ``1f1b``.
+      (the rest: as :class:`tftrain.trainer.Trainer`; ``num_microbatches``
+      is M, the micro-batches that flow through the pipeline each step.)
+    """
+
+    def __init__(self, *, stages, pipeline_schedule: str = "gpipe", **kwargs):
+        super().__init__(**kwargs)
+        self.stages = list(stages)
+        self.schedule = pipeline_schedule
+        self._actions = schedule(pipeline_schedule, len(self.stages), self.num_microbatches)
+        self._order = construction_order(self._actions)
+        self._slot = {id(v): i for i, v in enumerate(self.model.trainable_variables)}
+
+    def timings(self) -> dict[str, float]:
+        """Each stage's compute per step in milliseconds: one micro-batch's
+        forward and backward pass on the stage's device, measured alone, times
+        the micro-batches of a step."""
+        micro = self.global_batch_size // self.num_microbatches
+        if not hasattr(self, "_probes"):
+            shape = tuple(self.model.inputs[0].shape[1:]), self.model.inputs[0].dtype
+            self._probes = []
+            for stage in self.stages:
+                self._probes.append((_forward_backward(stage.layers, stage.device), shape))
+                shape = _activation_shape(stage.layers[-1]), "float32"
+        return {
+            f"pipeline/stage_{k}_ms": 1000.0
+            * self.num_microbatches
+            * _median_seconds(fn, _zeros(shape, micro), repeats=3)
+            for k, (fn, shape) in enumerate(self._probes)
+        }
+
+    def peak_activation_values(self) -> list[int]:
+        """Per stage: floats of activations held at the schedule's peak, per example
+        of a micro-batch times the micro-batch's examples."""
+        per_micro = self.global_batch_size // self.num_microbatches
+        return [
+            peak_in_flight(actions) * stage.activation_values * per_micro
+            for actions, stage in zip(self._actions, self.stages)
+        ]
+
+    def outputs(self, inputs, training: bool = False):
+        import tensorflow as tf
+
+        for stage in self.stages:
+            with tf.device(stage.device):
+                for layer in stage.layers:
+                    inputs = layer(inputs, training=training)
+        return inputs
+
+    def accumulate_gradients(self, inputs, labels):
+        import tensorflow as tf
+
+        K, M = len(self.stages), self.num_microbatches
+        last = K - 1
+        xs, ys = tf.split(inputs, M), tf.split(labels, M)
+        forward = {}  # (k, j) -> (stage input, stage output or loss, tape)
+        upstream = {}  # (k, j) -> gradient of the loss w.r.t. stage k's output
+        weight_grads = {}  # (k, j) -> gradients of stage k's variables
+        stats = {}
+        after = [[] for _ in range(K)]  # each stage's previous action: run in order
+        for kind, k, j in self._order:
+            stage = self.stages[k]
+            with tf.device(stage.device), tf.control_dependencies(after[k]):
+                if kind == "F":
+                    x = xs[j] if k == 0 else forward[(k - 1, j)][1]
+                    with tf.GradientTape() as tape:
+                        if k > 0:
+                            tape.watch(x)
+                        y = x
+                        for layer in stage.layers:
+                            y = layer(y, training=True)
+                        if k == last:
+                            per_example = self.task.per_example_loss(ys[j], y)
+                            y_loss = tf.nn.compute_average_loss(
+                                per_example, global_batch_size=self.global_batch_size
+                            )
+                    if k == last:
+                        stats[j] = self.task.batch_stats(ys[j], y, per_example)
+                        y = y_loss
+                    forward[(k, j)] = (x, y, tape)
+                    after[k] = [y]
+                else:
+                    x, y, tape = forward.pop((k, j))
+                    sources = stage.variables + ([x] if k > 0 else [])
+                    grads = tape.gradient(
+                        y, sources, output_gradients=None if k == last else upstream.pop((k, j))
+                    )
+                    n = len(stage.variables)
+                    weight_grads[(k, j)] = grads[:n]
+                    if k > 0:
+                        upstream[(k - 1, j)] = grads[n]
+                    after[k] = [_tensor_of(g) for g in grads if g is not None]
+        total = [None] * len(self._slot)
+        for k, stage in enumerate(self.stages):
+            for j in range(M):  # micro-batch order, whatever the schedule
+                for v, g in zip(stage.variables, weight_grads[(k, j)]):
+                    total[self._slot[id(v)]] = _accumulate(total[self._slot[id(v)]], g)
+        if self.model.losses:  # weight regularisation: once per step
+            with tf.GradientTape() as tape:
+                penalty = tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
+            extra = tape.gradient(penalty, self.model.trainable_variables)
+            total = [_accumulate(t, e) for t, e in zip(total, extra)]
+        summed = stats[0]
+        for j in range(1, M):
+            summed = summed + stats[j]
+        return total, summed
+
+
+def _tensor_of(gradient):
+    import tensorflow as tf
+
+    return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
