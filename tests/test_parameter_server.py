@@ -154,6 +154,18 @@ def test_parameter_server_run_writes_everything_and_counts_every_step(tmp_path):
     assert checkpointed(model_dir, "optimizer/_iterations") == 200
     for folder in ("train", "eval", "export", "checkpoints"):
         assert os.listdir(os.path.join(model_dir, folder)), folder
+    # Every update's staleness: in metrics.json, and in TensorBoard as
+    # scalars and a histogram.
+    stale = got["staleness"]
+    assert stale["updates"] == 200 and sum(stale["histogram"]) == 200
+    assert 0 <= stale["mean"] <= stale["max"] < 64
+    tags = {
+        value.tag
+        for name in os.listdir(os.path.join(model_dir, "train"))
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(model_dir, "train", name))
+        for value in event.summary.value
+    }
+    assert {"staleness/mean", "staleness/max", "staleness"} <= tags
     # The ps and the workers served, saw the coordinator go, and left by themselves.
     for task in ("worker:0", "worker:1", "ps:0"):
         assert f"[{task}] {task} joined the coordinator's run." in run.text
@@ -165,6 +177,29 @@ def test_parameter_server_run_writes_everything_and_counts_every_step(tmp_path):
     assert (
         metrics(model_dir)["global_step"] == 260 and metrics(model_dir)["strategy"] == "one_device"
     )
+
+
+@pytest.mark.cluster
+def test_one_worker_is_never_stale(tmp_path):
+    """With one worker no other update can land inside a step: every update's
+    staleness is 0 (a count that ran a read out of order would show here)."""
+    model_dir = str(tmp_path / "ps1")
+    run = Launch(
+        "--num_workers=1",
+        "--num_ps=1",
+        "--",
+        *SMOKE,
+        "--train_steps=100",
+        f"--model_dir={model_dir}",
+    )
+    assert run.finish() == 0, run.text
+    assert metrics(model_dir)["staleness"] == {
+        "mean": 0.0,
+        "max": 0,
+        "updates": 100,
+        "histogram": [100],
+    }
+    assert "staleness 0.00 (max 0)" in run.text
 
 
 @pytest.mark.cluster

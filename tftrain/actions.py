@@ -75,6 +75,7 @@ class Progress(Action):
             else steps * config.batch_size / max(seconds, 1e-9)
         )
         lr = run.learning_rate()
+        extra = {k: v for k, v in metrics.items() if "/" in k}  # a trainer's own (staleness/...)
         run.summaries.scalars(
             "train",
             step,
@@ -83,8 +84,10 @@ class Progress(Action):
                 "accuracy": metrics["accuracy"],
                 "learning_rate": lr,
                 "examples_per_second": speed,
+                **extra,
             },
         )
+        run.summaries.histograms("train", step, run.trainer.histograms())
         now = time.time()
         boundary = step % plan.steps_per_epoch == 0 or step == plan.total_steps
         if now - self.last_line < config.log_interval_secs and not boundary:
@@ -92,10 +95,15 @@ class Progress(Action):
         self.last_line = now
         eta = (plan.total_steps - step) * config.batch_size / max(speed, 1e-9)
         epochs = math.ceil(plan.total_steps / plan.steps_per_epoch)
+        stale = (
+            f"staleness {extra['staleness/mean']:.2f} (max {extra['staleness/max']:.0f})  "
+            if "staleness/mean" in extra
+            else ""
+        )
         run.log(
             f"step {step}/{plan.total_steps}  epoch {step / plan.steps_per_epoch:.2f}/{epochs}  "
             f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
-            f"lr {lr:.3g}  {speed:,.0f} examples/s  "
+            f"lr {lr:.3g}  {speed:,.0f} examples/s  {stale}"
             f"elapsed {format_duration(now - self.started)}  ETA {format_duration(eta)}"
         )
 

@@ -28,6 +28,12 @@ class Summaries:
             for tag, value in values.items():
                 tf.summary.scalar(tag, value)
 
+    def histograms(self, run: str, step: int, values: dict) -> None:
+        writer = self._writer(run)
+        with writer.as_default(step=step):
+            for tag, data in values.items():
+                tf.summary.histogram(tag, data, buckets=min(max(len(set(data)), 1), 64))
+
     def flush(self) -> None:
         for writer in self._writers.values():
             writer.flush()

@@ -148,6 +148,10 @@ class Trainer:
         """Timings of the step's parts worth a chart (a pipeline's stages); none here."""
         return {}
 
+    def histograms(self) -> dict:
+        """Values of the last interval worth a histogram (tag -> array); none here."""
+        return {}
+
     def take_train_metrics(self) -> dict[str, float]:
         """The task's metrics since the last call, over every replica."""
         stats = self._train_stats.read_value().numpy()

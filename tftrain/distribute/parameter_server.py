@@ -100,8 +100,17 @@ class ParameterServer(ParallelMode):
     def sync(self) -> None:
         self.coordinator.join()
 
+    def make_trainer(self, **kwargs):
+        from tftrain.staleness import StalenessTrainer
+
+        self.trainer = StalenessTrainer(**kwargs)
+        return self.trainer
+
     def describe(self) -> dict:
-        return {"num_ps": len(self.cluster.cluster["ps"])}
+        described = {"num_ps": len(self.cluster.cluster["ps"])}
+        if getattr(self, "trainer", None) is not None:
+            described["staleness"] = self.trainer.run_staleness()
+        return described
 
     def serve(self) -> int:
         """Serves this ps or worker task until the coordinator is gone; returns
