@@ -32,3 +32,40 @@ def test_seed_fixes_the_initial_weights():
 def test_unknown_model():
     with pytest.raises(ValueError, match="model='vgg'"):
         models.build_model("vgg", input_shape=(28, 28, 1), num_classes=10, seed=0)
+
+
+@pytest.mark.parametrize("shards", [2, 3, 7])
+def test_a_sharded_table_is_the_same_table_with_sparse_gradients(shards):
+    import tensorflow as tf
+
+    whole = models.embedding_bag(input_shape=(16,), num_classes=4, seed=3, vocab_size=1001)
+    split = models.embedding_bag(
+        input_shape=(16,), num_classes=4, seed=3, vocab_size=1001, embedding_shards=shards
+    )
+    tables = [w for w in split.weights if w.path.startswith("embedding/")]
+    assert [t.shape[0] for t in tables] == models.shard_rows(1001, shards)
+    assert sum(t.shape[0] for t in tables) == 1001
+    np.testing.assert_array_equal(
+        np.concatenate([t.numpy() for t in tables]), whole.get_layer("embedding").embeddings.numpy()
+    )
+    ids = tf.constant(np.random.default_rng(0).integers(0, 1001, (8, 16)), tf.int32)
+    np.testing.assert_array_equal(whole(ids).numpy(), split(ids).numpy())
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(split(ids) ** 2)
+    grads = tape.gradient(loss, [t.value for t in tables])
+    assert all(isinstance(g, tf.IndexedSlices) for g in grads)
+    looked_up = sum(int(tf.size(tf.unique(g.indices)[0])) for g in grads)
+    assert looked_up == len(np.unique(ids.numpy()))  # only the rows looked up
+
+
+def test_shards_are_checked():
+    from tftrain.config import ConfigError, ExperimentConfig
+
+    with pytest.raises(ConfigError, match="--embedding_shards=2000: expected 1 to"):
+        models.embedding_bag(
+            input_shape=(16,), num_classes=4, seed=0, vocab_size=1000, embedding_shards=2000
+        )
+    with pytest.raises(ConfigError, match="--embedding_shards applies to --model=embedding_bag"):
+        ExperimentConfig(model="mlp", embedding_shards=2, model_dir="/x").validate()
+    with pytest.raises(ConfigError, match="--embedding_shards=0"):
+        ExperimentConfig(model="embedding_bag", embedding_shards=0, model_dir="/x").validate()

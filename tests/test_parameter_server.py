@@ -180,6 +180,39 @@ def test_parameter_server_run_writes_everything_and_counts_every_step(tmp_path):
 
 
 @pytest.mark.cluster
+def test_an_embedding_table_split_over_two_ps_trains_as_the_whole_table(tmp_path):
+    """One worker takes the same batches in the same order as one device, so
+    the runs agree bit for bit; the table's two shards live on the two ps."""
+    flags = [
+        "--dataset=synthetic_tokens",
+        "--model=embedding_bag",
+        "--optimizer=adam",
+        "--learning_rate=0.01",
+        "--batch_size=64",
+        "--train_steps=120",
+        "--steps_per_loop=20",
+        "--noexport",
+    ]
+    split, whole = str(tmp_path / "split"), str(tmp_path / "whole")
+    run = Launch(
+        "--num_workers=1",
+        "--num_ps=2",
+        "--",
+        *flags,
+        "--strategy=parameter_server",
+        "--embedding_shards=2",
+        f"--model_dir={split}",
+    )
+    assert run.finish() == 0, run.text
+    run_tftrain("train", *flags, f"--model_dir={whole}")
+    got, expected = metrics(split), metrics(whole)
+    assert got["ps_variables"]["ps:0"][0] == "embedding/embeddings_0"
+    assert got["ps_variables"]["ps:1"][0] == "embedding/embeddings_1"
+    assert got["weights_sha256"] == expected["weights_sha256"]
+    assert got["eval_loss"] == expected["eval_loss"] and got["global_step"] == 120
+
+
+@pytest.mark.cluster
 def test_one_worker_is_never_stale(tmp_path):
     """With one worker no other update can land inside a step: every update's
     staleness is 0 (a count that ran a read out of order would show here)."""

@@ -39,6 +39,8 @@ def _help() -> dict[str, str]:
         "task": f"what is learned: {_choices(plugins.TASKS.names())}",
         "model": _choices(plugins.MODELS.names()),
         "hidden_units": "the mlp's hidden layer widths (default 256,128)",
+        "embedding_shards": "embedding_bag: keep the table as this many variables of "
+        "consecutive rows, which parameter servers share out (default 1)",
         "optimizer": f"{_choices(plugins.OPTIMIZERS.names())} (tftrain's own classes)",
         "learning_rate": "the (peak) learning rate, > 0",
         "momentum": "momentum for sgd/momentum (default 0.9 for momentum, 0 for sgd)",

@@ -48,6 +48,7 @@ class ExperimentConfig:
     # Model and optimizer.
     model: str = "softmax"
     hidden_units: tuple[int, ...] | None = None  # mlp only; None: 256,128
+    embedding_shards: int | None = None  # embedding_bag only; None: 1 (one variable)
     optimizer: str = "adam"
     learning_rate: float = 0.001
     momentum: float | None = None  # sgd/momentum only; None: 0.9 for momentum, 0 for sgd
@@ -206,6 +207,13 @@ class ExperimentConfig:
                 raise ConfigError(
                     f"--hidden_units={','.join(map(str, self.hidden_units))}: "
                     "expected a comma-separated list of positive layer widths."
+                )
+        if self.embedding_shards is not None:
+            _positive_int("embedding_shards", self.embedding_shards)
+            if self.model != "embedding_bag":
+                raise ConfigError(
+                    f"--embedding_shards applies to --model=embedding_bag, not "
+                    f"--model={self.model}."
                 )
         if self.strategy != "model_parallel":
             for name in PIPELINE_FIELDS:

@@ -127,6 +127,65 @@ def cnn(*, input_shape: Sequence[int], num_classes: int, seed: int, **_):
     return keras.Model(inputs, logits, name="cnn")
 
 
+def shard_rows(rows: int, num_shards: int) -> list[int]:
+    """Rows per shard as TensorFlow's "div" lookup expects them: the first
+    ``rows % num_shards`` shards hold one row more than the others."""
+    base, extra = divmod(rows, num_shards)
+    return [base + (1 if i < extra else 0) for i in range(num_shards)]
+
+
+def sharded_embedding_class():
+    """``ShardedEmbedding``: an embedding table kept as ``num_shards`` variables
+    of consecutive rows, so that a parameter-server strategy places them on
+    different parameter servers (one variable each, round-robin).
+
+    Its values are those of ``keras.layers.Embedding`` with the same
+    initializer (the full table is drawn, then cut), and a lookup gathers each
+    id from its shard: the gradient of each shard is sparse (only the rows
+    looked up) and the optimizers update each shard where it lives.
+    """
+    import keras
+    import tensorflow as tf
+
+    class ShardedEmbedding(keras.layers.Layer):
+        def __init__(self, input_dim, output_dim, num_shards, embeddings_initializer, **kwargs):
+            super().__init__(**kwargs)
+            self.input_dim, self.output_dim = int(input_dim), int(output_dim)
+            self.num_shards = int(num_shards)
+            self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+
+        def build(self, input_shape):
+            table = self.embeddings_initializer((self.input_dim, self.output_dim))
+            start, self.shards = 0, []
+            for i, rows in enumerate(shard_rows(self.input_dim, self.num_shards)):
+                part = table[start : start + rows]
+                self.shards.append(
+                    self.add_weight(
+                        shape=(rows, self.output_dim),
+                        initializer=lambda shape, dtype=None, part=part: part,
+                        name=f"embeddings_{i}",
+                    )
+                )
+                start += rows
+
+        def call(self, ids):
+            return tf.nn.embedding_lookup([shard.value for shard in self.shards], ids)
+
+        def compute_output_shape(self, input_shape):
+            return (*input_shape, self.output_dim)
+
+        def get_config(self):
+            return {
+                **super().get_config(),
+                "input_dim": self.input_dim,
+                "output_dim": self.output_dim,
+                "num_shards": self.num_shards,
+                "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+            }
+
+    return ShardedEmbedding
+
+
 @takes("tokens")
 def embedding_bag(
     *,
@@ -135,25 +194,37 @@ def embedding_bag(
     seed: int,
     vocab_size: int | None = None,
     embedding_dim: int = 32,
+    embedding_shards: int = 1,
     **_,
 ):
     """Token ids -> an embedding table -> the mean of the rows -> logits.
 
     The table's gradient is sparse (``tf.IndexedSlices``): only the rows a
-    batch looks up are updated.
+    batch looks up are updated. ``embedding_shards > 1`` keeps the table as
+    that many variables (``ShardedEmbedding``), which parameter servers
+    share out.
     """
     import keras
 
     if not vocab_size:
         raise ValueError("embedding_bag needs a dataset of token ids (a vocabulary size).")
+    if not 1 <= embedding_shards <= vocab_size:
+        raise ConfigError(
+            f"--embedding_shards={embedding_shards}: expected 1 to the vocabulary "
+            f"size, {vocab_size}."
+        )
     init, _ = _initializers(seed)
     inputs = keras.Input(tuple(input_shape), dtype="int32", name="tokens")
-    x = keras.layers.Embedding(
-        vocab_size,
-        embedding_dim,
-        embeddings_initializer=keras.initializers.RandomUniform(-0.05, 0.05, seed=seed),
-        name="embedding",
-    )(inputs)
+    table_init = keras.initializers.RandomUniform(-0.05, 0.05, seed=seed)
+    if embedding_shards > 1:
+        layer = sharded_embedding_class()(
+            vocab_size, embedding_dim, embedding_shards, table_init, name="embedding"
+        )
+    else:
+        layer = keras.layers.Embedding(
+            vocab_size, embedding_dim, embeddings_initializer=table_init, name="embedding"
+        )
+    x = layer(inputs)
     x = keras.layers.GlobalAveragePooling1D()(x)
     logits = keras.layers.Dense(num_classes, kernel_initializer=init(), name="logits")(x)
     return keras.Model(inputs, logits, name="embedding_bag")

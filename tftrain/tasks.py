@@ -33,6 +33,7 @@ class Classification:
             seed=config.seed,
             hidden_units=config.mlp_hidden_units,
             vocab_size=dataset.vocab_size,
+            embedding_shards=config.embedding_shards or 1,
         )
 
     def per_example_loss(self, labels, outputs):

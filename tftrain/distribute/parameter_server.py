@@ -110,6 +110,7 @@ class ParameterServer(ParallelMode):
         described = {"num_ps": len(self.cluster.cluster["ps"])}
         if getattr(self, "trainer", None) is not None:
             described["staleness"] = self.trainer.run_staleness()
+            described["ps_variables"] = _where(self.trainer.model.variables)
         return described
 
     def serve(self) -> int:
@@ -118,3 +119,15 @@ class ParameterServer(ParallelMode):
         return serving.serve(
             self.cluster, self.config.collective_timeout_secs, self.default_threads()[1]
         )
+
+
+def _where(variables) -> dict[str, list[str]]:
+    """The model's variables held by each ps task (``ps:0``: [paths])."""
+    import re
+
+    held: dict[str, list[str]] = {}
+    for v in variables:
+        device = getattr(getattr(v, "value", v), "device", "") or ""
+        m = re.search(r"/job:(\w+)/replica:\d+/task:(\d+)", device)
+        held.setdefault(f"{m[1]}:{m[2]}" if m else device or "?", []).append(v.path)
+    return held
