@@ -126,7 +126,18 @@ BAD_INPUT = [
     (["--experiment=nope"], "--experiment=nope: no experiment 'nope'"),
     (["--data_dir=/nonexistent"], "apt-get install dataset-fashion-mnist"),
     (["--batch_size=abc"], "--batch_size=abc"),
-    (["--no_such_flag=1"], "no_such_flag"),
+    (["--no_such_flag=1"], "tftrain: error: Unknown command line flag 'no_such_flag'"),
+    (["--epochs=1.5"], "tftrain: error: flag --epochs=1.5: invalid literal for int()"),
+    (["--flagfile=/nonexistent"], "tftrain: error: ERROR:: Unable to open flagfile"),
+    (
+        ["--strategy=multi_worker_mirrored"],
+        "--strategy=multi_worker_mirrored needs a cluster in TF_CONFIG",
+    ),
+    (
+        ["--model=mlp", "--hidden_units=2000000000"],
+        "--model=mlp would have 1,590,000,000,010 parameters",
+    ),
+    (["--embedding_shards=2"], "--embedding_shards applies to --model=embedding_bag"),
     (
         ["--model=mlp", "--hidden_units=a,b"],
         "--hidden_units=a,b: expected a comma-separated list of ints",
@@ -164,8 +175,10 @@ def test_bad_input_one_message_no_traceback_model_dir_untouched(tmp_path, flags,
         *flags,
         check=False,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert message in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("tftrain: error:")]
+    assert len(errors) == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert snapshot(str(model_dir)) == before
 
@@ -232,9 +245,14 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
 def test_usage_and_help():
     result = run_tftrain(check=False)
     assert result.returncode == 2 and "usage: tftrain <command>" in result.stdout
-    # absl programs print their help and exit with status 1.
-    helped = run_tftrain("train", "--helpshort", check=False)
-    assert helped.returncode == 1 and "--strategy: one_device, mirrored" in helped.stdout
+    for asked in ("--helpshort", "--help", "-h"):
+        helped = run_tftrain("train", asked, check=False)
+        assert helped.returncode == 0, asked
+        assert helped.stdout.startswith("usage: tftrain train [flags]")
+        assert "--strategy: one_device, mirrored" in helped.stdout
+    assert run_tftrain("launch", "-h").stdout.startswith(
+        "usage: tftrain launch [flags] [-- <train flags>]"
+    )
     launch_help = run_tftrain("launch", "--helpshort", check=False)
     assert "--num_workers" in launch_help.stdout and "--max_restarts" in launch_help.stdout
 
@@ -266,3 +284,22 @@ def test_same_seed_same_run(tmp_path):
     ma, mb = (json.load(open(d / "metrics.json")) for d in (a, b))
     assert ma["weights_sha256"] == mb["weights_sha256"]
     assert np.isclose(ma["eval_loss"], mb["eval_loss"], rtol=0, atol=0)
+
+
+def test_a_full_disk_and_exhausted_memory_are_said_in_one_line():
+    import tensorflow as tf
+
+    from tftrain import cli
+    from tftrain.config import ExperimentConfig
+
+    config = ExperimentConfig(model_dir="/runs/a")
+    full = tf.errors.ResourceExhaustedError(
+        None, None, "runs/a/ckpt-3.data: No space left on device"
+    )
+    said = cli._explain_resources(full, config)
+    assert said.startswith("the disk is full (") and "--model_dir=/runs/a" in said
+    oom = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor\nmore")
+    assert cli._explain_resources(oom, config) == (
+        "out of memory (OOM when allocating tensor): try a smaller model or --batch_size."
+    )
+    assert cli._explain_resources(tf.errors.CancelledError(None, None, "x"), config) is None

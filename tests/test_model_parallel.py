@@ -295,6 +295,7 @@ def test_two_stages_in_two_launched_processes_train_as_the_whole_model(tmp_path)
     )
     assert "stage 1 on /job:worker/replica:0/task:1/device:CPU:0" in result.stdout
     assert "[worker:1] worker:1: the coordinator is done; exiting." in result.stdout
+    assert "gRPC servers listen on ports" in result.stdout and "no authentication" in result.stdout
     whole, _ = train(config(tmp_path, "whole"))
     a, b = weights(launched), weights(tmp_path / "whole")
     assert a.keys() == b.keys() and len(a) == 6

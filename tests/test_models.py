@@ -69,3 +69,28 @@ def test_shards_are_checked():
         ExperimentConfig(model="mlp", embedding_shards=2, model_dir="/x").validate()
     with pytest.raises(ConfigError, match="--embedding_shards=0"):
         ExperimentConfig(model="embedding_bag", embedding_shards=0, model_dir="/x").validate()
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("softmax", {}),
+        ("mlp", {"hidden_units": (64, 32, 16)}),
+        ("embedding_bag", {"vocab_size": 500}),
+    ],
+)
+def test_the_parameter_count_is_known_before_building(name, options):
+    shape = (16,) if name == "embedding_bag" else (28, 28, 1)
+    built = models.build_model(name, input_shape=shape, num_classes=10, seed=0, **options)
+    counted = models.parameter_count(name, input_shape=shape, num_classes=10, **options)
+    assert counted == built.count_params()
+
+
+def test_a_model_too_big_for_memory_is_refused_before_it_is_built():
+    from tftrain.config import ConfigError
+
+    shape = {"input_shape": (28, 28, 1), "num_classes": 10, "hidden_units": (1000,)}
+    models.check_memory("mlp", 2, 4 * 795_010 * 4, **shape)  # fits exactly
+    with pytest.raises(ConfigError, match="795,010 parameters.*more than the"):
+        models.check_memory("mlp", 2, 4 * 795_010 * 4 - 1, **shape)
+    models.check_memory("cnn", 2, 1, **shape)  # not estimated: never refused

@@ -238,7 +238,7 @@ def _train_main(argv):
         where = f" ({e.filename})" if e.filename else ""
         _fail(f"{e.strerror or e}{where}: check --model_dir={config.model_dir}.")
     except tf.errors.OpError as e:
-        said = mode.explain(e)
+        said = mode.explain(e) or _explain_resources(e, config)
         if said:
             _fail(said, code=1)
         if not isinstance(
@@ -254,6 +254,22 @@ def _train_main(argv):
         )
 
 
+def _explain_resources(error, config) -> str | None:
+    """A full disk or an exhausted memory, said in one line; else None."""
+    import tensorflow as tf
+
+    if not isinstance(error, tf.errors.ResourceExhaustedError):
+        return None
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    if "space" in first.lower():
+        return (
+            f"the disk is full ({first}): free some space under --model_dir="
+            f"{config.model_dir}, then run the same command to resume from the last "
+            "checkpoint."
+        )
+    return f"out of memory ({first}): try a smaller model or --batch_size."
+
+
 def _run_absl(main, define, command: str, argv: list[str]) -> None:
     from absl import app, flags
 
@@ -262,6 +278,21 @@ def _run_absl(main, define, command: str, argv: list[str]) -> None:
     # --helpshort lists the main module's key flags: make the command's flags so.
     for name in sorted(set(flags.FLAGS) - known):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    asked = next((a for a in own if a.lstrip("-") in ("h", "help", "helpshort", "helpfull")), None)
+    if asked:
+        tail = " [-- <train flags>]" if command == "launch" else ""
+        print(f"usage: tftrain {command} [flags]{tail}\n")
+        if asked.lstrip("-") == "helpfull":
+            print(flags.FLAGS.get_help())
+        else:
+            print(flags.FLAGS.module_help(sys.argv[0]))
+            print("\n(--helpfull also lists absl's and TensorFlow's own flags.)")
+        sys.exit(0)
+    try:
+        flags.FLAGS([f"tftrain {command}", *argv])
+    except flags.Error as e:
+        _fail(f"{e} (tftrain {command} --help lists the flags).")
     try:
         app.run(main, argv=[f"tftrain {command}", *argv])
     except KeyboardInterrupt:

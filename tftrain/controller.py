@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tftrain import actions as actions_lib
 from tftrain import data as data_lib
-from tftrain import export, models, optimizers, tasks
+from tftrain import export, models, optimizers, resources, tasks
 from tftrain.checkpoints import Checkpoints
 from tftrain.config import ExperimentConfig
 from tftrain.distribute.base import ParallelMode
@@ -34,6 +34,9 @@ from tftrain.stopping import NeverStop, Stopped
 from tftrain.summaries import Summaries
 
 __all__ = ["Controller", "Plan", "RunError", "run"]
+
+# Optimizer state per parameter, for the memory estimate (default: 2).
+OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adagrad": 1, "adam": 2}
 
 
 def _strict(value):
@@ -90,6 +93,16 @@ class Plan:
     def make(cls, config: ExperimentConfig) -> Plan:
         dataset = data_lib.load(config.dataset, config.data_dir, seed=config.seed)
         models.check_fits(config.model, dataset)
+        models.check_memory(
+            config.model,
+            OPTIMIZER_SLOTS.get(config.optimizer, 2),
+            # Parameter servers hold the variables on other machines.
+            None if config.strategy == "parameter_server" else resources.available_memory(),
+            input_shape=dataset.image_shape,
+            num_classes=dataset.num_classes,
+            hidden_units=config.mlp_hidden_units,
+            vocab_size=dataset.vocab_size,
+        )
         train = dataset.train.take(config.max_train_examples)
         test = dataset.test.take(config.max_eval_examples)
         per_epoch = data_lib.steps_per_epoch(len(train), config.batch_size)

@@ -110,6 +110,10 @@ def _find(data_dir: str, stem: str) -> str | None:
     return None
 
 
+# MNIST and Fashion-MNIST, the datasets stored as IDX files, have 10 classes.
+IDX_CLASSES = 10
+
+
 def load_idx(name: str, data_dir: str | None) -> Dataset:
     """Loads MNIST-format IDX files (train and t10k) from ``data_dir``."""
     data_dir = data_dir or DEFAULT_FASHION_MNIST_DIR
@@ -131,9 +135,14 @@ def load_idx(name: str, data_dir: str | None) -> Dataset:
                 f"{data_dir}: {split} images {images.shape} and labels "
                 f"{labels.shape} do not match (expected (N, H, W) and (N,))."
             )
+        if labels.size and (labels.min() < 0 or labels.max() >= IDX_CLASSES):
+            bad = int(labels.max() if labels.max() >= IDX_CLASSES else labels.min())
+            raise DataError(
+                f"{paths[1]} holds the label {bad}: expected class numbers 0-"
+                f"{IDX_CLASSES - 1} ({name} has {IDX_CLASSES} classes)."
+            )
         splits[split] = Split(images[..., None].astype(np.uint8), labels.astype(np.int32))
-    num_classes = int(max(splits["train"].labels.max(), splits["test"].labels.max())) + 1
-    return Dataset(name, splits["train"], splits["test"], num_classes)
+    return Dataset(name, splits["train"], splits["test"], IDX_CLASSES)
 
 
 def load_tfds(name: str, data_dir: str | None) -> Dataset:

@@ -54,6 +54,38 @@ def check_fits(name: str, dataset) -> None:
         )
 
 
+def parameter_count(name: str, *, input_shape, num_classes: int, **options) -> int | None:
+    """The number of parameters model ``name`` will have, without building it
+    (None for a model this function does not know: a user's own)."""
+    features = 1
+    for d in input_shape:
+        features *= int(d)
+    if name == "softmax":
+        return features * num_classes + num_classes
+    if name == "mlp":
+        widths = [features, *options.get("hidden_units", (256, 128)), num_classes]
+        return sum(a * b + b for a, b in zip(widths, widths[1:]))
+    if name == "embedding_bag":
+        dim = options.get("embedding_dim", 32)
+        return (options.get("vocab_size") or 0) * dim + dim * num_classes + num_classes
+    return None
+
+
+def check_memory(name: str, optimizer_slots: int, available_bytes: int | None, **shape) -> None:
+    """Raises ConfigError when the model's weights, gradients and optimizer
+    slots (float32) would not fit in ``available_bytes``."""
+    count = parameter_count(name, **shape)
+    if count is None or available_bytes is None:
+        return
+    needed = 4 * count * (2 + optimizer_slots)
+    if needed > available_bytes:
+        raise ConfigError(
+            f"--model={name} would have {count:,} parameters: with their gradients and "
+            f"the optimizer's slots that is {needed / 2**30:,.1f} GiB, more than the "
+            f"{available_bytes / 2**30:,.1f} GiB of memory available: expected a smaller model."
+        )
+
+
 def _initializers(seed: int):
     import keras
 

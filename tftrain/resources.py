@@ -16,6 +16,18 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def cluster_inter_op_threads(num_workers: int) -> int:
     """Inter-op threads for a task of a cluster with ``num_workers`` workers.
 

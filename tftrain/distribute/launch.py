@@ -321,6 +321,13 @@ def run(
                 f"{cluster.threads} intra-op thread(s) per task"
                 + (f"; attempt {attempt + 1}" if attempt else "")
             )
+            if not attempt:
+                ports = ", ".join(str(p) for p in cluster._ports)
+                cluster._say(
+                    f"note: TensorFlow's gRPC servers listen on ports {ports} of every network "
+                    "interface, not only 127.0.0.1, and have no authentication: keep these "
+                    "ports behind a firewall (README.md, Security)."
+                )
             try:
                 cluster.start()
                 code, failed = cluster.watch()

@@ -19,7 +19,11 @@ class MultiWorkerMirrored(ParallelMode):
     def check(cls, config, cluster) -> None:
         super().check(config, None)
         if cluster is None:
-            return  # one worker on its own: a valid, if trivial, cluster
+            raise ConfigError(
+                "--strategy=multi_worker_mirrored needs a cluster in TF_CONFIG (tftrain "
+                "launch --num_workers=N sets one up); in one process, use "
+                "--strategy=one_device or mirrored."
+            )
         extra = sorted(set(cluster.cluster) - {"chief", "worker", "evaluator"})
         if extra:
             raise ConfigError(
