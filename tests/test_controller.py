@@ -35,3 +35,41 @@ def test_constant_rate_needs_no_schedule():
     config = ExperimentConfig(optimizer="sgd", learning_rate=0.3, momentum=0.5, model_dir="/x")
     opt = optimizers.from_config(config.validate(), steps_per_epoch=10, total_steps=10)
     assert lr_at(opt, 7) == pytest.approx(0.3) and opt.momentum == 0.5
+
+
+def test_rerunning_a_finished_run_leaves_its_metrics_alone(tmp_path):
+    import json
+    import os
+
+    from tftrain import controller
+    from tftrain.distribute.base import mode_for
+
+    config = ExperimentConfig(
+        dataset="synthetic",
+        model="softmax",
+        train_steps=20,
+        steps_per_loop=10,
+        export=False,
+        model_dir=str(tmp_path / "run"),
+    ).validate()
+
+    def run(config, lines):
+        mode = mode_for(config)
+        mode.setup()
+        return controller.run(config, mode, log=lines.append)
+
+    first = run(config, [])
+    path = os.path.join(config.model_dir, "metrics.json")
+    before = open(path).read()
+    lines = []
+    again = run(config, lines)
+    assert again == first and open(path).read() == before
+    assert any("already finished at step 20 of 20" in line for line in lines)
+    assert not any(line.startswith("Training ") for line in lines)
+    # Without its metrics (lost after the last checkpoint), the run is evaluated
+    # again; its speed, not measured, is null rather than 0.
+    os.remove(path)
+    rebuilt = run(config, [])
+    assert rebuilt["eval_loss"] == first["eval_loss"]
+    saved = json.load(open(path))
+    assert saved["examples_per_second"] is None and saved["training_seconds"] is None

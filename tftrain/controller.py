@@ -178,6 +178,24 @@ class Controller:
             self.log(f"Resumed from {latest} at step {self.step}.")
         return self.step
 
+    def finished_run(self) -> dict | None:
+        """The metrics of this run if it already finished (a rerun of the same
+        command): said, and left as they are; else None."""
+        path = os.path.join(self.config.model_dir, "metrics.json")
+        try:
+            with open(path) as f:
+                metrics = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(metrics, dict) or metrics.get("global_step") != self.step:
+            return None
+        self.log(
+            f"This run already finished at step {self.step} of {self.plan.total_steps}: "
+            f"nothing to train. Its metrics are in {path}; raise --train_steps or "
+            "--epochs to train on."
+        )
+        return metrics
+
     def train(self) -> dict:
         """Trains to the end of the plan; returns the last evaluation."""
         config, plan, mode = self.config, self.plan, self.mode
@@ -255,6 +273,8 @@ class Controller:
             export_dir = export.export_saved_model(self.model, self.task, self.out.path("export"))
         progress = next((a for a in self.actions if isinstance(a, actions_lib.Progress)), None)
         speed, seconds = progress.steady_speed() if progress else (0.0, 0.0)
+        if not progress or not progress.stretches:  # nothing trained here: not measured
+            speed = seconds = None
         result = {
             "eval_accuracy": eval_metrics["accuracy"],
             "eval_loss": eval_metrics["loss"],
@@ -285,8 +305,12 @@ class Controller:
             write_json_atomically(metrics_path, result)
             self.log(
                 f"Done: step {result['global_step']}, eval accuracy "
-                f"{result['eval_accuracy']:.4f}, eval loss {result['eval_loss']:.4f}, "
-                f"{result['examples_per_second']:,.0f} examples/s. "
+                f"{result['eval_accuracy']:.4f}, eval loss {result['eval_loss']:.4f}"
+                + (
+                    f", {result['examples_per_second']:,.0f} examples/s. "
+                    if result["examples_per_second"] is not None
+                    else ". "
+                )
                 + (f"Model exported to {export_dir}; " if export_dir else "")
                 + f"metrics in {metrics_path}."
             )
@@ -322,7 +346,13 @@ def run(
             watchdog=watchdog or NoWatchdog(),
             stop=stop,
         )
-        controller.restore()
+        step = controller.restore()
+        # (One process only: every task of a cluster must take the same path.)
+        finished = step >= plan.total_steps and placement.num_workers == 1
+        done = controller.finished_run() if finished else None
+        if done is not None:
+            mode.finish()
+            return done
         result = controller.finish(controller.train())
         controller.watchdog.kick("waiting for every worker to finish")
         mode.finish()
