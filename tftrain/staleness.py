@@ -54,15 +54,9 @@ class StalenessTrainer(Trainer):
 
     def _replica_train_step(self, inputs, labels):
         before = self.updates_applied.read_value()
-        with tf.control_dependencies([before]):  # before any parameter is read
-            gradients, stats = self.accumulate_gradients(inputs, labels)
+        gradients, stats = self.accumulate_gradients(inputs, labels)
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
-        # A read of every variable after its update (ordered on each variable),
-        # so the counter is read again only once the whole update is written.
-        # (``v.value`` is the variable itself, and a dependency on it orders
-        # nothing: measured, the second read then ran first now and then.)
-        written = [tf.convert_to_tensor(v.value) for v in self.model.trainable_variables]
-        with tf.control_dependencies([*written, before]):
+        with tf.control_dependencies([before, *(_tensor(g) for g in gradients if g is not None)]):
             after = self.updates_applied.read_value()
         with tf.control_dependencies([after]):
             self.updates_applied.assign_add(1)
@@ -91,3 +85,7 @@ class StalenessTrainer(Trainer):
     def run_staleness(self) -> dict:
         """The staleness summary over every update this process saw."""
         return summarise(self._run_totals)
+
+
+def _tensor(gradient):
+    return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
