@@ -46,11 +46,6 @@ PS_CLUSTER = {"chief": ["h:1"], "worker": ["h:2", "h:3"], "ps": ["h:4"]}
         ({"worker": ["h:1", "h:2"]}, ("worker", 0), "needs a TF_CONFIG cluster with ps tasks"),
         ({"worker": ["h:1"], "ps": ["h:2"]}, ("worker", 0), "needs chief task(s)"),
         ({"chief": ["h:1"], "ps": ["h:2"]}, ("chief", 0), "needs worker task(s)"),
-        (
-            dict(PS_CLUSTER, evaluator=["h:5"]),
-            ("evaluator", 0),
-            "task type 'evaluator' is not supported by --strategy=parameter_server",
-        ),
     ],
 )
 def test_clusters_that_cannot_run_parameter_servers_are_refused(spec, task, message):
@@ -68,6 +63,23 @@ def test_roles_and_threads_of_a_parameter_server_cluster():
     assert mode.training_roles == {"chief"}
     assert mode.default_threads()[1] >= 3  # workers + 1, or a small machine deadlocks
     assert mode.loops_between_syncs == 4
+
+
+def test_an_evaluator_task_is_taken_only_beside_parameter_servers(tmp_path):
+    config = ExperimentConfig(strategy="parameter_server", model_dir="/unused").validate()
+    mode = mode_for(config, tf_config(dict(PS_CLUSTER, evaluator=["h:5"]), "evaluator", 0))
+    assert mode.takes_evaluator and not mode.serves(mode.cluster)
+    result = run_tftrain(
+        "launch",
+        "--num_workers=1",
+        "--evaluator",
+        "--",
+        *SMOKE,
+        f"--model_dir={tmp_path}/r",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--evaluator needs parameter servers (--num_ps=M)" in result.stderr
 
 
 def test_launch_without_ps_is_a_usage_error(tmp_path):
@@ -140,13 +152,22 @@ def test_parameter_server_run_writes_everything_and_counts_every_step(tmp_path):
     run = Launch(
         "--num_workers=2",
         "--num_ps=1",
+        "--evaluator",
         "--",
         *SMOKE,
         "--train_steps=200",
+        "--checkpoint_interval=100",
         f"--model_dir={model_dir}",
     )
     assert run.finish() == 0, run.text
     got = metrics(model_dir)
+    # The evaluator evaluated the checkpoints beside the run, the last one too,
+    # with the chief's figures for the same weights, then left on its own.
+    evaluated = json.load(open(os.path.join(model_dir, "evaluator", "metrics.json")))
+    assert evaluated["step"] == 200 and evaluated["loss"] == got["eval_loss"]
+    assert [e["step"] for e in evaluated["evaluated"]][-1] == 200
+    assert "[evaluator:0] evaluator: the chief is done" in run.text
+    assert any(n.startswith("events.out") for n in os.listdir(os.path.join(model_dir, "evaluator")))
     assert got["strategy"] == "parameter_server"
     assert (got["num_workers"], got["num_ps"], got["global_step"]) == (2, 1, 200)
     # Every applied update counted once, by the step and by the optimizer.

@@ -216,6 +216,10 @@ def _train_main(argv):
             config.inter_op_threads or inter,
             spinning=config.thread_spinning,
         )
+        if cluster is not None and cluster.task_type == "evaluator" and mode.takes_evaluator:
+            from tftrain import evaluator
+
+            _leave(evaluator.run(config, cluster))
         if cluster is not None and mode.serves(cluster):
             _leave(mode.serve())  # TensorFlow's server threads never end on their own
         watchdog = mode.watchdog()

@@ -58,6 +58,8 @@ class ParallelMode:
     # (``serve``) while another task drives them.
     training_roles: frozenset[str] = frozenset({"chief", "worker"})
     serving_roles: frozenset[str] = frozenset()
+    # Whether an ``evaluator`` task may evaluate this mode's checkpoints beside it.
+    takes_evaluator = False
 
     def __init__(self, config, cluster=None):
         self.config, self.cluster = config, cluster

@@ -37,6 +37,13 @@ def define_flags(flag_values) -> None:
         lower_bound=0,
         flag_values=flag_values,
     )
+    flags.DEFINE_bool(
+        "evaluator",
+        False,
+        "start an evaluator task too: it evaluates each new checkpoint beside the "
+        "training tasks (parameter servers only)",
+        flag_values=flag_values,
+    )
     flags.DEFINE_integer(
         "max_restarts",
         0,
@@ -92,7 +99,11 @@ def reserve_ports(count: int, host: str = "127.0.0.1") -> tuple[list[int], list[
 
 
 def cluster_spec(
-    num_workers: int, num_ps: int, ports: Sequence[int], host: str = "127.0.0.1"
+    num_workers: int,
+    num_ps: int,
+    ports: Sequence[int],
+    host: str = "127.0.0.1",
+    evaluator: bool = False,
 ) -> dict[str, list[str]]:
     """The cluster: a chief only when there are parameter servers."""
     addresses = iter(f"{host}:{p}" for p in ports)
@@ -102,6 +113,8 @@ def cluster_spec(
     spec["worker"] = [next(addresses) for _ in range(num_workers)]
     if num_ps:
         spec["ps"] = [next(addresses) for _ in range(num_ps)]
+    if evaluator:
+        spec["evaluator"] = [next(addresses)]
     return spec
 
 
@@ -115,7 +128,9 @@ def free_cluster_spec(num_workers: int, num_ps: int = 0) -> dict[str, list[str]]
 
 
 def tasks_of(spec: dict[str, list[str]]) -> list[tuple[str, int]]:
-    return [(t, i) for t in ("chief", "worker", "ps") for i in range(len(spec.get(t, ())))]
+    return [
+        (t, i) for t in ("chief", "worker", "ps", "evaluator") for i in range(len(spec.get(t, ())))
+    ]
 
 
 def task_env(spec, task_type: str, index: int) -> dict:
@@ -181,18 +196,19 @@ class Cluster:
         train_argv: list[str],
         threads_per_task: int = 0,
         stop_grace_secs: float = 30.0,
+        evaluator: bool = False,
     ):
         self.num_workers = num_workers
         self.num_ps = num_ps
         self.train_argv = train_argv
         self.stop_grace_secs = stop_grace_secs
-        tasks = num_workers + num_ps + (1 if num_ps else 0)
+        tasks = num_workers + num_ps + (1 if num_ps else 0) + (1 if evaluator else 0)
         self.threads = threads_per_task or max(
             1, resources.usable_cores() // max(num_workers + (1 if num_ps else 0), 1)
         )
         self._lock = threading.Lock()
         self._ports, self._sockets = reserve_ports(tasks)
-        self.spec = cluster_spec(num_workers, num_ps, self._ports)
+        self.spec = cluster_spec(num_workers, num_ps, self._ports, evaluator=evaluator)
         self.tasks: dict[tuple[str, int], _Task] = {}
 
     def start_task(self, task_type: str, index: int) -> None:
@@ -297,6 +313,7 @@ def run(
     max_restarts: int = 0,
     threads_per_task: int = 0,
     stop_grace_secs: float = 30.0,
+    evaluator: bool = False,
 ) -> int:
     """Runs the cluster to the end, restarting it up to ``max_restarts`` times."""
     attempt = 0
@@ -315,6 +332,7 @@ def run(
                 train_argv=train_argv,
                 threads_per_task=threads_per_task,
                 stop_grace_secs=stop_grace_secs,
+                evaluator=evaluator,
             )
             cluster._say(
                 f"cluster {json.dumps(cluster.spec)}; "
@@ -374,6 +392,13 @@ def main(argv: list[str]) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    if fv.evaluator and not fv.num_ps:
+        print(
+            "tftrain: error: --evaluator needs parameter servers (--num_ps=M): the "
+            "evaluator task evaluates a parameter-server run's checkpoints.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     if fv.emit == "tfjob":
         from tftrain.distribute.tfjob import tfjob_manifest
 
@@ -395,5 +420,6 @@ def main(argv: list[str]) -> None:
             max_restarts=fv.max_restarts,
             threads_per_task=fv.threads_per_task,
             stop_grace_secs=fv.stop_grace_secs,
+            evaluator=fv.evaluator,
         )
     )

@@ -28,6 +28,7 @@ class ParameterServer(ParallelMode):
     name = "parameter_server"
     training_roles = frozenset({"chief"})
     serving_roles = frozenset({"worker", "ps"})
+    takes_evaluator = True
 
     @classmethod
     def check(cls, config, cluster) -> None:
@@ -43,10 +44,10 @@ class ParameterServer(ParallelMode):
                     f"--strategy=parameter_server needs {role} task(s) in TF_CONFIG's "
                     f"cluster ({why}); it has {', '.join(cluster.cluster)}."
                 )
-        if cluster.task_type not in cls.training_roles | cls.serving_roles:
+        if cluster.task_type not in cls.training_roles | cls.serving_roles | {"evaluator"}:
             raise ConfigError(
                 f"TF_CONFIG task type {cluster.task_type!r} is not supported by "
-                "--strategy=parameter_server: expected chief, worker or ps."
+                "--strategy=parameter_server: expected chief, worker, ps or evaluator."
             )
 
     @property
@@ -70,7 +71,11 @@ class ParameterServer(ParallelMode):
     def create(self) -> Placement:
         import tensorflow as tf
 
-        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        # The evaluator runs no server: the coordinator must not wait for it.
+        jobs = {k: list(v) for k, v in self.cluster.cluster.items() if k != "evaluator"}
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec(jobs), task_type="chief", task_id=0, rpc_layer="grpc"
+        )
         strategy = tf.distribute.ParameterServerStrategy(resolver)
         self.coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
         return Placement(strategy, True, self.num_workers, 0)

@@ -1,0 +1,101 @@
+"""The ``evaluator`` task: evaluates each new checkpoint beside the training
+cluster, in its own process, and writes its own TensorBoard run
+(``model_dir/evaluator``) and ``model_dir/evaluator/metrics.json``.
+
+It reads only the model's weights and the step from each checkpoint, so it
+never holds up training; a checkpoint rotated away before it could be read
+is skipped with a line. It ends, exit 0, once the chief has been gone for a
+few seconds and the newest checkpoint has been evaluated; exit 1 if the
+chief never appeared within ``--collective_timeout_secs``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import keras
+import tensorflow as tf
+
+from tftrain import data as data_lib
+from tftrain import tasks
+from tftrain.controller import Plan, _Output, write_json_atomically
+from tftrain.distribute import serving
+from tftrain.summaries import Summaries
+from tftrain.trainer import Trainer
+
+
+def run(config, cluster, log=print) -> int:
+    # The chief decides when the run ends; a SIGTERM to the whole cluster must
+    # not stop the evaluator before the last checkpoint is evaluated.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    keras.utils.set_random_seed(config.seed)
+    plan = Plan.make(config)
+    task = tasks.from_config(config, plan.dataset)
+    model = task.build_model()
+    step = tf.Variable(0, dtype=tf.int64, trainable=False)
+    reader = tf.train.Checkpoint(model=model, global_step=step)
+    trainer = Trainer(
+        strategy=tf.distribute.get_strategy(),
+        task=task,
+        model=model,
+        optimizer=None,
+        global_batch_size=config.eval_batch_size,
+    )
+    eval_data = data_lib.eval_dataset(plan.test, batch_size=config.eval_batch_size)
+    folder = os.path.join(config.model_dir, "checkpoints")
+    host, port = _chief(cluster)
+    started, seen, gone_since = time.monotonic(), False, None
+
+    def chief_done() -> bool:
+        nonlocal seen, gone_since
+        if serving._reachable(host, port):
+            seen, gone_since = True, None
+            return False
+        if not seen:
+            return time.monotonic() - started > config.collective_timeout_secs
+        gone_since = gone_since or time.monotonic()
+        return time.monotonic() - gone_since >= serving.COORDINATOR_GONE_SECS
+
+    log(f"evaluator: waiting for checkpoints in {folder}.")
+    os.makedirs(os.path.join(config.model_dir, "evaluator"), exist_ok=True)
+    with _Output(config.model_dir, True, 0) as out:
+        summaries, evaluated = Summaries(out, True), []
+        for path in tf.train.checkpoints_iterator(
+            folder, min_interval_secs=0.5, timeout=1.0, timeout_fn=chief_done
+        ):
+            try:
+                reader.read(path).expect_partial()
+            except (tf.errors.NotFoundError, tf.errors.DataLossError) as e:
+                log(f"evaluator: skipped {path} ({type(e).__name__}: it was rotated away).")
+                continue
+            metrics = trainer.evaluate(eval_data, in_replica=False)
+            at = int(step.numpy())
+            summaries.scalars(
+                "evaluator", at, {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
+            )
+            summaries.flush()
+            evaluated.append({"step": at, "loss": metrics["loss"], "accuracy": metrics["accuracy"]})
+            log(
+                f"evaluator: step {at}: loss {metrics['loss']:.4f}  "
+                f"accuracy {metrics['accuracy']:.4f}"
+            )
+        if not seen:
+            log(
+                f"tftrain: error: the chief ({host}:{port}) did not appear within "
+                f"{config.collective_timeout_secs:g} s (--collective_timeout_secs)."
+            )
+            return 1
+        write_json_atomically(
+            os.path.join(config.model_dir, "evaluator", "metrics.json"),
+            {"evaluated": evaluated, **(evaluated[-1] if evaluated else {})},
+        )
+        log(f"evaluator: the chief is done; evaluated {len(evaluated)} checkpoint(s).")
+        return 0
+
+
+def _chief(cluster) -> tuple[str, int]:
+    task = cluster.training_tasks()[0]
+    address = cluster.cluster[task[0]][task[1]]
+    return cluster.host_of(*task), int(address.rsplit(":", 1)[1])
