@@ -73,3 +73,39 @@ def test_rerunning_a_finished_run_leaves_its_metrics_alone(tmp_path):
     assert rebuilt["eval_loss"] == first["eval_loss"]
     saved = json.load(open(path))
     assert saved["examples_per_second"] is None and saved["training_seconds"] is None
+
+
+def test_train_scalars_start_at_step_0_and_speed_is_per_interval(tmp_path):
+    import os
+
+    import tensorflow as tf
+
+    from tftrain import controller
+    from tftrain.distribute.base import mode_for
+
+    config = ExperimentConfig(
+        dataset="synthetic",
+        model="softmax",
+        train_steps=40,
+        steps_per_loop=10,
+        lr_schedule="cosine",
+        export=False,
+        model_dir=str(tmp_path / "run"),
+    ).validate()
+    mode = mode_for(config)
+    mode.setup()
+    controller.run(config, mode, log=lambda line: None)
+    points: dict[str, dict[int, float]] = {}
+    folder = os.path.join(config.model_dir, "train")
+    for name in os.listdir(folder):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(folder, name)):
+            for value in event.summary.value:
+                number = float(tf.make_ndarray(value.tensor))
+                points.setdefault(value.tag, {})[event.step] = number
+    assert points["learning_rate"][0] == pytest.approx(0.001)  # the peak, before any step
+    assert sorted(points["learning_rate"]) == [0, 10, 20, 30, 40]
+    # The first interval traced the graph: no speed for it.
+    assert sorted(points["examples_per_second"]) == [20, 30, 40]
+    for step in (20, 30, 40):
+        per_step = points["examples_per_second"][step] / points["steps_per_second"][step]
+        assert per_step == pytest.approx(config.batch_size)

@@ -76,17 +76,19 @@ class Progress(Action):
         )
         lr = run.learning_rate()
         extra = {k: v for k, v in metrics.items() if "/" in k}  # a trainer's own (staleness/...)
-        run.summaries.scalars(
-            "train",
-            step,
-            {
-                "loss": metrics["loss"],
-                "accuracy": metrics["accuracy"],
-                "learning_rate": lr,
-                "examples_per_second": speed,
-                **extra,
-            },
-        )
+        scalars = {
+            "loss": metrics["loss"],
+            "accuracy": metrics["accuracy"],
+            "learning_rate": lr,
+            **extra,
+        }
+        # The speed of the interval just finished, not a running average; the
+        # first interval traces the graph, so its speed is left out (unless it
+        # is the whole run).
+        if self.stretches > 1 or step == plan.total_steps:
+            scalars["examples_per_second"] = steps * config.batch_size / max(seconds, 1e-9)
+            scalars["steps_per_second"] = steps / max(seconds, 1e-9)
+        run.summaries.scalars("train", step, scalars)
         run.summaries.histograms("train", step, run.trainer.histograms())
         now = time.time()
         boundary = step % plan.steps_per_epoch == 0 or step == plan.total_steps

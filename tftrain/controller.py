@@ -214,6 +214,8 @@ class Controller:
             data_lib.eval_dataset(plan.test, batch_size=config.eval_batch_size)
         )
         self._announce()
+        if step == 0:  # the schedule's starting point, before any update
+            self.summaries.scalars("train", 0, {"learning_rate": self.learning_rate()})
         stretch = config.steps_per_loop * mode.loops_between_syncs
         while step < plan.total_steps:
             due_in = (a.steps_until_due(step) for a in self.actions)
