@@ -41,6 +41,9 @@ def test_each_experiment_smoke_run_leaves_everything_in_model_dir(
     model_dir = str(tmp_path / "run")
     result = run_tftrain("train", f"--experiment={experiment}:smoke", f"--model_dir={model_dir}")
     assert "Traceback" not in result.stderr
+    # TensorFlow's C++ start-up lines are kept off the console.
+    for noise in ("InitializeLog", "cuInit", "cudart_stub", "oneDNN custom operations"):
+        assert noise not in result.stderr + result.stdout
     metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
     for key in ("eval_accuracy", "eval_loss", "global_step", "examples_per_second"):
         assert key in metrics
@@ -303,3 +306,24 @@ def test_a_full_disk_and_exhausted_memory_are_said_in_one_line():
         "out of memory (OOM when allocating tensor): try a smaller model or --batch_size."
     )
     assert cli._explain_resources(tf.errors.CancelledError(None, None, "x"), config) is None
+
+
+def test_only_tensorflows_start_up_lines_are_filtered():
+    from tftrain import quiet
+
+    dropped = [
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "I0000 00:00:1795868752.466742    8000 port.cc:153] oneDNN custom operations are on.",
+        "I0000 00:00:1795868752.467071    8000 cudart_stub.cc:31] Could not find cuda drivers",
+        "E0000 00:00:1795868753.727477    8000 cuda_platform.cc:52] failed call to cuInit: x",
+        "To enable the following instructions: AVX2 FMA, in other operations, rebuild "
+        "TensorFlow with the appropriate compiler flags.",
+    ]
+    kept = [
+        "tftrain: error: --seed=-1: expected an integer in 0-4294967295.",
+        "E0000 00:00:1795868753.727477    8000 grpc_server_lib.cc:52] could not bind",
+        "Traceback (most recent call last):",
+        "W1128 13:49:29.519092 140628470201216 polymorphic_function.py:157] retracing",
+    ]
+    assert all(quiet.is_noise(line) for line in dropped)
+    assert not any(quiet.is_noise(line) for line in kept)

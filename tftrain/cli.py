@@ -153,9 +153,13 @@ def _leave(code: int) -> None:
     os._exit(code)
 
 
-def _quiet_tensorflow() -> None:
+def _quiet_tensorflow(verbose: bool = False) -> None:
     # TensorFlow's C++ start-up lines are noise to a person watching a run.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not verbose:
+        from tftrain import quiet
+
+        quiet.filter_native_stderr()
 
 
 def load_run(flag_values):
@@ -195,7 +199,7 @@ def _train_main(argv):
         config, cluster, mode = load_run(flag_values)
     except (ConfigError, DataError) as e:
         _fail(str(e))
-    _quiet_tensorflow()
+    _quiet_tensorflow(verbose=flag_values["verbosity"].present)
     if not flag_values["verbosity"].present:
         from absl import logging
 
