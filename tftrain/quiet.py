@@ -8,7 +8,9 @@ instruction notice, each twice. :func:`filter_native_stderr` sends what the
 C++ runtime writes to file descriptor 2 through a filter that drops exactly
 those lines and passes everything else on; Python's own ``sys.stderr``
 (tftrain's errors, tracebacks) keeps writing straight to the console, so
-nothing it says can be held up or lost when the process exits.
+nothing it says can be held up or lost when the process exits. A child
+process that may speak after this one is killed (the watchdog) must be given
+``sys.stderr``, not the inherited descriptor 2.
 """
 
 from __future__ import annotations

@@ -61,6 +61,9 @@ class Watchdog:
             [sys.executable, "-c", _WATCHER, str(os.getpid()), str(self.timeout_secs)],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
+            # The console itself: file descriptor 2 may be tftrain.quiet's
+            # filter, which dies with the process this watchdog kills.
+            stderr=sys.stderr,
         )
 
     def kick(self, stage: str) -> None:
