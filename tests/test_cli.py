@@ -327,3 +327,20 @@ def test_only_tensorflows_start_up_lines_are_filtered():
     ]
     assert all(quiet.is_noise(line) for line in dropped)
     assert not any(quiet.is_noise(line) for line in kept)
+
+
+def test_what_the_runtime_writes_before_a_crash_still_reaches_the_console():
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "from tftrain import quiet\n"
+        "quiet.filter_native_stderr()\n"
+        "os.write(2, b'I0000 00:00:1.2    8 cudart_stub.cc:31] Could not find cuda drivers\\n')\n"
+        "os.write(2, b'F0000 00:00:1.2    8 tensor.cc:9] Check failed: 1 == 2\\n')\n"
+        "os.abort()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert result.returncode != 0
+    assert b"Check failed: 1 == 2" in result.stderr and b"cudart_stub" not in result.stderr

@@ -8,9 +8,9 @@ instruction notice, each twice. :func:`filter_native_stderr` sends what the
 C++ runtime writes to file descriptor 2 through a filter that drops exactly
 those lines and passes everything else on; Python's own ``sys.stderr``
 (tftrain's errors, tracebacks) keeps writing straight to the console, so
-nothing it says can be held up or lost when the process exits. A child
-process that may speak after this one is killed (the watchdog) must be given
-``sys.stderr``, not the inherited descriptor 2.
+nothing it says can be held up or lost when the process exits. The filter is
+a small process of its own, so what TensorFlow writes just before a crash
+still reaches the console.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import threading
 
 NOISE = re.compile(
     r"All log messages before absl::InitializeLog\(\) is called"
@@ -32,22 +31,44 @@ def is_noise(line: str) -> bool:
     return bool(NOISE.search(line))
 
 
+# The filter runs in its own small process, so that what TensorFlow writes just
+# before a crash (a failed CHECK, an abort) still reaches the console: the
+# filter reads until every writer is gone, then exits.
+_FILTER = """
+import os, sys
+from tftrain.quiet import is_noise
+out = os.fdopen(1, "wb", buffering=0)
+for raw in os.fdopen(0, "rb"):
+    if not is_noise(raw.decode(errors="replace")):
+        out.write(raw)
+"""
+
+
 def filter_native_stderr() -> None:
     """Filters what is written to file descriptor 2 from now on (see above)."""
+    import subprocess
+
     try:
         console = os.dup(2)
         read_end, write_end = os.pipe()
+        subprocess.Popen(
+            [sys.executable, "-c", _FILTER],
+            stdin=read_end,
+            stdout=console,
+            stderr=console,
+            env={**os.environ, "PYTHONPATH": _package_root()},
+            start_new_session=False,
+        )
     except OSError:
         return
+    os.close(read_end)
     sys.stderr.flush()
-    sys.stderr = os.fdopen(os.dup(console), "w", buffering=1, errors="backslashreplace")
+    sys.stderr = os.fdopen(console, "w", buffering=1, errors="backslashreplace")
     os.dup2(write_end, 2)
     os.close(write_end)
 
-    def pump() -> None:
-        with os.fdopen(read_end, "rb") as native, os.fdopen(console, "wb", buffering=0) as out:
-            for raw in native:
-                if not is_noise(raw.decode(errors="replace")):
-                    out.write(raw)
 
-    threading.Thread(target=pump, name="tftrain-stderr-filter", daemon=True).start()
+def _package_root() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rest = os.environ.get("PYTHONPATH")
+    return here + (os.pathsep + rest if rest else "")
