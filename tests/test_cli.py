@@ -96,9 +96,10 @@ def test_killed_run_resumes_from_its_last_checkpoint_exactly(tmp_path):
     ckpt_dir = os.path.join(model_dir, "checkpoints")
     deadline = time.time() + 120
     while time.time() < deadline:  # wait for a checkpoint past the first
-        if os.path.exists(ckpt_dir) and any(
-            f.startswith("ckpt-40.index") for f in os.listdir(ckpt_dir)
-        ):
+        # The state file names a checkpoint only once it is whole (its index
+        # file appears first: waiting on that raced with the state file).
+        state = os.path.join(ckpt_dir, "checkpoint")
+        if os.path.exists(state) and 'model_checkpoint_path: "ckpt-20"' not in open(state).read():
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
