@@ -96,6 +96,10 @@ def test_one_device_mirrored_and_two_launched_workers_agree(tmp_path):
     prints = re.findall(r"\[worker:(\d)\] Final weights sha256 (\w+)", result.stdout)
     assert sorted(w for w, _ in prints) == ["0", "1"]
     assert prints[0][1] == prints[1][1]
+    # Only the chief reports progress and evaluations: no line said twice.
+    assert re.search(r"\[worker:0\] step \d+/", result.stdout)
+    assert re.search(r"\[worker:0\] eval at step", result.stdout)
+    assert not re.search(r"\[worker:1\] (step \d+/|eval at step|Training )", result.stdout)
     # ... and leave together: no worker is reported as crashed at the end.
     assert "have crashed" not in result.stdout + result.stderr
     # TensorFlow's own gRPC ring in place of tftrain's TCP ring (the default

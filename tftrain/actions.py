@@ -102,7 +102,7 @@ class Progress(Action):
             if "staleness/mean" in extra
             else ""
         )
-        run.log(
+        run.chief_log(
             f"step {step}/{plan.total_steps}  epoch {step / plan.steps_per_epoch:.2f}/{epochs}  "
             f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
             f"lr {lr:.3g}  {speed:,.0f} examples/s  {stale}"
@@ -129,7 +129,7 @@ class Evaluate(Action):
             "eval", step, {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
         )
         run.summaries.flush()
-        run.log(
+        run.chief_log(
             f"eval at step {step}: loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}"
         )
         run.last_eval = metrics

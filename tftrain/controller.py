@@ -129,6 +129,9 @@ class Controller:
     ):
         self.config, self.mode, self.plan = config, mode, plan
         self.out, self.log, self.watchdog = out, log, watchdog
+        # Progress, evaluation and the plan are the chief's to say: in a cluster
+        # every worker would print the same lines.
+        self.chief_log = log if mode.placement.is_chief else (lambda line: None)
         self.stop = stop or NeverStop()
         placement = mode.placement
         self.task = tasks.from_config(config, plan.dataset)
@@ -256,7 +259,7 @@ class Controller:
         config, plan, placement = self.config, self.plan, self.mode.placement
         if placement.is_chief:
             write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())
-        self.log(
+        self.chief_log(
             f"Training {config.model} on {plan.dataset.name} ({len(plan.train)} train / "
             f"{len(plan.test)} test examples) with {config.optimizer}, "
             f"{placement.num_replicas} replica(s) on {placement.num_workers} "
@@ -264,7 +267,7 @@ class Controller:
             f"({plan.steps_per_epoch} per epoch)."
         )
         for line in self.mode.announce():
-            self.log(line)
+            self.chief_log(line)
 
     def finish(self, eval_metrics: dict) -> dict:
         """Exports the model and writes metrics.json; returns the metrics."""
