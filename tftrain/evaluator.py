@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
-import time
+import sys
 
 import keras
 import tensorflow as tf
@@ -45,25 +45,16 @@ def run(config, cluster, log=print) -> int:
     )
     eval_data = data_lib.eval_dataset(plan.test, batch_size=config.eval_batch_size)
     folder = os.path.join(config.model_dir, "checkpoints")
-    host, port = _chief(cluster)
-    started, seen, gone_since = time.monotonic(), False, None
-
-    def chief_done() -> bool:
-        nonlocal seen, gone_since
-        if serving._reachable(host, port):
-            seen, gone_since = True, None
-            return False
-        if not seen:
-            return time.monotonic() - started > config.collective_timeout_secs
-        gone_since = gone_since or time.monotonic()
-        return time.monotonic() - gone_since >= serving.COORDINATOR_GONE_SECS
-
+    chief = serving.Driver(cluster, config.collective_timeout_secs)
     log(f"evaluator: waiting for checkpoints in {folder}.")
     os.makedirs(os.path.join(config.model_dir, "evaluator"), exist_ok=True)
     with _Output(config.model_dir, True, 0) as out:
         summaries, evaluated = Summaries(out, True), []
         for path in tf.train.checkpoints_iterator(
-            folder, min_interval_secs=0.5, timeout=1.0, timeout_fn=chief_done
+            folder,
+            min_interval_secs=0.5,
+            timeout=1.0,
+            timeout_fn=lambda: chief.poll() in ("gone", "missing"),
         ):
             try:
                 reader.read(path).expect_partial()
@@ -81,11 +72,8 @@ def run(config, cluster, log=print) -> int:
                 f"evaluator: step {at}: loss {metrics['loss']:.4f}  "
                 f"accuracy {metrics['accuracy']:.4f}"
             )
-        if not seen:
-            log(
-                f"tftrain: error: the chief ({host}:{port}) did not appear within "
-                f"{config.collective_timeout_secs:g} s (--collective_timeout_secs)."
-            )
+        if not chief.seen:
+            print(f"tftrain: error: {chief.never_came()}", file=sys.stderr, flush=True)
             return 1
         write_json_atomically(
             os.path.join(config.model_dir, "evaluator", "metrics.json"),
@@ -93,9 +81,3 @@ def run(config, cluster, log=print) -> int:
         )
         log(f"evaluator: the chief is done; evaluated {len(evaluated)} checkpoint(s).")
         return 0
-
-
-def _chief(cluster) -> tuple[str, int]:
-    task = cluster.training_tasks()[0]
-    address = cluster.cluster[task[0]][task[1]]
-    return cluster.host_of(*task), int(address.rsplit(":", 1)[1])

@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 
 from tftrain.errors import ConfigError
-from tftrain.trainer import Trainer, _accumulate
+from tftrain.trainer import Trainer, _accumulate, gradient_tensor
 
 SCHEDULES = ("gpipe", "1f1b")
 BALANCES = ("time", "params")
@@ -303,13 +303,14 @@ class PipelineTrainer(Trainer):
         self._actions = schedule(pipeline_schedule, len(self.stages), self.num_microbatches)
         self._order = construction_order(self._actions)
         self._slot = {id(v): i for i, v in enumerate(self.model.trainable_variables)}
+        self._probes = None  # each stage's timing function, built on first use
 
     def timings(self) -> dict[str, float]:
         """Each stage's compute per step in milliseconds: one micro-batch's
         forward and backward pass on the stage's device, measured alone, times
         the micro-batches of a step."""
         micro = self.global_batch_size // self.num_microbatches
-        if not hasattr(self, "_probes"):
+        if self._probes is None:
             shape = tuple(self.model.inputs[0].shape[1:]), self.model.inputs[0].dtype
             self._probes = []
             for stage in self.stages:
@@ -382,7 +383,7 @@ class PipelineTrainer(Trainer):
                     weight_grads[(k, j)] = grads[:n]
                     if k > 0:
                         upstream[(k - 1, j)] = grads[n]
-                    after[k] = [_tensor_of(g) for g in grads if g is not None]
+                    after[k] = [gradient_tensor(g) for g in grads if g is not None]
         total = [None] * len(self._slot)
         for k, stage in enumerate(self.stages):
             for j in range(M):  # micro-batch order, whatever the schedule
@@ -397,9 +398,3 @@ class PipelineTrainer(Trainer):
         for j in range(1, M):
             summed = summed + stats[j]
         return total, summed
-
-
-def _tensor_of(gradient):
-    import tensorflow as tf
-
-    return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tftrain.trainer import Trainer, _stats_variable
+from tftrain.trainer import Trainer, _stats_variable, gradient_tensor
 
 # Staleness values counted one by one; larger ones share the last bucket.
 BUCKETS = 64
@@ -56,7 +56,9 @@ class StalenessTrainer(Trainer):
         before = self.updates_applied.read_value()
         gradients, stats = self.accumulate_gradients(inputs, labels)
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
-        with tf.control_dependencies([before, *(_tensor(g) for g in gradients if g is not None)]):
+        with tf.control_dependencies(
+            [before, *(gradient_tensor(g) for g in gradients if g is not None)]
+        ):
             after = self.updates_applied.read_value()
         with tf.control_dependencies([after]):
             self.updates_applied.assign_add(1)
@@ -85,7 +87,3 @@ class StalenessTrainer(Trainer):
     def run_staleness(self) -> dict:
         """The staleness summary over every update this process saw."""
         return summarise(self._run_totals)
-
-
-def _tensor(gradient):
-    return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient

@@ -29,6 +29,12 @@ def _stats_variable(name: str, size: int) -> tf.Variable:
     )
 
 
+def gradient_tensor(gradient):
+    """The tensor a gradient is made of: its values for ``tf.IndexedSlices``
+    (what a control dependency on a sparse gradient needs)."""
+    return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
+
+
 def _accumulate(total, gradient):
     if total is None or gradient is None:
         return gradient if total is None else total

@@ -58,10 +58,7 @@ class ModelParallel(ParallelMode):
 
     def serve(self) -> int:
         return serving.serve(
-            self.cluster,
-            self.config.collective_timeout_secs,
-            self.default_threads()[1],
-            driver=self._driver(),
+            self.cluster, self.config.collective_timeout_secs, self.default_threads()[1]
         )
 
     def default_threads(self) -> tuple[int, int]:

@@ -13,10 +13,42 @@ from tftrain.errors import ConfigError
 COORDINATOR_GONE_SECS = 3.0
 
 
-def serve(cluster, wait_secs: float, inter_op_threads: int, driver=("chief", 0)) -> int:
+class Driver:
+    """The task that drives a run (the chief, else worker 0), watched from a
+    task that waits on it: ``poll()`` says ``"waiting"`` (not seen yet),
+    ``"up"``, ``"gone"`` (seen, then away for COORDINATOR_GONE_SECS) or
+    ``"missing"`` (never seen within ``wait_secs``)."""
+
+    def __init__(self, cluster, wait_secs: float):
+        self.task = cluster.training_tasks()[0]
+        self.address = cluster.cluster[self.task[0]][self.task[1]]
+        self._host = cluster.host_of(*self.task)
+        self._port = int(self.address.rsplit(":", 1)[1])
+        self.wait_secs = wait_secs
+        self.seen = False
+        self._started, self._gone_since = time.monotonic(), None
+
+    def poll(self) -> str:
+        now = time.monotonic()
+        if _reachable(self._host, self._port):
+            self.seen, self._gone_since = True, None
+            return "up"
+        if self.seen:
+            self._gone_since = self._gone_since or now
+            return "gone" if now - self._gone_since >= COORDINATOR_GONE_SECS else "up"
+        return "missing" if now - self._started > self.wait_secs else "waiting"
+
+    def never_came(self) -> str:
+        return (
+            f"the coordinator ({self.task[0]} at {self.address}) did not appear within "
+            f"{self.wait_secs:g} s (--collective_timeout_secs)."
+        )
+
+
+def serve(cluster, wait_secs: float, inter_op_threads: int) -> int:
     """Starts this task's TensorFlow server and serves until the task that
-    drives the run (``driver``: its type and index) is gone; returns the exit
-    code (0, or 1 if the driver never appeared within ``wait_secs``)."""
+    drives the run (:class:`Driver`) is gone; returns the exit code (0, or 1
+    if the driver never appeared within ``wait_secs``)."""
     import signal
 
     import tensorflow as tf
@@ -42,28 +74,17 @@ def serve(cluster, wait_secs: float, inter_op_threads: int, driver=("chief", 0))
         ) from None
     me = f"{cluster.task_type}:{cluster.task_index}"
     print(f"{me} serving on {cluster.address}; waiting for the coordinator.", flush=True)
-    driver_address = cluster.cluster[driver[0]][driver[1]]
-    host, port = cluster.host_of(*driver), int(driver_address.rsplit(":", 1)[1])
-    started, seen, gone_since = time.monotonic(), False, None
+    driver = Driver(cluster, wait_secs)
     while True:
-        up = _reachable(host, port)
-        now = time.monotonic()
-        if up and not seen:
+        seen = driver.seen
+        state = driver.poll()
+        if state == "up" and not seen:
             print(f"{me} joined the coordinator's run.", flush=True)
-        if up:
-            seen, gone_since = True, None
-        elif seen:
-            gone_since = gone_since or now
-            if now - gone_since >= COORDINATOR_GONE_SECS:
-                print(f"{me}: the coordinator is done; exiting.", flush=True)
-                return 0
-        elif now - started > wait_secs:
-            print(
-                f"tftrain: error: the coordinator ({driver[0]} at {driver_address}) "
-                f"did not appear within {wait_secs:g} s (--collective_timeout_secs).",
-                file=sys.stderr,
-                flush=True,
-            )
+        elif state == "gone":
+            print(f"{me}: the coordinator is done; exiting.", flush=True)
+            return 0
+        elif state == "missing":
+            print(f"tftrain: error: {driver.never_came()}", file=sys.stderr, flush=True)
             return 1
         time.sleep(1.0)
 
