@@ -302,6 +302,11 @@ def test_a_full_disk_and_exhausted_memory_are_said_in_one_line():
     )
     said = cli._explain_resources(full, config)
     assert said.startswith("the disk is full (") and "--model_dir=/runs/a" in said
+    # TensorFlow puts the reason after a long file name on the same line.
+    long = tf.errors.ResourceExhaustedError(
+        None, None, "{{function_node x}} /r/" + "p" * 300 + ".tempstate; No space left on device"
+    )
+    assert cli._explain_resources(long, config).startswith("the disk is full (")
     oom = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor\nmore")
     assert cli._explain_resources(oom, config) == (
         "out of memory (OOM when allocating tensor): try a smaller model or --batch_size."

@@ -108,6 +108,18 @@ def test_a_diverging_run_stops_loudly_and_exports_nothing(tmp_path):
     strict_json(os.path.join(model_dir, "config.json"))
 
 
+def test_skipping_nonfinite_updates_counts_them_and_still_exports_no_nan_model(tmp_path):
+    model_dir = str(tmp_path / "run")
+    result = train(
+        model_dir, 60, "--optimizer=sgd", "--learning_rate=1e8", "--on_nan=skip_step", check=False
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "update(s) so far (non-finite)" in result.stdout
+    assert "tftrain: error: the evaluation loss at step 20 is nan" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not os.path.exists(os.path.join(model_dir, "export"))
+
+
 def test_sigterm_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, straight_80):
     model_dir = str(tmp_path / "run")
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
@@ -167,3 +179,30 @@ def test_a_relative_model_dir_resumes_its_own_checkpoints(tmp_path, monkeypatch)
     found = checkpoints._candidates("runs/main/checkpoints")
     assert found == ["runs/main/checkpoints/ckpt-2", "runs/main/checkpoints/ckpt-1"]
     assert all(checkpoints.damage(prefix) is None for prefix in found)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB file system (a tmpfs: mounting one needs root, as in CI)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    yield str(mount)
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_said_in_one_line_and_keeps_the_checkpoint(small_disk):
+    from tftrain import checkpoints
+
+    model_dir = os.path.join(small_disk, "run")
+    # The MLP's checkpoint (2.8 MB) fits; the SavedModel after it does not.
+    result = train(model_dir, 20, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "tftrain: error: the disk is full (No space left on device)" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not os.path.exists(os.path.join(model_dir, "export.partial"))
+    assert checkpoints.damage(_ckpt(model_dir, 20, "")) is None

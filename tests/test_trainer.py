@@ -173,3 +173,69 @@ def test_sparse_gradients_accumulate_over_micro_batches():
     for x, y in zip(weights(a), weights(b)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
     assert a.take_train_metrics()["accuracy"] > 0.3
+
+
+def _three_batches(nan_at=None, batch=32):
+    rng = np.random.default_rng(0)
+    x = rng.random((3 * batch, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 3 * batch).astype(np.int32)
+    if nan_at is not None:
+        x[nan_at, 0, 0, 0] = np.nan
+    return x, y
+
+
+def _train_on(strategy, x, y, *, skip, batch=32):
+    with strategy.scope():
+        m = models.build_model("mlp", seed=0, **IMAGES)
+        opt = optimizers.get("sgd", learning_rate=0.1)
+        opt.build(m.trainable_variables)
+    t = Trainer(
+        strategy=strategy,
+        task=TASK,
+        model=m,
+        optimizer=opt,
+        global_batch_size=batch,
+        skip_nonfinite=skip,
+    )
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+    t.train(iter(strategy.experimental_distribute_dataset(ds)), len(x) // batch)
+    return t
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_nonfinite_update_is_skipped_whole_on_every_replica(replicas):
+    # One NaN pixel in the second batch's last example: under 2 replicas only
+    # replica 1 sees it, and both must skip the update.
+    strategy = (
+        tf.distribute.OneDeviceStrategy("/cpu:0") if replicas == 1 else mirrored(2).setup().strategy
+    )
+    x, y = _three_batches(nan_at=63)
+    skipped = _train_on(strategy, x, y, skip=True)
+    metrics = skipped.take_train_metrics()
+    assert metrics["nonfinite_steps"] == 1
+    assert np.isfinite(metrics["loss"]) and metrics["gradient_norm"] > 0
+    keep = np.r_[0:32, 64:96]
+    reference = _train_on(strategy, x[keep], y[keep], skip=False)
+    for got, want in zip(weights(skipped), weights(reference)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_without_skipping_a_nonfinite_update_is_counted_and_applied():
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    x, y = _three_batches(nan_at=40)
+    t = _train_on(strategy, x, y, skip=False)
+    metrics = t.take_train_metrics()
+    assert metrics["nonfinite_steps"] >= 1
+    assert not all(np.isfinite(w).all() for w in weights(t))
+
+
+def test_the_gradient_norm_is_the_global_norm_of_the_update():
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    x, y = _three_batches()
+    t = _train_on(strategy, x[:32], y[:32], skip=False)
+    fresh = _train_on(strategy, x[:0], y[:0], skip=False)  # the same start, no step
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(TASK.per_example_loss(y[:32], fresh.model(x[:32], training=True)))
+    want = tf.linalg.global_norm(tape.gradient(loss, fresh.model.trainable_variables))
+    got = t.take_train_metrics()["gradient_norm"]
+    assert got == pytest.approx(float(want), rel=1e-5)

@@ -74,13 +74,13 @@ GRADIENT_SUM_METHOD = "_all_reduce_sum_gradients"
 
 def install_gradient_sum_hook(cls, reduce) -> None:
     """Overrides ``GRADIENT_SUM_METHOD`` on ``cls`` (a Keras optimizer class):
-    gradients are summed by ``reduce(self, grads_and_vars)``, or by Keras's
-    own method when that returns None."""
-    keras_sum = getattr(cls.__mro__[1], GRADIENT_SUM_METHOD)
+    gradients are summed by ``reduce(self, grads_and_vars, keras_sum)``, which
+    may call ``keras_sum(grads_and_vars)``, Keras's own method. It runs in
+    replica context, just before the update: what it returns is applied."""
+    keras_method = getattr(cls.__mro__[1], GRADIENT_SUM_METHOD)
 
     def method(self, grads_and_vars):
-        summed = reduce(self, grads_and_vars)
-        return keras_sum(self, grads_and_vars) if summed is None else summed
+        return reduce(self, grads_and_vars, lambda pairs: keras_method(self, pairs))
 
     setattr(cls, GRADIENT_SUM_METHOD, method)
 

@@ -46,25 +46,39 @@ class Progress(Action):
     def __init__(self):
         self.seconds, self.examples, self.stretches = 0.0, 0, 0
         self.started, self.last_line = time.time(), 0.0
+        self.skipped = 0  # updates skipped under --on_nan=skip_step
 
     def steady_speed(self) -> tuple[float, float]:
         return (self.examples / self.seconds if self.seconds else 0.0), self.seconds
 
+    @staticmethod
+    def _check_finite(run, metrics, step, steps) -> None:
+        """Under --on_nan=stop, a non-finite loss or gradient norm ends the run."""
+        nonfinite = metrics.get("nonfinite_steps", 0)
+        if run.config.on_nan != "stop" or (math.isfinite(metrics["loss"]) and not nonfinite):
+            return
+        what = (
+            f"the training loss became {metrics['loss']}"
+            if not math.isfinite(metrics["loss"])
+            else f"the gradients' norm became NaN or infinite in {nonfinite} step(s)"
+        )
+        raise DivergedError(
+            f"{what} in steps {step - steps + 1}-{step}: the run diverged and was stopped. "
+            + (
+                f"The last good checkpoint is {run.checkpoints.last_saved}. "
+                if run.checkpoints.last_saved
+                else "No checkpoint was saved before it. "
+            )
+            + "Try a lower --learning_rate (or a warm-up, --warmup_epochs), or "
+            "--on_nan=skip_step to skip such updates; nothing was exported."
+        )
+
     def __call__(self, run, step, seconds, steps) -> None:
         config, plan = run.config, run.plan
         metrics = run.trainer.take_train_metrics()
-        if not math.isfinite(metrics["loss"]):
-            raise DivergedError(
-                f"the training loss became {metrics['loss']} in steps {step - steps + 1}-{step}: "
-                "the run diverged and was stopped. "
-                + (
-                    f"The last good checkpoint is {run.checkpoints.last_saved}. "
-                    if run.checkpoints.last_saved
-                    else "No checkpoint was saved before it. "
-                )
-                + "Try a lower --learning_rate (or a warm-up, --warmup_epochs); "
-                "nothing was exported."
-            )
+        self._check_finite(run, metrics, step, steps)
+        skipped = metrics.pop("nonfinite_steps", 0)
+        self.skipped += skipped
         self.stretches += 1
         if self.stretches > 1 or step == plan.total_steps:
             self.seconds += seconds
@@ -76,12 +90,13 @@ class Progress(Action):
         )
         lr = run.learning_rate()
         extra = {k: v for k, v in metrics.items() if "/" in k}  # a trainer's own (staleness/...)
-        scalars = {
-            "loss": metrics["loss"],
-            "accuracy": metrics["accuracy"],
-            "learning_rate": lr,
-            **extra,
-        }
+        scalars = {"learning_rate": lr, **extra}
+        if metrics["examples"]:  # (every batch can be skipped under --on_nan=skip_step)
+            scalars.update(loss=metrics["loss"], accuracy=metrics["accuracy"])
+        if "gradient_norm" in metrics and math.isfinite(metrics["gradient_norm"]):
+            scalars["gradient_norm"] = metrics["gradient_norm"]
+        if config.on_nan == "skip_step":
+            scalars["skipped_steps"] = skipped
         # The speed of the interval just finished, not a running average; the
         # first interval traces the graph, so its speed is left out (unless it
         # is the whole run).
@@ -102,10 +117,15 @@ class Progress(Action):
             if "staleness/mean" in extra
             else ""
         )
+        skips = f"skipped {self.skipped} update(s) so far (non-finite)  " if self.skipped else ""
         run.chief_log(
             f"step {step}/{plan.total_steps}  epoch {step / plan.steps_per_epoch:.2f}/{epochs}  "
-            f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
-            f"lr {lr:.3g}  {speed:,.0f} examples/s  {stale}"
+            + (
+                f"loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
+                if metrics["examples"]
+                else "loss -  accuracy - (no finite batch)  "
+            )
+            + f"lr {lr:.3g}  {speed:,.0f} examples/s  {stale}{skips}"
             f"elapsed {format_duration(now - self.started)}  ETA {format_duration(eta)}"
         )
 

@@ -63,6 +63,9 @@ def _help() -> dict[str, str]:
         "eval_interval": "steps between evaluations (default: one epoch)",
         "keep_checkpoints": "checkpoints kept in model_dir/checkpoints",
         "log_interval_secs": "seconds between progress lines",
+        "on_nan": f"{_choices(c.ON_NAN)}: when the loss or the gradients' norm is NaN or "
+        "infinite, stop the run (naming the steps and the last good checkpoint, exporting "
+        "nothing) or skip that update (counted as train/skipped_steps)",
         "strategy": _choices(plugins.STRATEGIES.names()),
         "num_replicas": "local replicas for mirrored: GPUs, or logical CPU devices",
         "all_reduce": f"mirrored's cross-device reduction: {_choices(c.ALL_REDUCE)}",
@@ -269,11 +272,11 @@ def _explain_resources(error, config) -> str | None:
     if not isinstance(error, tf.errors.ResourceExhaustedError):
         return None
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    if "space" in first.lower():
+    if "no space left" in str(error).lower():
         return (
-            f"the disk is full ({first}): free some space under --model_dir="
-            f"{config.model_dir}, then run the same command to resume from the last "
-            "checkpoint."
+            f"the disk is full (No space left on device): free some space under "
+            f"--model_dir={config.model_dir}, then run the same command to resume from "
+            "the last checkpoint, which is kept."
         )
     return f"out of memory ({first}): try a smaller model or --batch_size."
 

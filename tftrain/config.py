@@ -20,6 +20,7 @@ __all__ = ["ConfigError", "ExperimentConfig", "check_batch_splits"]
 DATASETS_BUILTIN = ("fashion_mnist", "mnist", "cifar10", "synthetic", "synthetic_tokens")
 LR_SCHEDULES = ("constant", "cosine", "step")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+ON_NAN = ("stop", "skip_step")
 PIPELINE_BALANCES = ("time", "params")
 PIPELINE_FIELDS = ("num_stages", "pipeline_schedule", "pipeline_balance")
 ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduction_to_one_device")
@@ -72,6 +73,8 @@ class ExperimentConfig:
     eval_interval: int | None = None  # steps; None: once an epoch
     keep_checkpoints: int = 3
     log_interval_secs: float = 5.0
+    # A NaN or infinite loss or gradient norm: stop the run, or skip the update.
+    on_nan: str = "stop"
     # Distribution.
     strategy: str = "one_device"
     num_replicas: int = 1
@@ -135,6 +138,7 @@ class ExperimentConfig:
         _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _one_of("all_reduce", self.all_reduce, ALL_REDUCE)
         _one_of("collective", self.collective, COLLECTIVES)
+        _one_of("on_nan", self.on_nan, ON_NAN)
         _positive_float("learning_rate", self.learning_rate)
         _positive_float("collective_timeout_secs", self.collective_timeout_secs)
         for name in (

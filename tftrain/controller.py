@@ -148,6 +148,7 @@ class Controller:
             global_batch_size=config.batch_size,
             num_microbatches=config.microbatches,
             gradient_reducer=placement.gradient_reducer,
+            skip_nonfinite=config.on_nan == "skip_step",
         )
         self.checkpoints = Checkpoints(
             model_dir=config.model_dir,
@@ -301,6 +302,8 @@ class Controller:
         }
         if self.last_timings:
             result["timings"] = self.last_timings
+        if config.on_nan == "skip_step":
+            result["skipped_steps"] = progress.skipped if progress else 0
         self.log(
             f"Final weights sha256 {result['weights_sha256'][:16]} "
             f"(worker {placement.worker_index} of {placement.num_workers})."

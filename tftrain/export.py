@@ -34,8 +34,12 @@ def export_saved_model(model, task, path: str) -> str:
     )
     staging = path + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        archive.write_out(staging, verbose=False)  # it prints a long listing
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            archive.write_out(staging, verbose=False)  # it prints a long listing
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk: leave no half export
+        raise
     shutil.rmtree(path, ignore_errors=True)
     os.replace(staging, path)
     return path

@@ -65,7 +65,7 @@ class StalenessTrainer(Trainer):
         staleness = after - before
         bucket = tf.one_hot(tf.minimum(staleness, BUCKETS - 1), BUCKETS, dtype=tf.float32)
         self._staleness.assign_add(tf.concat([bucket, [tf.cast(staleness, tf.float32)]], 0))
-        self._train_stats.assign_add(stats)
+        self.add_train_stats(stats)
 
     def take_train_metrics(self) -> dict[str, float]:
         metrics = super().take_train_metrics()

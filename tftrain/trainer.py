@@ -65,6 +65,15 @@ class Trainer:
       gradient_reducer: sums the gradients across workers instead of the
         strategy (tftrain.distribute.ring.RingAllReduce); needs one of
         tftrain's optimizers.
+      skip_nonfinite: skip an update whose gradients hold a NaN or infinity
+        instead of applying it (and leave a batch whose loss is not finite
+        out of the loss and accuracy). Either way such updates are counted
+        (``take_train_metrics``'s ``nonfinite_steps``).
+
+    With one of tftrain's optimizers the trainer also measures the global
+    norm of each update's gradients (summed over replicas), as
+    ``gradient_norm``: the mean over the finite updates since the last
+    ``take_train_metrics`` (a sparse gradient counts its rows as sent).
     """
 
     def __init__(
@@ -77,14 +86,20 @@ class Trainer:
         global_batch_size: int,
         num_microbatches: int = 1,
         gradient_reducer=None,
+        skip_nonfinite: bool = False,
     ):
+        ours = hasattr(optimizer, "gradient_observer")
+        if (gradient_reducer is not None or skip_nonfinite) and not ours:
+            raise TypeError(
+                f"{type(optimizer).__name__} cannot take tftrain's gradient ring or skip "
+                "updates: use one of tftrain.optimizers"
+            )
         if gradient_reducer is not None:
-            if not hasattr(optimizer, "gradient_reducer"):
-                raise TypeError(
-                    f"{type(optimizer).__name__} cannot take tftrain's gradient ring: "
-                    "use one of tftrain.optimizers"
-                )
             optimizer.gradient_reducer = gradient_reducer
+        if ours:
+            optimizer.gradient_observer = self._watch_gradients
+            optimizer.skip_nonfinite = bool(skip_nonfinite)
+        self.skip_nonfinite = bool(skip_nonfinite)
         self.strategy, self.task = strategy, task
         self.model, self.optimizer = model, optimizer
         self.global_batch_size = int(global_batch_size)
@@ -99,6 +114,8 @@ class Trainer:
             )
             self._train_stats = _stats_variable("train_stats", task.num_stats)
             self._eval_stats = _stats_variable("eval_stats", task.num_stats)
+            # Sum of finite gradient norms, finite updates, non-finite updates.
+            self._update_stats = _stats_variable("update_stats", 3)
         self.loop = tf.function(self._train_loop, reduce_retracing=True)
         self._eval_fn = tf.function(self._eval_step, reduce_retracing=True)
 
@@ -130,10 +147,47 @@ class Trainer:
             stats = s if stats is None else stats + s
         return gradients, stats
 
+    def _watch_gradients(self, grads_and_vars):
+        """The optimizer's look at the summed gradients (in replica context,
+        every replica seeing the same ones): their norm and whether they are
+        finite, counted once over the replicas."""
+        norm = tf.linalg.global_norm([gradient_tensor(g) for g, _ in grads_and_vars])
+        finite = tf.math.is_finite(norm)
+        share = 1.0 / tf.distribute.get_replica_context().num_replicas_in_sync
+        self._update_stats.assign_add(
+            tf.stack(
+                [
+                    tf.where(finite, norm, 0.0) * share,
+                    tf.cast(finite, tf.float32) * share,
+                    tf.cast(tf.logical_not(finite), tf.float32) * share,
+                ]
+            )
+        )
+        if not self.skip_nonfinite:
+            return grads_and_vars
+        # All or nothing: one non-finite gradient makes every one NaN, so the
+        # optimizer skips every variable of this update (Optimizer.skip_nonfinite).
+        poison = tf.where(finite, 1.0, float("nan"))
+
+        def poisoned(g):
+            if isinstance(g, tf.IndexedSlices):
+                values = g.values * tf.cast(poison, g.dtype)
+                return tf.IndexedSlices(values, g.indices, g.dense_shape)
+            return g * tf.cast(poison, g.dtype)
+
+        return [(poisoned(g), v) for g, v in grads_and_vars]
+
+    def add_train_stats(self, stats) -> None:
+        """Adds a batch's statistics; under ``skip_nonfinite`` a batch whose
+        statistics are not finite is left out."""
+        if self.skip_nonfinite:
+            stats = tf.where(tf.reduce_all(tf.math.is_finite(stats)), stats, tf.zeros_like(stats))
+        self._train_stats.assign_add(stats)
+
     def _replica_train_step(self, inputs, labels):
         gradients, stats = self.accumulate_gradients(inputs, labels)
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
-        self._train_stats.assign_add(stats)
+        self.add_train_stats(stats)
 
     def _train_loop(self, iterator, num_steps):
         done = tf.constant(0, tf.int64)
@@ -162,7 +216,13 @@ class Trainer:
         """The task's metrics since the last call, over every replica."""
         stats = self._train_stats.read_value().numpy()
         self._train_stats.assign(tf.zeros([self.task.num_stats]))
-        return self.task.summarise(stats)
+        metrics = self.task.summarise(stats)
+        norms, finite, nonfinite = self._update_stats.read_value().numpy()
+        self._update_stats.assign(tf.zeros([3]))
+        if round(finite) or round(nonfinite):  # measured (one of tftrain's optimizers)
+            metrics["gradient_norm"] = float(norms / finite) if round(finite) else float("nan")
+            metrics["nonfinite_steps"] = int(round(nonfinite))
+        return metrics
 
     # -- evaluation ------------------------------------------------------
 

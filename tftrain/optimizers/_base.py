@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import tensorflow as tf
 
@@ -10,7 +12,17 @@ from tftrain import _internal
 
 class Optimizer(keras.optimizers.Optimizer):
     """Base class: an iteration counter that concurrent updates cannot lose,
-    and a place for another way of summing gradients across workers."""
+    a place for another way of summing gradients across workers, a look at
+    the summed gradients, and updates that can be skipped.
+
+    ``gradient_observer(grads_and_vars)``, when set, sees the gradients once
+    they are summed over every replica (the gradients of the update) and
+    returns the pairs to apply. With ``skip_nonfinite``, a variable whose
+    gradient holds a NaN or infinity is not updated: an observer that makes
+    every gradient NaN when one is not finite (tftrain.trainer) skips the
+    whole update. The iteration counter still advances, so the learning-rate
+    schedule and the step stay aligned.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -18,6 +30,13 @@ class Optimizer(keras.optimizers.Optimizer):
         # Set by the trainer when something other than the strategy sums the
         # gradients across workers (tftrain.distribute.ring.RingAllReduce).
         self.gradient_reducer = None
+        self.gradient_observer = None
+        self.skip_nonfinite = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "update_step" in cls.__dict__:
+            cls.update_step = _skippable(cls.__dict__["update_step"])
 
     def _slot(self, slots, variable):
         """The tf.Variable behind the slot of ``variable`` (per device in an update)."""
@@ -29,15 +48,38 @@ class Optimizer(keras.optimizers.Optimizer):
         return [tf.pow(tf.cast(b, dtype), t) for b in betas]
 
 
-def _reduce_with_gradient_reducer(optimizer, grads_and_vars):
-    if optimizer.gradient_reducer is None or tf.distribute.get_replica_context() is None:
-        return None  # the strategy's own all-reduce
-    pairs = [(g, v) for g, v in grads_and_vars if g is not None]
-    summed = optimizer.gradient_reducer.reduce_in_graph([g for g, _ in pairs])
-    return list(zip(summed, (v for _, v in pairs)))
+def _skippable(update_step):
+    """``update_step`` that leaves the variable alone, under ``skip_nonfinite``,
+    when its gradient is not finite."""
+
+    @functools.wraps(update_step)
+    def method(self, gradient, variable, learning_rate):
+        if not self.skip_nonfinite:
+            return update_step(self, gradient, variable, learning_rate)
+        values = gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
+        finite = tf.reduce_all(tf.math.is_finite(values))
+
+        def update():
+            update_step(self, gradient, variable, learning_rate)
+
+        tf.cond(finite, update, lambda: None)
+
+    return method
 
 
-_internal.install_gradient_sum_hook(Optimizer, _reduce_with_gradient_reducer)
+def _sum_gradients(optimizer, grads_and_vars, keras_sum):
+    if optimizer.gradient_reducer is not None and tf.distribute.get_replica_context() is not None:
+        pairs = [(g, v) for g, v in grads_and_vars if g is not None]
+        summed = optimizer.gradient_reducer.reduce_in_graph([g for g, _ in pairs])
+        pairs = list(zip(summed, (v for _, v in pairs)))
+    else:  # the strategy's own all-reduce
+        pairs = keras_sum(grads_and_vars)
+    if optimizer.gradient_observer is not None:
+        pairs = optimizer.gradient_observer(list(pairs))
+    return pairs
+
+
+_internal.install_gradient_sum_hook(Optimizer, _sum_gradients)
 
 
 def as_tf_variable(variable):
