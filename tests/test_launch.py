@@ -66,10 +66,52 @@ def test_tfjob_manifest():
         "tftrain",
         "train",
         "--inter_op_threads=5",  # workers + 1, as the local launcher sets
+        "--ring_port=2223",
         "--experiment=fashion_mnist_mlp",
         "--strategy=multi_worker_mirrored",
         "--model_dir=gs://b/run",
     ]
+    # Every port tftrain opens is declared, and each task asks for resources.
+    assert "containerPort: 2222" in text and "containerPort: 2223" in text
+    assert 'cpu: "2"' in text and 'memory: "4Gi"' in text
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--", "--optimizer=bogus"], "--optimizer=bogus"),
+        (["--", "--model_dir=runs/a"], "--model_dir=runs/a is relative"),
+        (["--job_name=My_Job", "--", "--model_dir=/r"], "--job_name='My_Job'"),
+        (["--", "--strategy=one_device", "--model_dir=/r"], "one_device runs on one machine"),
+        (["--task_memory=lots", "--", "--model_dir=/r"], "--task_memory='lots'"),
+        (["--", "--model_dir=/r", "--no_such_flag=1"], "no_such_flag"),
+    ],
+)
+def test_tfjob_refuses_what_its_pods_would_refuse(flags, said):
+    emit = ["--num_workers=2", "--emit=tfjob", *flags]
+    if "--strategy=one_device" not in flags:
+        emit.append("--strategy=multi_worker_mirrored")
+    if not any(f.startswith("--model_dir") for f in flags):
+        emit.append("--model_dir=/r")
+    result = run_tftrain("launch", *emit, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""  # nothing printed but the error
+    assert said in result.stderr and result.stderr.startswith("tftrain: error: ")
+
+
+def test_a_launch_with_bad_training_flags_starts_no_task(tmp_path):
+    result = run_tftrain(
+        "launch",
+        "--num_workers=2",
+        "--",
+        "--experiment=fashion_mnist_mlp:smoke",
+        "--strategy=multi_worker_mirrored",
+        "--optimizer=bogus",
+        f"--model_dir={tmp_path / 'run'}",
+        check=False,
+    )
+    assert result.returncode == 2 and "--optimizer=bogus" in result.stderr
+    assert "started" not in result.stdout and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
@@ -319,3 +361,17 @@ def test_each_task_gets_its_own_cores_when_there_are_enough():
         for proc in sleepers:
             proc.kill()
             proc.wait()
+
+
+def test_the_dockerfile_builds_the_image_the_manifest_names_with_its_ports():
+    from absl import flags
+
+    from tftrain.distribute import tfjob
+
+    text = open(os.path.join(ROOT, "Dockerfile")).read()
+    values = flags.FlagValues()
+    launch.define_flags(values)
+    assert f"docker build -t {values['image'].default} ." in text
+    assert "pip install" in text and "dataset-fashion-mnist" in text
+    exposed = re.search(r"^EXPOSE (.*)$", text, re.M).group(1).split()
+    assert sorted(exposed) == sorted([str(tfjob.GRPC_PORT), str(tfjob.RING_PORT)])

@@ -95,6 +95,28 @@ def test_when_every_checkpoint_is_damaged_the_run_refuses_and_changes_nothing(tm
     )
     assert "Traceback" not in result.stderr + result.stdout
     assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == before
+    # Asked to, it starts afresh, and the damaged run's files are kept aside.
+    result = train(model_dir, 20, "--restart")
+    aside = os.path.join(model_dir, "previous", "1")
+    assert f"moved the earlier run's files to {aside}" in result.stdout
+    assert sorted(os.listdir(os.path.join(aside, "checkpoints"))) == before
+    assert metrics(model_dir)["global_step"] == 20
+    assert not os.path.exists(os.path.join(model_dir, "previous", "2"))
+
+
+def test_restart_is_refused_to_one_task_of_a_cluster(tmp_path):
+    spec = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    config = json.dumps({"cluster": spec, "task": {"type": "worker", "index": 0}})
+    result = run_tftrain(
+        "train",
+        *SMOKE,
+        "--strategy=multi_worker_mirrored",
+        f"--model_dir={tmp_path}",
+        "--restart",
+        env={"TF_CONFIG": config},
+        check=False,
+    )
+    assert result.returncode == 2 and "use tftrain launch ... -- --restart" in result.stderr
 
 
 def test_a_diverging_run_stops_loudly_and_exports_nothing(tmp_path):

@@ -189,6 +189,122 @@ def test_damaged_idx_files_load_whole_or_fail_with_a_data_error(
         assert split.labels.min() >= 0 and split.labels.max() < 10
 
 
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory):
+    """A run folder with checkpoints of steps 1-3 (variable values = the step)."""
+    import tensorflow as tf
+
+    model_dir = str(tmp_path_factory.mktemp("ckpts"))
+    step = tf.Variable(0, dtype=tf.int64)
+    weights = tf.Variable(tf.zeros([64, 32]))
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(w=weights, global_step=step),
+        os.path.join(model_dir, "checkpoints"),
+        max_to_keep=3,
+        step_counter=step,
+    )
+    for n in (1, 2, 3):
+        step.assign(n)
+        weights.assign(tf.fill([64, 32], float(n)))
+        manager.save(checkpoint_number=n)
+    return model_dir
+
+
+def _all_files(folder):
+    return sorted(f for _, _, files in os.walk(folder) for f in files)
+
+
+DAMAGE = st.lists(
+    st.tuples(
+        st.sampled_from([3, 2, 1]),  # which checkpoint
+        st.sampled_from([".index", ".data-00000-of-00001", "state"]),
+        st.sampled_from(["delete", "truncate", "flip", "random", "empty"]),
+        st.integers(0, 2**20),
+        st.integers(0, 255),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(DAMAGE)
+def test_damaged_checkpoints_fall_back_to_a_good_one_or_refuse(three_checkpoints, damages):
+    """Any damage to any checkpoint files: the run resumes from the newest
+    checkpoint that reads back whole, with exactly its values, or refuses with
+    tftrain's RunError; no file is ever deleted."""
+    import shutil
+    import tempfile
+
+    import tensorflow as tf
+
+    from tftrain import checkpoints, controller
+    from tftrain.errors import RunError
+
+    model_dir = tempfile.mkdtemp(prefix="tftrain-ckpt-sweep-")
+    try:
+        shutil.copytree(three_checkpoints, model_dir, dirs_exist_ok=True)
+        folder = os.path.join(model_dir, "checkpoints")
+        touched = set()
+        for which, suffix, how, where, byte in damages:
+            path = os.path.join(
+                folder, "checkpoint" if suffix == "state" else f"ckpt-{which}{suffix}"
+            )
+            if not os.path.exists(path):
+                continue
+            touched.add(which)
+            event(f"{how} {suffix}")
+            raw = bytearray(open(path, "rb").read())
+            if how == "delete":
+                os.remove(path)
+                continue
+            if how == "truncate":
+                raw = raw[: where % max(len(raw), 1)]
+            elif how == "flip" and raw:
+                raw[where % len(raw)] ^= byte or 1
+            elif how == "random":
+                raw = bytearray(np.random.default_rng(where).integers(0, 256, len(raw), np.uint8))
+            elif how == "empty":
+                raw = bytearray()
+            with open(path, "wb") as f:
+                f.write(raw)
+        before = _all_files(model_dir)
+        step = tf.Variable(0, dtype=tf.int64)
+        weights = tf.Variable(tf.zeros([64, 32]))
+        logged = []
+        try:
+            ckpts = checkpoints.Checkpoints(
+                model_dir=model_dir,
+                out=controller._Output(model_dir, True, 0),
+                objects={"w": weights, "global_step": step},
+                step_counter=step,
+                keep=3,
+                is_chief=True,
+                log=logged.append,
+            )
+            restored = ckpts.restore_latest()
+        except RunError as e:
+            assert str(e) and "\n" not in str(e)
+            event("refused")
+            return
+        finally:
+            assert _all_files(model_dir) == before or sorted(
+                set(_all_files(model_dir)) - {"checkpoint", "checkpoint.tmp"}
+            ) == sorted(set(before) - {"checkpoint"}), "a file was deleted"
+        if restored is None:
+            event("started afresh")
+            # Only when no checkpoint file is left to trust: never over readable ones.
+            assert all(checkpoints.damage(p) for p in checkpoints._candidates(folder))
+            return
+        n = int(restored.rsplit("-", 1)[1])
+        event(f"restored {n}")
+        assert int(step.numpy()) == n and np.all(weights.numpy() == n)
+        if n not in touched:  # an untouched checkpoint newer than it would have been used
+            assert all(m in touched for m in range(n + 1, 4))
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -10,7 +10,8 @@ named, moved aside into ``checkpoints/damaged/`` (by the chief; nothing is
 deleted) and the next newest is read back in turn; the checkpoint manager
 then tracks only the others, so its rotation never deletes the last good
 checkpoint in favour of a damaged one. A run never starts again from step 0 over
-checkpoints it cannot read: that needs a new ``--model_dir``.
+checkpoints it cannot read: that needs ``--restart`` (which sets the earlier
+run's files aside) or a new ``--model_dir``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ import tensorflow as tf
 from tftrain.errors import RunError
 
 _NUMBERED = re.compile(r"ckpt-(\d+)$")
+
+
+def _state_readable(folder: str) -> bool:
+    """Whether the ``checkpoint`` state file is missing or reads (False: it is damaged)."""
+    try:
+        tf.train.get_checkpoint_state(folder)
+    except (tf.errors.OpError, ValueError):
+        return False
+    return True
 
 
 def _candidates(folder: str) -> list[str]:
@@ -60,6 +70,28 @@ def damage(prefix: str) -> str | None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"it cannot be read: {first[:200]}"
     return None
+
+
+PREVIOUS = "previous"
+
+
+def set_aside_run(model_dir: str) -> str | None:
+    """Moves everything in ``model_dir`` (but earlier set-asides) into
+    ``model_dir/previous/N`` (N: the next free number); returns that folder,
+    or None when there was nothing to move."""
+    if not os.path.isdir(model_dir):
+        return None
+    entries = [e for e in os.listdir(model_dir) if e != PREVIOUS]
+    if not entries:
+        return None
+    root = os.path.join(model_dir, PREVIOUS)
+    os.makedirs(root, exist_ok=True)
+    taken = [int(n) for n in os.listdir(root) if n.isdigit()]
+    aside = os.path.join(root, str(max(taken, default=0) + 1))
+    os.makedirs(aside)
+    for entry in entries:
+        shutil.move(os.path.join(model_dir, entry), os.path.join(aside, entry))
+    return aside
 
 
 def _write_state(folder: str, newest_first: list[str]) -> None:
@@ -110,17 +142,26 @@ class Checkpoints:
             raise RunError(
                 f"every checkpoint in {self.folder} is damaged (newest: {damaged[0]}), so "
                 "this run cannot resume, and it will not start again from step 0 over "
-                "them. Move them away (or use a new --model_dir) to start afresh. "
+                "them. Run with --restart (the earlier run's files are moved into "
+                f"{os.path.join(self.model_dir, PREVIOUS)}/) or a new --model_dir to "
+                "start afresh. "
                 "Nothing was changed."
             )
-        if damaged and self.is_chief:
+        state_damaged = not _state_readable(self.folder)
+        if state_damaged:
+            self.log(f"The checkpoint state file in {self.folder} cannot be read; not using it.")
+        if (damaged or state_damaged) and self.is_chief:
             aside = os.path.join(self.folder, "damaged")
             os.makedirs(aside, exist_ok=True)
             for prefix in damaged:
                 for path in glob.glob(glob.escape(prefix) + ".*"):
                     shutil.move(path, os.path.join(aside, os.path.basename(path)))
-            _write_state(self.folder, good)
-            self.log(f"Moved the damaged checkpoint(s) to {aside}; nothing was deleted.")
+            state = os.path.join(self.folder, "checkpoint")
+            if state_damaged:
+                shutil.move(state, os.path.join(aside, "checkpoint"))
+            if good:
+                _write_state(self.folder, good)
+            self.log(f"Moved the damaged file(s) to {aside}; nothing was deleted.")
         return good
 
     def restore_latest(self) -> str | None:
@@ -135,7 +176,7 @@ class Checkpoints:
                 f"--model_dir={self.model_dir} holds a checkpoint ({latest}) "
                 "that does not fit this run's model or optimizer "
                 f"({str(e).splitlines()[0]}). Expected the same --model/--optimizer "
-                "as the run that wrote it, or a new --model_dir. Nothing was changed."
+                "as the run that wrote it, --restart, or a new --model_dir. Nothing was changed."
             ) from None
         return latest
 

@@ -74,6 +74,8 @@ def _help() -> dict[str, str]:
         "tcp: tftrain's ring over TCP; grpc: TensorFlow's ring over gRPC)",
         "collective_timeout_secs": "a multi-worker run that makes no progress for this long "
         "fails with a message (a worker that died or never started)",
+        "ring_port": "multi_worker_mirrored with the tcp collective: the port tftrain's "
+        "gradient ring listens on, on each worker's TF_CONFIG host (0: a free port)",
         "collective_pack_bytes": "grpc/nccl collectives: all-reduce gradients in packs of "
         "this many bytes (0: one pack)",
         "num_stages": "model_parallel: pipeline stages, each a run of consecutive layers on "
@@ -86,6 +88,8 @@ def _help() -> dict[str, str]:
         "inter_op_threads": "ops run at once (0: the strategy's default)",
         "thread_spinning": "let idle TensorFlow threads spin for work (off when tasks share cores)",
         "model_dir": "the run's folder; a run resumes from the latest checkpoint there",
+        "restart": "start from step 0: the earlier run's files in --model_dir are moved "
+        "into model_dir/previous/N/ first (nothing is deleted)",
         "seed": "the same seed and flags give the same run",
         "export": "write a SavedModel to model_dir/export at the end",
     }
@@ -183,6 +187,12 @@ def load_run(flag_values):
             "folder (new or from an earlier run)."
         )
     cluster = cluster_lib.from_environment()
+    if config.restart and cluster is not None:
+        raise ConfigError(
+            "--restart moves the earlier run's files, which one task of a cluster "
+            "cannot do for the others: use tftrain launch ... -- --restart, or move "
+            f"{config.model_dir} away yourself."
+        )
     return config, cluster, base.mode_for(config, cluster)
 
 
@@ -214,6 +224,12 @@ def _train_main(argv):
     from tftrain.errors import RunError
     from tftrain.stopping import Stopped, StopRequest
 
+    if config.restart:
+        from tftrain import checkpoints
+
+        aside = checkpoints.set_aside_run(config.model_dir)
+        if aside:
+            print(f"--restart: moved the earlier run's files to {aside}.", flush=True)
     stop = StopRequest().install()  # again once the strategy exists: see below
     watchdog = NoWatchdog()
     try:

@@ -81,6 +81,7 @@ class ExperimentConfig:
     all_reduce: str = "auto"
     collective: str = "auto"
     collective_timeout_secs: float = 300.0
+    ring_port: int = 0  # tftrain's TCP ring's port on each worker; 0: a free one
     # Gradients all-reduced in packs of this many bytes by TensorFlow's
     # collectives: ~2x faster on 256 KiB packs than on one 0.9 MB message
     # (benchmarks/allreduce.py); 0 sends one pack.
@@ -95,6 +96,8 @@ class ExperimentConfig:
     thread_spinning: bool = True
     # Output and reproducibility.
     model_dir: str | None = None
+    # Set the files of an earlier run in model_dir aside and start from step 0.
+    restart: bool = False
     seed: int = 0
     export: bool = True
 
@@ -162,6 +165,8 @@ class ExperimentConfig:
         ):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
+        if isinstance(self.ring_port, bool) or not 0 <= self.ring_port <= 65535:
+            raise ConfigError(f"--ring_port={self.ring_port}: expected 0 (a free port) to 65535.")
         if isinstance(self.collective_pack_bytes, bool) or self.collective_pack_bytes < 0:
             raise ConfigError(
                 f"--collective_pack_bytes={self.collective_pack_bytes}: expected an "

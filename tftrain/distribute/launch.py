@@ -76,6 +76,18 @@ def define_flags(flag_values) -> None:
         "image", "tftrain:latest", "container image, for --emit", flag_values=flag_values
     )
     flags.DEFINE_string("job_name", "tftrain", "job name, for --emit", flag_values=flag_values)
+    flags.DEFINE_string(
+        "task_cpu",
+        "2",
+        "CPU each task requests, for --emit (a Kubernetes quantity)",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "task_memory",
+        "4Gi",
+        "memory each task requests and is limited to, for --emit",
+        flag_values=flag_values,
+    )
 
 
 # -- the cluster ------------------------------------------------------------
@@ -380,25 +392,77 @@ def run(
             signal.signal(s, handler)
 
 
+def check_train_argv(train_argv: list[str], spec: dict[str, list[str]]):
+    """The training flags checked as every task of ``spec`` will check them,
+    before any task starts; returns the config.
+
+    Raises:
+      ConfigError: the first thing a task would refuse.
+    """
+    from absl import flags
+
+    from tftrain import cli
+    from tftrain.config import ConfigError
+    from tftrain.distribute import base
+    from tftrain.distribute import cluster as cluster_lib
+
+    values = flags.FlagValues()
+    cli.define_train_flags(values)
+    try:
+        rest = values(["tftrain train", *train_argv], known_only=True)[1:]
+    except flags.Error as e:
+        raise ConfigError(f"{e} (tftrain train --help lists the flags).") from None
+    for arg in rest:  # absl's own flags (--verbosity, ...) are a task's too
+        name = arg.lstrip("-").split("=", 1)[0]
+        if not arg.startswith("-") or (
+            name not in flags.FLAGS and name.removeprefix("no") not in flags.FLAGS
+        ):
+            raise ConfigError(
+                f"unknown training flag or argument {arg!r} (tftrain train --help lists them)."
+            )
+    config = cli.config_from_flags(values)
+    for task_type, index in tasks_of(spec):
+        document = {"cluster": spec, "task": {"type": task_type, "index": index}}
+        cluster = cluster_lib.parse_tf_config(json.dumps(document))
+        if task_type == "evaluator" or cluster.task_type in ("ps",):
+            continue  # they run what the training tasks checked
+        base.mode_for(config.replace(restart=False), cluster)
+    return config
+
+
+def _refuse(message: str) -> None:
+    print(f"tftrain: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     from absl import flags
+
+    from tftrain.config import ConfigError
 
     fv = flags.FLAGS
     train_argv = list(argv[1:])
     if not train_argv:
-        print(
-            "tftrain: error: no training flags: expected "
-            "tftrain launch --num_workers=N -- --experiment=... --model_dir=...",
-            file=sys.stderr,
+        _refuse(
+            "no training flags: expected "
+            "tftrain launch --num_workers=N -- --experiment=... --model_dir=..."
         )
-        sys.exit(2)
     if fv.evaluator and not fv.num_ps:
-        print(
-            "tftrain: error: --evaluator needs parameter servers (--num_ps=M): the "
-            "evaluator task evaluates a parameter-server run's checkpoints.",
-            file=sys.stderr,
+        _refuse(
+            "--evaluator needs parameter servers (--num_ps=M): the "
+            "evaluator task evaluates a parameter-server run's checkpoints."
         )
-        sys.exit(2)
+    spec = cluster_spec(
+        fv.num_workers, fv.num_ps, range(1, 100), host="host", evaluator=fv.evaluator
+    )
+    try:
+        config = check_train_argv(train_argv, spec)
+        if fv.emit == "tfjob":
+            from tftrain.distribute.tfjob import check_for_kubernetes
+
+            check_for_kubernetes(config, fv.job_name, fv.task_cpu, fv.task_memory)
+    except ConfigError as e:
+        _refuse(str(e))
     if fv.emit == "tfjob":
         from tftrain.distribute.tfjob import tfjob_manifest
 
@@ -406,12 +470,21 @@ def main(argv: list[str]) -> None:
             tfjob_manifest(
                 job_name=fv.job_name,
                 image=fv.image,
+                cpu=fv.task_cpu,
+                memory=fv.task_memory,
                 num_workers=fv.num_workers,
                 num_ps=fv.num_ps,
                 train_argv=train_argv,
             )
         )
         return
+    if config.restart:
+        from tftrain import checkpoints
+
+        aside = checkpoints.set_aside_run(config.model_dir)
+        if aside:
+            print(f"[launch] --restart: moved the earlier run's files to {aside}.", flush=True)
+        train_argv = [*train_argv, "--norestart"]  # once, not on every restart
     sys.exit(
         run(
             num_workers=fv.num_workers,

@@ -86,7 +86,9 @@ class MultiWorkerMirrored(ParallelMode):
         reducer = None
         if use_tcp and len(workers) > 1:
             hosts = [cluster.host_of(t, i) for t, i in workers]
-            reducer = _gradient_ring(self._sum, rank, hosts, config.collective_timeout_secs)
+            reducer = _gradient_ring(
+                self._sum, rank, hosts, config.collective_timeout_secs, config.ring_port
+            )
         return Placement(strategy, cluster.is_chief, cluster.num_workers, rank, reducer)
 
     def distribute_train(self, make_dataset):
@@ -142,11 +144,11 @@ def _summing_function(strategy):
     return total
 
 
-def _gradient_ring(sum_over_workers, rank: int, hosts: list[str], timeout: float):
+def _gradient_ring(sum_over_workers, rank: int, hosts: list[str], timeout: float, port: int = 0):
     """Forms tftrain's TCP ring among the workers (``sum_over_workers``: the
     strategy's summing function).
 
-    Each worker listens on a free port of its own host (from TF_CONFIG); the
+    Each worker listens on ``port`` (0: a free port) of its own host (from TF_CONFIG); the
     ports are then summed across workers with one TensorFlow collective, so
     the ring needs no ports beyond TF_CONFIG's.
     """
@@ -156,7 +158,7 @@ def _gradient_ring(sum_over_workers, rank: int, hosts: list[str], timeout: float
 
     ring = RingAllReduce(rank, len(hosts), timeout)
     try:
-        port = ring.listen(hosts[rank])
+        port = ring.listen(hosts[rank], port)
     except OSError as e:
         raise ConfigError(
             f"could not open the gradient ring's socket on {hosts[rank]} ({e.strerror or e})"

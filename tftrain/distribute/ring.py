@@ -88,11 +88,12 @@ class RingAllReduce:
 
     # -- forming the ring --------------------------------------------------
 
-    def listen(self, host: str) -> int:
-        """Opens this worker's listening socket on ``host``; returns its port."""
+    def listen(self, host: str, port: int = 0) -> int:
+        """Opens this worker's listening socket on ``host`` and ``port`` (0: a
+        free one); returns its port."""
         if self.size == 1:
             return 0
-        self._listener = socket.create_server((host, 0), backlog=4)
+        self._listener = socket.create_server((host, port), backlog=4)
         return self._listener.getsockname()[1]
 
     def connect(self, addresses: list[tuple[str, int]]) -> None:
