@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up tftrain on a fresh Debian machine: the embedded Fashion-MNIST from
-# Debian, and a virtual environment in .venv with tftrain and its test tools.
+# Debian, Chromium, and a virtual environment in .venv with tftrain, its test
+# tools and TensorBoard's profile plugin.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,14 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   }
 fi
 
+# Headless Chromium, for the test that looks at TensorBoard as a person would.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "setup: installing Debian's chromium (for the TensorBoard screenshot test)"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y -q chromium >/dev/null 2>&1 ||
+    echo "setup: could not install chromium; that one test will be skipped" >&2
+fi
+
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PYTHON --version)"
@@ -24,7 +33,7 @@ fi
 echo "setup: installing tftrain and its dependencies into .venv"
 log=.venv/setup-pip.log
 if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip &&
-       .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"; } >"$log" 2>&1; then
+       .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,profile]"; } >"$log" 2>&1; then
   cat "$log" >&2
   echo "setup: pip failed (the log above is also in $log)" >&2
   exit 1

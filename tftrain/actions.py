@@ -35,6 +35,9 @@ class Action:
         """``seconds``: how long the ``steps`` steps just finished took."""
         raise NotImplementedError
 
+    def begin(self, run, step: int) -> None:
+        """Called once before the first stretch, at the step the run starts from."""
+
 
 class Progress(Action):
     """Training metrics: TensorBoard train scalars and the console's progress line.
@@ -43,7 +46,8 @@ class Progress(Action):
     unless it is the only one.
     """
 
-    def __init__(self):
+    def __init__(self, interval: int | None = None):
+        self.interval = interval  # None: after every stretch of steps
         self.seconds, self.examples, self.stretches = 0.0, 0, 0
         self.started, self.last_line = time.time(), 0.0
         self.skipped = 0  # updates skipped under --on_nan=skip_step
@@ -110,7 +114,12 @@ class Progress(Action):
         if now - self.last_line < config.log_interval_secs and not boundary:
             return
         self.last_line = now
+        # Until a loop after the first has run, the only speed includes the
+        # graph's tracing: no speed or ETA is made up from it.
+        steady = self.seconds > 0
         eta = (plan.total_steps - step) * config.batch_size / max(speed, 1e-9)
+        eta_text = format_duration(eta) if steady else "after the first loop"
+        pace = f"{speed:,.0f} examples/s" if steady else "tracing the step"
         epochs = math.ceil(plan.total_steps / plan.steps_per_epoch)
         stale = (
             f"staleness {extra['staleness/mean']:.2f} (max {extra['staleness/max']:.0f})  "
@@ -125,8 +134,8 @@ class Progress(Action):
                 if metrics["examples"]
                 else "loss -  accuracy - (no finite batch)  "
             )
-            + f"lr {lr:.3g}  {speed:,.0f} examples/s  {stale}{skips}"
-            f"elapsed {format_duration(now - self.started)}  ETA {format_duration(eta)}"
+            + f"lr {lr:.3g}  {pace}  {stale}{skips}"
+            f"elapsed {format_duration(now - self.started)}  ETA {eta_text}"
         )
 
 
@@ -169,6 +178,76 @@ class Timings(Action):
             run.last_timings = values
 
 
+class Histograms(Action):
+    """Histograms of every weight and of one training batch's gradients at
+    the current weights (the first ``batch_size`` training examples, computed
+    on the chief, not applied): TensorBoard's Histograms and Distributions tabs."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        self._batch = None
+
+    def __call__(self, run, step, seconds=0.0, steps=0) -> None:
+        from tftrain import data as data_lib
+        from tftrain.trainer import gradient_tensor
+
+        if not run.mode.placement.is_chief:
+            return
+        if self._batch is None:
+            size = run.config.batch_size
+            first = data_lib.eval_dataset(run.plan.train.take(size), batch_size=size)
+            self._batch = next(iter(first))
+        variables = run.model.trainable_variables
+        gradients = run.trainer.probe_gradients(*self._batch)
+        values = {}
+        for variable, gradient in zip(variables, gradients):
+            values[f"weights/{variable.path}"] = variable.numpy()
+            if gradient is not None:
+                values[f"gradients/{variable.path}"] = gradient_tensor(gradient).numpy()
+        run.summaries.histograms("train", step, values)
+
+
+class Profile(Action):
+    """A profiler trace of steps START+1..END (``--profile_steps``) in
+    model_dir/plugins/profile, for TensorBoard's Profile tab: this process's
+    ops (on a cluster, the chief's)."""
+
+    def __init__(self, start: int, end: int):
+        self.start, self.end = start, end
+        self.tracing = False
+
+    def steps_until_due(self, step: int) -> int | None:
+        ahead = [s - step for s in (self.start, self.end) if s > step]
+        return min(ahead) if ahead else None
+
+    def due(self, step: int, last: bool) -> bool:
+        return step in (self.start, self.end) or (last and self.tracing)
+
+    def begin(self, run, step: int) -> None:
+        if step == self.start:
+            self._toggle(run, step)
+
+    def __call__(self, run, step, seconds=0.0, steps=0) -> None:
+        if (step == self.start and not self.tracing) or self.tracing:
+            self._toggle(run, step)
+
+    def _toggle(self, run, step: int) -> None:
+        import tensorflow as tf
+
+        if not run.mode.placement.is_chief:
+            return
+        if not self.tracing:
+            tf.profiler.experimental.start(run.out.path(""))
+            self.tracing = True
+            return
+        tf.profiler.experimental.stop()
+        self.tracing = False
+        run.chief_log(
+            f"profiled steps {self.start + 1}-{step}: TensorBoard's Profile tab "
+            f"(trace in {run.out.path('plugins', 'profile')})."
+        )
+
+
 class SaveCheckpoint(Action):
     def __init__(self, interval: int):
         self.interval = interval
@@ -179,11 +258,16 @@ class SaveCheckpoint(Action):
 
 
 def default_actions(config, plan) -> list[Action]:
-    """Progress after every stretch; evaluation and a checkpoint once an epoch
-    (or every --eval_interval / --checkpoint_interval steps)."""
-    return [
-        Progress(),
+    """Progress after every stretch (or every --summary_every steps);
+    evaluation and a checkpoint once an epoch (or every --eval_interval /
+    --checkpoint_interval steps); histograms and a profile when asked for."""
+    actions = [
+        Progress(config.summary_every),
         Evaluate(config.eval_interval or plan.steps_per_epoch),
         Timings(config.eval_interval or plan.steps_per_epoch),
-        SaveCheckpoint(config.checkpoint_interval or plan.steps_per_epoch),
     ]
+    if config.histogram_every:
+        actions.append(Histograms(config.histogram_every))
+    if config.profile_steps:
+        actions.append(Profile(*config.profile_steps))
+    return actions + [SaveCheckpoint(config.checkpoint_interval or plan.steps_per_epoch)]

@@ -63,6 +63,12 @@ def _help() -> dict[str, str]:
         "eval_interval": "steps between evaluations (default: one epoch)",
         "keep_checkpoints": "checkpoints kept in model_dir/checkpoints",
         "log_interval_secs": "seconds between progress lines",
+        "summary_every": "steps between TensorBoard train scalars and progress checks "
+        "(default: after every --steps_per_loop steps)",
+        "histogram_every": "steps between histograms of the weights and of one training "
+        "batch's gradients (default: none)",
+        "profile_steps": "START,END: a profiler trace of steps START+1 to END, for "
+        "TensorBoard's Profile tab (default: none)",
         "on_nan": f"{_choices(c.ON_NAN)}: when the loss or the gradients' norm is NaN or "
         "infinite, stop the run (naming the steps and the last good checkpoint, exporting "
         "nothing) or skip that update (counted as train/skipped_steps)",

@@ -73,6 +73,12 @@ class ExperimentConfig:
     eval_interval: int | None = None  # steps; None: once an epoch
     keep_checkpoints: int = 3
     log_interval_secs: float = 5.0
+    # TensorBoard: train scalars every N steps (None: after every loop of
+    # steps), weight and gradient histograms every N steps (None: none), and
+    # a profiler trace of steps START+1..END (empty: none).
+    summary_every: int | None = None
+    histogram_every: int | None = None
+    profile_steps: tuple[int, ...] = ()
     # A NaN or infinite loss or gradient norm: stop the run, or skip the update.
     on_nan: str = "stop"
     # Distribution.
@@ -162,6 +168,8 @@ class ExperimentConfig:
             "eval_interval",
             "max_train_examples",
             "max_eval_examples",
+            "summary_every",
+            "histogram_every",
         ):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
@@ -206,6 +214,13 @@ class ExperimentConfig:
             raise ConfigError(
                 f"--lr_decay_epochs={','.join(map(str, self.lr_decay_epochs))}: "
                 "expected positive epoch numbers."
+            )
+        if self.profile_steps and (
+            len(self.profile_steps) != 2 or not 0 <= self.profile_steps[0] < self.profile_steps[1]
+        ):
+            raise ConfigError(
+                f"--profile_steps={','.join(map(str, self.profile_steps))}: expected "
+                "START,END with 0 <= START < END (the trace covers steps START+1 to END)."
             )
         if self.hidden_units is not None:
             if self.model != "mlp":

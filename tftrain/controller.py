@@ -26,12 +26,12 @@ from tftrain import actions as actions_lib
 from tftrain import data as data_lib
 from tftrain import export, models, optimizers, resources, tasks
 from tftrain.checkpoints import Checkpoints
-from tftrain.config import ExperimentConfig
+from tftrain.config import ConfigError, ExperimentConfig
 from tftrain.distribute.base import ParallelMode
 from tftrain.distribute.watchdog import NoWatchdog
 from tftrain.errors import RunError
 from tftrain.stopping import NeverStop, Stopped
-from tftrain.summaries import Summaries
+from tftrain.summaries import Summaries, hparams_of
 
 __all__ = ["Controller", "Plan", "RunError", "run"]
 
@@ -107,6 +107,11 @@ class Plan:
         test = dataset.test.take(config.max_eval_examples)
         per_epoch = data_lib.steps_per_epoch(len(train), config.batch_size)
         total = config.train_steps or config.epochs * per_epoch
+        if config.profile_steps and config.profile_steps[1] > total:
+            raise ConfigError(
+                f"--profile_steps={','.join(map(str, config.profile_steps))}: the run has "
+                f"{total} steps; expected END <= {total}."
+            )
         return cls(dataset, train, test, per_epoch, total)
 
 
@@ -218,8 +223,10 @@ class Controller:
             data_lib.eval_dataset(plan.test, batch_size=config.eval_batch_size)
         )
         self._announce()
-        if step == 0:  # the schedule's starting point, before any update
-            self.summaries.scalars("train", 0, {"learning_rate": self.learning_rate()})
+        if step == 0:  # the starting point, before any update
+            self._begin_summaries()
+        for action in self.actions:
+            action.begin(self, step)
         stretch = config.steps_per_loop * mode.loops_between_syncs
         while step < plan.total_steps:
             due_in = (a.steps_until_due(step) for a in self.actions)
@@ -239,6 +246,30 @@ class Controller:
         if self.last_eval is None:  # a finished run resumed: evaluate it
             actions_lib.Evaluate(1)(self, step)
         return self.last_eval
+
+    def _begin_summaries(self) -> None:
+        """Step 0 in TensorBoard: the learning rate, the untrained model's
+        evaluation, the model's graph and the run's hyperparameters."""
+        self.summaries.scalars("train", 0, {"learning_rate": self.learning_rate()})
+        evaluate = next((a for a in self.actions if isinstance(a, actions_lib.Evaluate)), None)
+        if evaluate is not None:
+            evaluate(self, 0)
+        if self.mode.placement.is_chief:
+            model = self.model
+            spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], model.inputs[0].dtype)
+            forward = tf.function(lambda x: model(x, training=False))
+            self.summaries.graph("train", forward.get_concrete_function(spec).graph)
+            placement = self.mode.placement
+            self.summaries.hparams(
+                hparams_of(
+                    self.config,
+                    num_microbatches=self.config.microbatches,
+                    num_workers=placement.num_workers,
+                    num_replicas=placement.num_replicas,
+                    total_steps=self.plan.total_steps,
+                )
+            )
+        self.summaries.flush()
 
     def _stop_early(self, step: int) -> None:
         """Saves the step reached (unless just saved) and stops the run."""

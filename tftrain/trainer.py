@@ -117,6 +117,7 @@ class Trainer:
             # Sum of finite gradient norms, finite updates, non-finite updates.
             self._update_stats = _stats_variable("update_stats", 3)
         self.loop = tf.function(self._train_loop, reduce_retracing=True)
+        self._probe = None  # probe_gradients' function, built on first use
         self._eval_fn = tf.function(self._eval_step, reduce_retracing=True)
 
     # -- training --------------------------------------------------------
@@ -203,6 +204,13 @@ class Trainer:
     def train(self, iterator, num_steps: int) -> None:
         """Runs ``num_steps`` training steps in one graph call."""
         self.loop(iterator, tf.constant(num_steps, tf.int64))
+
+    def probe_gradients(self, inputs, labels) -> list:
+        """The gradients of one batch at the current weights, computed in this
+        process and not applied (for histograms)."""
+        if self._probe is None:
+            self._probe = tf.function(lambda x, y: self.compute_gradients(x, y)[0])
+        return self._probe(inputs, labels)
 
     def timings(self) -> dict[str, float]:
         """Timings of the step's parts worth a chart (a pipeline's stages); none here."""
