@@ -261,6 +261,21 @@ def test_usage_and_help():
     assert "--num_workers" in launch_help.stdout and "--max_restarts" in launch_help.stdout
 
 
+def test_help_shows_the_effective_defaults():
+    def default_of(text, flag):
+        block = text.split(f"--{flag}:", 1)[1].split("\n  --", 1)[0]
+        return block.split("(default: ", 1)[1].split(")", 1)[0]
+
+    built_in = run_tftrain("train", "--helpshort").stdout
+    assert "Defaults shown are the built-in ones" in built_in
+    assert default_of(built_in, "learning_rate") == "'0.001'"
+    assert default_of(built_in, "epochs") == "'1'"
+    mlp = run_tftrain("train", "--helpshort", "--experiment=fashion_mnist_mlp").stdout
+    assert "Defaults shown are those of --experiment=fashion_mnist_mlp" in mlp
+    assert default_of(mlp, "model") == "'mlp'" and default_of(mlp, "epochs") == "'20'"
+    assert default_of(mlp, "lr_schedule") == "'cosine'"
+
+
 def test_flagfile_and_flags_override_the_experiment(tmp_path):
     flagfile = tmp_path / "flags.txt"
     flagfile.write_text("--experiment=fashion_mnist_softmax:smoke\n--train_steps=3\n")

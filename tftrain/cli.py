@@ -303,6 +303,34 @@ def _explain_resources(error, config) -> str | None:
     return f"out of memory ({first}): try a smaller model or --batch_size."
 
 
+def _show_defaults(flag_values, argv: list[str]) -> str:
+    """Makes each training flag's help show its effective default: the
+    experiment's (``--experiment`` in ``argv``) or the built-in one. Returns
+    a line saying which."""
+    from tftrain import registry
+    from tftrain.config import ExperimentConfig
+
+    named = next((a.split("=", 1)[1] for a in argv if a.startswith("--experiment=")), None)
+    try:
+        config = registry.get(named) if named else ExperimentConfig()
+    except Exception as e:  # noqa: BLE001 - an unknown name: say so, show the built-ins
+        config, named = ExperimentConfig(), None
+        print(f"({e})")
+    for field in dataclasses.fields(ExperimentConfig):
+        value = getattr(config, field.name)
+        if value is None or field.name == "experiment":
+            continue
+        if isinstance(value, tuple):
+            value = [str(v) for v in value] or None
+        if value is not None:
+            flag_values.set_default(field.name, value)
+    return (
+        f"Defaults shown are those of --experiment={named}."
+        if named
+        else "Defaults shown are the built-in ones; with --experiment=NAME, that experiment's."
+    )
+
+
 def _run_absl(main, define, command: str, argv: list[str]) -> None:
     from absl import app, flags
 
@@ -316,10 +344,13 @@ def _run_absl(main, define, command: str, argv: list[str]) -> None:
     if asked:
         tail = " [-- <train flags>]" if command == "launch" else ""
         print(f"usage: tftrain {command} [flags]{tail}\n")
+        if command == "train":
+            print(_show_defaults(flags.FLAGS, own) + "\n")
         if asked.lstrip("-") == "helpfull":
             print(flags.FLAGS.get_help())
         else:
-            print(flags.FLAGS.module_help(sys.argv[0]))
+            text = flags.FLAGS.module_help(sys.argv[0])
+            print(text.replace(f"{sys.argv[0]}:", f"tftrain {command} flags:", 1).strip("\n"))
             print("\n(--helpfull also lists absl's and TensorFlow's own flags.)")
         sys.exit(0)
     try:
