@@ -29,36 +29,10 @@ tftrain computes from the schedule (metrics.json).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(command: list[str], model_dir: str) -> tuple[dict, float]:
-    """Runs ``tftrain COMMAND``; returns its metrics.json and its peak RSS in MiB."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tftrain", *command],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-        )
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode:
-            errors.seek(0)
-            said = errors.read().decode(errors="replace")
-            raise SystemExit(f"tftrain {' '.join(command)} failed:\n{said}")
-    with open(os.path.join(model_dir, "metrics.json")) as f:
-        return json.load(f), usage.ru_maxrss / 1024
+from benchmarks.common import run
 
 
 def train_flags(args, model_dir, steps, batch_size, extra):

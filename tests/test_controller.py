@@ -109,3 +109,46 @@ def test_train_scalars_start_at_step_0_and_speed_is_per_interval(tmp_path):
     for step in (20, 30, 40):
         per_step = points["examples_per_second"][step] / points["steps_per_second"][step]
         assert per_step == pytest.approx(config.batch_size)
+
+
+def test_bfloat16_computes_in_bfloat16_keeps_float32_variables_and_learns(tmp_path):
+    import os
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tftrain import controller, data, tasks
+    from tftrain.distribute.base import mode_for
+
+    def config(precision):
+        return ExperimentConfig(
+            dataset="fashion_mnist",
+            max_train_examples=2000,
+            max_eval_examples=1000,
+            model="mlp",
+            hidden_units=(64,),
+            precision=precision,
+            learning_rate=0.003,
+            train_steps=80,
+            steps_per_loop=20,
+            model_dir=str(tmp_path / precision),
+        ).validate()
+
+    results = {}
+    try:
+        bf16 = config("bfloat16")
+        model = tasks.from_config(bf16, data.load("synthetic")).build_model()
+        hidden = model.get_layer("hidden_0")
+        assert hidden.compute_dtype == "bfloat16" and hidden.kernel.dtype == "float32"
+        for precision in ("float32", "bfloat16"):
+            mode = mode_for(config(precision))
+            mode.setup()
+            results[precision] = controller.run(config(precision), mode, log=lambda line: None)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert results["float32"]["eval_accuracy"] > 0.7
+    assert abs(results["bfloat16"]["eval_accuracy"] - results["float32"]["eval_accuracy"]) < 0.03
+    serve = tf.saved_model.load(os.path.join(bf16.model_dir, "export"))
+    (logits,) = serve.signatures["serving_default"](images=tf.zeros([2, 28, 28, 1])).values()
+    assert logits.dtype == tf.float32 and np.all(np.isfinite(logits.numpy()))

@@ -41,6 +41,9 @@ def _help() -> dict[str, str]:
         "hidden_units": "the mlp's hidden layer widths (default 256,128)",
         "embedding_shards": "embedding_bag: keep the table as this many variables of "
         "consecutive rows, which parameter servers share out (default 1)",
+        "precision": f"{_choices(c.PRECISIONS)}: bfloat16 computes the layers in bfloat16 "
+        "(Keras's mixed_bfloat16 policy) and keeps the variables, gradients' updates and "
+        "the loss in float32",
         "optimizer": f"{_choices(plugins.OPTIMIZERS.names())} (tftrain's own classes)",
         "learning_rate": "the (peak) learning rate, > 0",
         "momentum": "momentum for sgd/momentum (default 0.9 for momentum, 0 for sgd)",

@@ -21,6 +21,7 @@ DATASETS_BUILTIN = ("fashion_mnist", "mnist", "cifar10", "synthetic", "synthetic
 LR_SCHEDULES = ("constant", "cosine", "step")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 ON_NAN = ("stop", "skip_step")
+PRECISIONS = ("float32", "bfloat16")
 PIPELINE_BALANCES = ("time", "params")
 PIPELINE_FIELDS = ("num_stages", "pipeline_schedule", "pipeline_balance")
 ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduction_to_one_device")
@@ -50,6 +51,8 @@ class ExperimentConfig:
     model: str = "softmax"
     hidden_units: tuple[int, ...] | None = None  # mlp only; None: 256,128
     embedding_shards: int | None = None  # embedding_bag only; None: 1 (one variable)
+    # bfloat16: layers compute in bfloat16, variables and updates stay float32.
+    precision: str = "float32"
     optimizer: str = "adam"
     learning_rate: float = 0.001
     momentum: float | None = None  # sgd/momentum only; None: 0.9 for momentum, 0 for sgd
@@ -148,6 +151,7 @@ class ExperimentConfig:
         _one_of("all_reduce", self.all_reduce, ALL_REDUCE)
         _one_of("collective", self.collective, COLLECTIVES)
         _one_of("on_nan", self.on_nan, ON_NAN)
+        _one_of("precision", self.precision, PRECISIONS)
         _positive_float("learning_rate", self.learning_rate)
         _positive_float("collective_timeout_secs", self.collective_timeout_secs)
         for name in (

@@ -29,7 +29,8 @@ def export_saved_model(model, task, path: str) -> str:
     archive.track(model)
     archive.add_endpoint(
         "serve",
-        lambda inputs: model(inputs, training=False),
+        # float32 logits whatever the layers compute in (--precision).
+        lambda inputs: tf.cast(model(inputs, training=False), tf.float32),
         input_signature=[tf.TensorSpec([None, *shape], dtype, name=name)],
     )
     staging = path + ".partial"

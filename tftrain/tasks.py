@@ -25,7 +25,13 @@ class Classification:
         self.config, self.dataset = config, dataset
 
     def build_model(self):
+        import keras
+
         config, dataset = self.config, self.dataset
+        # The policy of every layer built from here on (Keras's global setting).
+        keras.mixed_precision.set_dtype_policy(
+            "mixed_bfloat16" if config.precision == "bfloat16" else "float32"
+        )
         return models.build_model(
             config.model,
             input_shape=dataset.image_shape,

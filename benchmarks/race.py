@@ -1,0 +1,312 @@
+"""tftrain against Keras ``model.fit`` and against the hardware, in one run.
+
+For each case (the same model, data, optimizer and batch) it measures, each
+in its own process and in rotated order, ``--rounds`` times:
+
+  tftrain     ``tftrain train`` as a user runs it: its steady examples/s
+              from metrics.json (the first loop, which traces, left out)
+  fit         Keras 3 ``model.fit`` with its defaults (Keras's Adam, the
+              same loss and accuracy metric), timed from its second epoch on
+  fit best    the same with ``steps_per_execution=100`` and ``jit_compile=True``
+  peak        this machine's matrix-multiply peak (in ``--precision``): a
+              chain of 2048x2048 matmuls in one ``tf.function``
+  input       tftrain's training stream alone (batch 100), pulled in a
+              ``tf.function`` as the loop pulls it
+
+and prints the medians (with the spread over the rounds) of examples/s,
+milliseconds per step, peak resident memory, the ratios tftrain/fit and
+tftrain/fit best, and the fraction of the matmul peak that tftrain's step
+reaches. A step's FLOPs are counted from the model's Dense and Conv2D
+layers: the forward product, the weight gradient and the input gradient
+(2 multiply-adds per weight per example each; no input gradient for the
+first layer, whose input needs none).
+
+    .venv/bin/python -m benchmarks [--cases=softmax,mlp,wide_mlp,cnn] [--rounds=3]
+        [--precision=float32|bfloat16]
+
+Nothing else may run on the machine meanwhile: this machine's speed swings
+by a third between single runs, hence the rounds and the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+from benchmarks.common import run, run_measured
+
+# name: (model, hidden units, global batch, steps of a measured run)
+CASES = {
+    "softmax": ("softmax", None, 100, 6000),
+    "mlp": ("mlp", (256, 128), 100, 3000),
+    "wide_mlp": ("mlp", (1024, 1024), 256, 600),
+    "cnn": ("cnn", None, 100, 300),
+}
+RUNNERS = ("tftrain", "fit", "fit best")
+LEARNING_RATE = 1e-3
+
+
+# -- what each child process measures ----------------------------------------
+
+
+def _keras_child(case: str, best: bool, precision: str) -> dict:
+    """Keras 3 model.fit on the case; examples/s from the second epoch on."""
+    import keras
+    import numpy as np
+
+    from tftrain import data, models
+
+    name, hidden, batch, steps = CASES[case]
+    if precision == "bfloat16":
+        keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    dataset = data.load("fashion_mnist")
+    usable = len(dataset.train) // batch * batch
+    x = dataset.train.images[:usable].astype(np.float32)
+    y = dataset.train.labels[:usable]
+    keras.utils.set_random_seed(0)
+    model = models.build_model(
+        name, input_shape=(28, 28, 1), num_classes=10, seed=0, hidden_units=hidden or ()
+    )
+    options = {"steps_per_execution": 100, "jit_compile": True} if best else {}
+    model.compile(
+        optimizer=keras.optimizers.Adam(LEARNING_RATE),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        **options,
+    )
+    per_epoch = usable // batch
+    epochs = 1 + math.ceil(steps / per_epoch)
+    times = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.start)
+
+    model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=True, verbose=0, callbacks=[Clock()])
+    seconds = sum(times[1:])  # the first epoch traces and compiles
+    return {"examples_per_second": (epochs - 1) * usable / seconds}
+
+
+def _peak_child(precision: str) -> dict:
+    """The best of 5 timings of 20 chained 2048x2048 matmuls."""
+    import tensorflow as tf
+
+    n, chain = 2048, 20
+    dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
+    a = tf.random.normal([n, n], dtype=tf.float32)
+    a = tf.cast(a / math.sqrt(n), dtype)
+
+    @tf.function
+    def products(x):
+        for _ in range(chain):
+            x = tf.matmul(x, a)
+        return x
+
+    products(a).numpy()
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        products(a).numpy()
+        best = min(best, time.perf_counter() - start)
+    return {"flops_per_second": 2 * n**3 * chain / best}
+
+
+def _input_child(batch: str) -> dict:
+    """tftrain's training stream alone, pulled inside one tf.function as the
+    training loop pulls it: examples/s."""
+    import tensorflow as tf
+
+    from tftrain import data
+
+    batch_size, steps = int(batch), 3000
+    split = data.load("fashion_mnist").train
+    iterator = iter(data.train_dataset(split, global_batch_size=batch_size, seed=0))
+
+    @tf.function
+    def pull(n):
+        total = tf.constant(0.0)
+        for _ in tf.range(n):
+            images, labels = next(iterator)
+            total += images[0, 0, 0, 0] + tf.cast(labels[0], tf.float32)
+        return total
+
+    pull(tf.constant(100)).numpy()
+    start = time.perf_counter()
+    pull(tf.constant(steps)).numpy()
+    return {"examples_per_second": steps * batch_size / (time.perf_counter() - start)}
+
+
+# -- the parent ----------------------------------------------------------------
+
+
+def training_flops_per_example(case: str) -> float:
+    """Multiply-adds x 2 of the Dense and Conv2D products of one training example."""
+    import keras
+
+    from tftrain import models
+
+    name, hidden, _, _ = CASES[case]
+    model = models.build_model(
+        name, input_shape=(28, 28, 1), num_classes=10, seed=0, hidden_units=hidden or ()
+    )
+    total, first = 0.0, True
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Dense):
+            forward = 2.0 * layer.kernel.shape[0] * layer.kernel.shape[1]
+        elif isinstance(layer, keras.layers.Conv2D):
+            _, height, width, out = layer.output.shape
+            kh, kw, cin, _ = layer.kernel.shape
+            forward = 2.0 * height * width * out * kh * kw * cin
+        else:
+            continue
+        total += forward * (2 if first else 3)
+        first = False
+    return total
+
+
+def _measure_tftrain(case: str, precision: str) -> tuple[float, float]:
+    name, hidden, batch, steps = CASES[case]
+    with tempfile.TemporaryDirectory() as model_dir:
+        flags = [
+            "train",
+            "--dataset=fashion_mnist",
+            f"--model={name}",
+            "--optimizer=adam",
+            f"--learning_rate={LEARNING_RATE}",
+            f"--batch_size={batch}",
+            f"--train_steps={steps}",
+            f"--steps_per_loop={min(steps // 3, 500)}",
+            f"--eval_interval={steps}",
+            f"--checkpoint_interval={steps}",
+            "--noexport",
+            f"--model_dir={model_dir}",
+        ]
+        if hidden:
+            flags.append(f"--hidden_units={','.join(map(str, hidden))}")
+        if precision != "float32":
+            flags.append(f"--precision={precision}")
+        metrics, rss = run(flags, model_dir)
+    return metrics["examples_per_second"], rss
+
+
+def _measure_child(*args: str) -> tuple[dict, float]:
+    out, rss = run_measured([sys.executable, "-m", "benchmarks.race", "--child", *args])
+    return json.loads(out.strip().splitlines()[-1]), rss
+
+
+def measure(runner: str, case: str, precision: str) -> tuple[float, float]:
+    """(examples/s, peak RSS MiB) of one runner on one case."""
+    if runner == "tftrain":
+        return _measure_tftrain(case, precision)
+    result, rss = _measure_child(runner.replace(" ", "_"), case, precision)
+    return result["examples_per_second"], rss
+
+
+def _spread(values: list[float]) -> str:
+    median = statistics.median(values)
+    if len(values) < 2 or not median:
+        return ""
+    return f" ±{(max(values) - min(values)) / 2 / median:.0%}"
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {len(os.sched_getaffinity(0))} cores usable, {platform.system()}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--runners", default=",".join(RUNNERS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        kind, *rest = args.child
+        if kind == "peak":
+            print(json.dumps(_peak_child(*rest)))
+        elif kind == "input":
+            print(json.dumps(_input_child(*rest)))
+        else:
+            print(json.dumps(_keras_child(rest[0], kind == "fit_best", rest[1])))
+        return
+
+    cases = args.cases.split(",")
+    runners = args.runners.split(",")
+    unknown = [c for c in cases if c not in CASES] + [r for r in runners if r not in RUNNERS]
+    if unknown:
+        parser.error(f"unknown case or runner: {', '.join(unknown)}")
+    print(
+        f"{machine()}; precision {args.precision}; Adam {LEARNING_RATE}; "
+        f"median of {args.rounds} rounds (± half the range)",
+        flush=True,
+    )
+    speeds = {(c, r): [] for c in cases for r in runners}
+    memory = {(c, r): [] for c in cases for r in runners}
+    peaks, inputs = [], []
+    for round_index in range(args.rounds):
+        peak, _ = _measure_child("peak", args.precision)
+        peaks.append(peak["flops_per_second"])
+        stream, _ = _measure_child("input", "100")
+        inputs.append(stream["examples_per_second"])
+        for case in cases:
+            shift = round_index % len(runners)
+            for runner in runners[shift:] + runners[:shift]:
+                speed, rss = measure(runner, case, args.precision)
+                speeds[(case, runner)].append(speed)
+                memory[(case, runner)].append(rss)
+            print(
+                f"  round {round_index + 1} {case}: "
+                + ", ".join(f"{r} {speeds[(case, r)][-1]:,.0f}" for r in runners),
+                flush=True,
+            )
+    peak = statistics.median(peaks)
+    print(f"\nmatmul peak ({args.precision}): {peak / 1e9:,.0f} GFLOP/s{_spread(peaks)}")
+    stream = statistics.median(inputs)
+    fastest = (
+        max(statistics.median(v) for (_, r), v in speeds.items() if r == "tftrain")
+        if "tftrain" in runners
+        else None
+    )
+    print(
+        f"input pipeline alone (batch 100): {stream:,.0f} examples/s{_spread(inputs)}"
+        + (f", {stream / fastest:.1f}x the fastest tftrain case" if fastest else "")
+        + "\n"
+    )
+    header = "| case | batch | " + " | ".join(f"{r} examples/s" for r in runners)
+    header += " | tftrain ms/step | " + " | ".join(f"tftrain / {r}" for r in runners[1:])
+    header += " | tftrain % of peak | peak RSS MiB (" + ", ".join(runners) + ") |"
+    print(header)
+    print("|" + " --- |" * (header.count("|") - 1))
+    for case in cases:
+        _, _, batch, _ = CASES[case]
+        median = {r: statistics.median(speeds[(case, r)]) for r in runners}
+        row = [case, str(batch)]
+        row += [f"{median[r]:,.0f}{_spread(speeds[(case, r)])}" for r in runners]
+        base = median.get("tftrain")
+        row.append(f"{1000 * batch / base:.3f}" if base else "-")
+        row += [f"{base / median[r]:.2f}x" if base else "-" for r in runners[1:]]
+        flops = training_flops_per_example(case)
+        row.append(f"{100 * base * flops / peak:.0f}%" if base else "-")
+        row.append(", ".join(f"{statistics.median(memory[(case, r)]):,.0f}" for r in runners))
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
