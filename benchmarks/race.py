@@ -50,6 +50,11 @@ CASES = {
     "cnn": ("cnn", None, 100, 300),
 }
 RUNNERS = ("tftrain", "fit", "fit best")
+# More runners, on request (--runners): tftrain itself with one setting changed.
+VARIANTS = {
+    "tftrain bf16": ["--precision=bfloat16"],
+    "tftrain no summaries": None,  # train scalars only at the end (--summary_every=steps)
+}
 LEARNING_RATE = 1e-3
 
 
@@ -174,7 +179,7 @@ def training_flops_per_example(case: str) -> float:
     return total
 
 
-def _measure_tftrain(case: str, precision: str) -> tuple[float, float]:
+def _measure_tftrain(case: str, precision: str, extra=()) -> tuple[float, float]:
     name, hidden, batch, steps = CASES[case]
     with tempfile.TemporaryDirectory() as model_dir:
         flags = [
@@ -195,6 +200,7 @@ def _measure_tftrain(case: str, precision: str) -> tuple[float, float]:
             flags.append(f"--hidden_units={','.join(map(str, hidden))}")
         if precision != "float32":
             flags.append(f"--precision={precision}")
+        flags += extra if extra is not None else [f"--summary_every={steps}"]
         metrics, rss = run(flags, model_dir)
     return metrics["examples_per_second"], rss
 
@@ -207,7 +213,9 @@ def _measure_child(*args: str) -> tuple[dict, float]:
 def measure(runner: str, case: str, precision: str) -> tuple[float, float]:
     """(examples/s, peak RSS MiB) of one runner on one case."""
     if runner == "tftrain":
-        return _measure_tftrain(case, precision)
+        return _measure_tftrain(case, precision, ())
+    if runner in VARIANTS:
+        return _measure_tftrain(case, precision, VARIANTS[runner])
     result, rss = _measure_child(runner.replace(" ", "_"), case, precision)
     return result["examples_per_second"], rss
 
@@ -232,7 +240,11 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--runners", default=",".join(RUNNERS))
+    parser.add_argument(
+        "--runners",
+        default=",".join(RUNNERS),
+        help=f"tftrain first; of {', '.join(RUNNERS + tuple(VARIANTS))}",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -247,9 +259,15 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(_keras_child(rest[0], kind == "fit_best", rest[1])))
         return
 
+    from tftrain import quiet
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet.filter_native_stderr()  # this process imports TensorFlow to count FLOPs
     cases = args.cases.split(",")
     runners = args.runners.split(",")
-    unknown = [c for c in cases if c not in CASES] + [r for r in runners if r not in RUNNERS]
+    unknown = [c for c in cases if c not in CASES] + [
+        r for r in runners if r not in RUNNERS and r not in VARIANTS
+    ]
     if unknown:
         parser.error(f"unknown case or runner: {', '.join(unknown)}")
     print(
@@ -290,7 +308,11 @@ def main(argv: list[str] | None = None) -> None:
         + "\n"
     )
     header = "| case | batch | " + " | ".join(f"{r} examples/s" for r in runners)
-    header += " | tftrain ms/step | " + " | ".join(f"tftrain / {r}" for r in runners[1:])
+
+    def ratio_name(r):
+        return f"{r} / tftrain" if r in VARIANTS else f"tftrain / {r}"
+
+    header += " | tftrain ms/step | " + " | ".join(ratio_name(r) for r in runners[1:])
     header += " | tftrain % of peak | peak RSS MiB (" + ", ".join(runners) + ") |"
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
@@ -301,7 +323,12 @@ def main(argv: list[str] | None = None) -> None:
         row += [f"{median[r]:,.0f}{_spread(speeds[(case, r)])}" for r in runners]
         base = median.get("tftrain")
         row.append(f"{1000 * batch / base:.3f}" if base else "-")
-        row += [f"{base / median[r]:.2f}x" if base else "-" for r in runners[1:]]
+        row += [
+            (f"{median[r] / base:.2f}x" if r in VARIANTS else f"{base / median[r]:.2f}x")
+            if base
+            else "-"
+            for r in runners[1:]
+        ]
         flops = training_flops_per_example(case)
         row.append(f"{100 * base * flops / peak:.0f}%" if base else "-")
         row.append(", ".join(f"{statistics.median(memory[(case, r)]):,.0f}" for r in runners))

@@ -305,3 +305,49 @@ def test_a_killed_ps_ends_the_run_or_restarts_the_cluster_from_a_checkpoint(tmp_
     assert "lost contact with another task of the cluster" in run.text
     assert re.search(r"\[chief:0\] Resumed from .*ckpt-\d+ at step \d+\.", run.text)
     assert metrics(model_dir)["global_step"] == 3000
+
+
+def test_flags_that_contradict_the_coordinators_are_named():
+    from tftrain.distribute import serving
+
+    chief = json.loads(json.dumps(ExperimentConfig(model_dir="/r", hidden_units=(8,)).to_dict()))
+    mine = ExperimentConfig(model_dir="/r", hidden_units=(8,), inter_op_threads=3).to_dict()
+    assert serving.contradictions(mine, chief) == []  # thread settings are each task's own
+    mine = ExperimentConfig(model_dir="/r", hidden_units=(8, 4), learning_rate=0.5).to_dict()
+    assert serving.contradictions(mine, chief) == [
+        "--hidden_units=[8, 4] here, [8] on the coordinator",
+        "--learning_rate=0.5 here, 0.001 on the coordinator",
+    ]
+
+
+@pytest.mark.cluster
+def test_a_ps_task_started_with_other_flags_says_so_and_the_run_stops(tmp_path):
+    from tftrain.distribute import launch
+
+    spec = launch.free_cluster_spec(1, 1)
+    flags = [*SMOKE, f"--model_dir={tmp_path / 'run'}", "--collective_timeout_secs=60"]
+    tasks = {}
+    for task_type, extra in (("ps", ["--learning_rate=0.5"]), ("worker", []), ("chief", [])):
+        env = launch.task_env(spec, task_type, 0)
+        env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+        tasks[task_type] = subprocess.Popen(
+            [sys.executable, "-m", "tftrain", "train", *flags, *extra],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        _, said = tasks["ps"].communicate(timeout=240)
+        assert tasks["ps"].returncode == 2, said
+        assert "ps:0 was started with flags that contradict the coordinator's" in said
+        assert "--learning_rate=0.5 here, 0.001 on the coordinator" in said
+        tasks["chief"].communicate(timeout=240)
+        assert tasks["chief"].returncode != 0  # the run cannot go on without its ps
+    finally:
+        for process in tasks.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

@@ -58,7 +58,10 @@ class ModelParallel(ParallelMode):
 
     def serve(self) -> int:
         return serving.serve(
-            self.cluster, self.config.collective_timeout_secs, self.default_threads()[1]
+            self.cluster,
+            self.config.collective_timeout_secs,
+            self.default_threads()[1],
+            config=self.config,
         )
 
     def default_threads(self) -> tuple[int, int]:

@@ -122,7 +122,10 @@ class ParameterServer(ParallelMode):
         """Serves this ps or worker task until the coordinator is gone; returns
         the exit code (0, or 1 if the coordinator never appeared)."""
         return serving.serve(
-            self.cluster, self.config.collective_timeout_secs, self.default_threads()[1]
+            self.cluster,
+            self.config.collective_timeout_secs,
+            self.default_threads()[1],
+            config=self.config,
         )
 
 

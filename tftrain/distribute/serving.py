@@ -3,6 +3,8 @@ parameter server, a coordinator's worker, a pipeline stage's host)."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import sys
 import time
@@ -45,10 +47,43 @@ class Driver:
         )
 
 
-def serve(cluster, wait_secs: float, inter_op_threads: int) -> int:
+# Flags that may differ between the tasks of one run.
+PER_TASK_FIELDS = frozenset(
+    {"intra_op_threads", "inter_op_threads", "thread_spinning", "restart", "ring_port"}
+)
+
+
+def contradictions(mine: dict, drivers: dict) -> list[str]:
+    """The flags of this task that differ from the driving task's (its
+    config.json), as ``--name=mine here, theirs on the driver``."""
+    mine = json.loads(json.dumps(mine))  # tuples as the driver's JSON has them
+    return [
+        f"--{name}={mine[name]} here, {drivers.get(name)} on the coordinator"
+        for name in sorted(mine)
+        if name not in PER_TASK_FIELDS and mine[name] != drivers.get(name)
+    ]
+
+
+def _drivers_config(config, since: float) -> dict | None:
+    """The driving task's config.json in model_dir, once it is written for
+    this run (not before ``since``); None until then, or where model_dir is
+    not shared with this task."""
+    path = os.path.join(config.model_dir, "config.json")
+    try:
+        if os.path.getmtime(path) < since:
+            return None
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def serve(cluster, wait_secs: float, inter_op_threads: int, config=None) -> int:
     """Starts this task's TensorFlow server and serves until the task that
-    drives the run (:class:`Driver`) is gone; returns the exit code (0, or 1
-    if the driver never appeared within ``wait_secs``)."""
+    drives the run (:class:`Driver`) is gone; returns the exit code (0, 1 if
+    the driver never appeared within ``wait_secs``, 2 if this task's flags
+    (``config``) contradict the driver's: the config.json it writes into a
+    model_dir this task can read)."""
     import signal
 
     import tensorflow as tf
@@ -56,15 +91,15 @@ def serve(cluster, wait_secs: float, inter_op_threads: int) -> int:
     # The coordinator decides when the run ends: a SIGTERM sent to the whole
     # cluster must not take this task away while the coordinator saves.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    config = tf.compat.v1.ConfigProto()
-    config.inter_op_parallelism_threads = inter_op_threads
+    session = tf.compat.v1.ConfigProto()
+    session.inter_op_parallelism_threads = inter_op_threads
     try:
         tf.distribute.Server(
             tf.train.ClusterSpec({k: list(v) for k, v in cluster.cluster.items()}),
             job_name=cluster.task_type,
             task_index=cluster.task_index,
             protocol="grpc",
-            config=config,
+            config=session,
             start=True,
         )
     except tf.errors.OpError as e:
@@ -75,11 +110,27 @@ def serve(cluster, wait_secs: float, inter_op_threads: int) -> int:
     me = f"{cluster.task_type}:{cluster.task_index}"
     print(f"{me} serving on {cluster.address}; waiting for the coordinator.", flush=True)
     driver = Driver(cluster, wait_secs)
+    started, checked = time.time(), config is None
     while True:
         seen = driver.seen
         state = driver.poll()
         if state == "up" and not seen:
             print(f"{me} joined the coordinator's run.", flush=True)
+        if state == "up" and not checked:
+            drivers = _drivers_config(config, started)
+            if drivers is not None:
+                checked = True
+                differ = contradictions(config.to_dict(), drivers)
+                if differ:
+                    print(
+                        f"tftrain: error: {me} was started with flags that contradict the "
+                        f"coordinator's ({'; '.join(differ[:3])}"
+                        + (f"; {len(differ) - 3} more" if len(differ) > 3 else "")
+                        + "): every task of a run takes the same training flags.",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    return 2
         elif state == "gone":
             print(f"{me}: the coordinator is done; exiting.", flush=True)
             return 0
