@@ -238,6 +238,25 @@ def test_killed_worker_restarts_the_cluster_from_the_last_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_killed_pipeline_stage_restarts_the_cluster_from_the_last_checkpoint(tmp_path):
+    model_dir = str(tmp_path / "run")
+    pipeline = ["--strategy=model_parallel", "--log_interval_secs=0"]
+    proc = _launch(["--num_workers=2", "--max_restarts=1"], model_dir, pipeline)
+    lines = []
+    pid = int(_read_until(proc, r"started worker:1 \(pid (\d+)\)", lines).group(1))
+    _read_until(proc, r"\[worker:0\] step (6\d|[7-9]\d|\d{3})/400", lines)
+    os.kill(pid, signal.SIGKILL)  # the task that holds stage 1
+    out, _ = proc.communicate(timeout=300)
+    text = "".join(lines) + out
+    assert proc.returncode == 0, text
+    assert "worker:1 failed with exit code -9; restarting the cluster" in text
+    resumed = int(re.search(r"\[worker:0\] Resumed from .*ckpt-(\d+) at step", text).group(1))
+    assert resumed >= 40
+    assert metrics(model_dir)["global_step"] == 400
+    assert metrics(model_dir)["strategy"] == "model_parallel"
+
+
+@pytest.mark.slow
 def test_first_failure_stops_the_others_and_leaves_no_orphans(tmp_path):
     longer = ["--train_steps=3000", "--log_interval_secs=0"]
     proc = _launch(["--num_workers=2"], str(tmp_path / "run"), longer)
