@@ -138,7 +138,7 @@ def chart_pixels(path: str) -> int:
     return int(np.sum(area.max(axis=2) - area.min(axis=2) > 100))
 
 
-def screenshot_drawn(url: str, path: str, tries: int = 3) -> int:
+def screenshot_drawn(url: str, path: str, tries: int = 5) -> int:
     """``screenshot`` again until its chart is drawn (Chromium draws within a
     virtual time budget, mostly); returns the chart's coloured pixels."""
     for _ in range(tries):

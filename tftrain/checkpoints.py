@@ -28,26 +28,39 @@ from tftrain.errors import RunError
 _NUMBERED = re.compile(r"ckpt-(\d+)$")
 
 
-def _state_readable(folder: str) -> bool:
-    """Whether the ``checkpoint`` state file is missing or reads (False: it is damaged)."""
+def _recorded(folder: str) -> list[str] | None:
+    """The checkpoints the ``checkpoint`` state file lists; None when it is
+    missing, unreadable, lists none, or lists anything but ``ckpt-N`` in
+    ``folder`` (a damaged file that still parses)."""
     try:
-        tf.train.get_checkpoint_state(folder)
+        state = tf.train.get_checkpoint_state(folder)
     except (tf.errors.OpError, ValueError):
-        return False
-    return True
+        return None
+    if state is None or not state.all_model_checkpoint_paths:
+        return None
+    # TensorFlow has already put relative entries under ``folder``.
+    listed = list(state.all_model_checkpoint_paths)
+    if not all(
+        os.path.normpath(os.path.dirname(p)) == os.path.normpath(folder)
+        and _NUMBERED.search(os.path.basename(p))
+        for p in listed
+    ):
+        return None
+    return listed
+
+
+def _state_readable(folder: str) -> bool:
+    """Whether the ``checkpoint`` state file is missing or usable (False: it is damaged)."""
+    return not os.path.exists(os.path.join(folder, "checkpoint")) or _recorded(folder) is not None
 
 
 def _candidates(folder: str) -> list[str]:
     """The checkpoint prefixes in ``folder``, newest first: those the state
     file lists (a save counts once it is recorded there), or, when the state
-    file is missing or unreadable, every ``ckpt-N`` found."""
-    try:
-        state = tf.train.get_checkpoint_state(folder)
-    except (tf.errors.OpError, ValueError):  # an unreadable state file
-        state = None
-    if state is not None and state.all_model_checkpoint_paths:
-        # TensorFlow has already put relative entries under ``folder``.
-        prefixes = set(state.all_model_checkpoint_paths)
+    file is missing or damaged, every ``ckpt-N`` found."""
+    recorded = _recorded(folder)
+    if recorded is not None:
+        prefixes = set(recorded)
     else:
         files = glob.glob(os.path.join(glob.escape(folder), "ckpt-*.*"))
         prefixes = {os.path.join(folder, os.path.basename(p).split(".", 1)[0]) for p in files}

@@ -1,4 +1,10 @@
-"""``--strategy=one_device``: the first GPU, or the CPU."""
+"""``--strategy=one_device``: the first GPU, or the CPU.
+
+TensorFlow's default strategy, not ``OneDeviceStrategy``: with one device
+there is nothing to distribute, and the wrapper's replica context cost about
+7% of the MLP's step on a CPU (BUILD_NOTES.md). TensorFlow places the ops
+on the first GPU when there is one.
+"""
 
 from __future__ import annotations
 
@@ -11,5 +17,4 @@ class OneDevice(ParallelMode):
     def create(self) -> Placement:
         import tensorflow as tf
 
-        device = "/gpu:0" if tf.config.list_physical_devices("GPU") else "/cpu:0"
-        return Placement(tf.distribute.OneDeviceStrategy(device))
+        return Placement(tf.distribute.get_strategy())
