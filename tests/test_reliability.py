@@ -198,7 +198,9 @@ def test_a_relative_model_dir_resumes_its_own_checkpoints(tmp_path, monkeypatch)
     )
     for step in (1, 2):
         manager.save(checkpoint_number=step)
-    found = checkpoints._candidates("runs/main/checkpoints")
+    found = checkpoints._candidates(
+        "runs/main/checkpoints", checkpoints._recorded("runs/main/checkpoints")
+    )
     assert found == ["runs/main/checkpoints/ckpt-2", "runs/main/checkpoints/ckpt-1"]
     assert all(checkpoints.damage(prefix) is None for prefix in found)
 

@@ -49,16 +49,10 @@ def _recorded(folder: str) -> list[str] | None:
     return listed
 
 
-def _state_readable(folder: str) -> bool:
-    """Whether the ``checkpoint`` state file is missing or usable (False: it is damaged)."""
-    return not os.path.exists(os.path.join(folder, "checkpoint")) or _recorded(folder) is not None
-
-
-def _candidates(folder: str) -> list[str]:
+def _candidates(folder: str, recorded: list[str] | None) -> list[str]:
     """The checkpoint prefixes in ``folder``, newest first: those the state
-    file lists (a save counts once it is recorded there), or, when the state
-    file is missing or damaged, every ``ckpt-N`` found."""
-    recorded = _recorded(folder)
+    file lists (``recorded``: a save counts once it is recorded there), or,
+    when the state file is missing or damaged (None), every ``ckpt-N`` found."""
     if recorded is not None:
         prefixes = set(recorded)
     else:
@@ -142,7 +136,8 @@ class Checkpoints:
         Damaged ones are reported and (on the chief) moved aside, and the
         state file lists the rest.
         """
-        candidates = _candidates(self.folder)
+        recorded = _recorded(self.folder)
+        candidates = _candidates(self.folder, recorded)
         damaged = []
         for prefix in candidates:
             why = damage(prefix)
@@ -160,7 +155,8 @@ class Checkpoints:
                 "start afresh. "
                 "Nothing was changed."
             )
-        state_damaged = not _state_readable(self.folder)
+        state = os.path.join(self.folder, "checkpoint")
+        state_damaged = recorded is None and os.path.exists(state)
         if state_damaged:
             self.log(f"The checkpoint state file in {self.folder} cannot be read; not using it.")
         if (damaged or state_damaged) and self.is_chief:
@@ -169,7 +165,6 @@ class Checkpoints:
             for prefix in damaged:
                 for path in glob.glob(glob.escape(prefix) + ".*"):
                     shutil.move(path, os.path.join(aside, os.path.basename(path)))
-            state = os.path.join(self.folder, "checkpoint")
             if state_damaged:
                 shutil.move(state, os.path.join(aside, "checkpoint"))
             if good:
