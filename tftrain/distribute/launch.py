@@ -430,25 +430,21 @@ def check_train_argv(train_argv: list[str], spec: dict[str, list[str]]):
     return config
 
 
-def _refuse(message: str) -> None:
-    print(f"tftrain: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
     from absl import flags
 
+    from tftrain.cli import _fail
     from tftrain.config import ConfigError
 
     fv = flags.FLAGS
     train_argv = list(argv[1:])
     if not train_argv:
-        _refuse(
+        _fail(
             "no training flags: expected "
             "tftrain launch --num_workers=N -- --experiment=... --model_dir=..."
         )
     if fv.evaluator and not fv.num_ps:
-        _refuse(
+        _fail(
             "--evaluator needs parameter servers (--num_ps=M): the "
             "evaluator task evaluates a parameter-server run's checkpoints."
         )
@@ -462,7 +458,7 @@ def main(argv: list[str]) -> None:
 
             check_for_kubernetes(config, fv.job_name, fv.task_cpu, fv.task_memory)
     except ConfigError as e:
-        _refuse(str(e))
+        _fail(str(e))
     if fv.emit == "tfjob":
         from tftrain.distribute.tfjob import tfjob_manifest
 
