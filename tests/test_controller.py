@@ -37,12 +37,19 @@ def test_constant_rate_needs_no_schedule():
     assert lr_at(opt, 7) == pytest.approx(0.3) and opt.momentum == 0.5
 
 
+def train(config, log=lambda line: None):
+    """``controller.run`` under the config's own mode; returns the metrics."""
+    from tftrain import controller
+    from tftrain.distribute.base import mode_for
+
+    mode = mode_for(config)
+    mode.setup()
+    return controller.run(config, mode, log=log)
+
+
 def test_rerunning_a_finished_run_leaves_its_metrics_alone(tmp_path):
     import json
     import os
-
-    from tftrain import controller
-    from tftrain.distribute.base import mode_for
 
     config = ExperimentConfig(
         dataset="synthetic",
@@ -53,23 +60,18 @@ def test_rerunning_a_finished_run_leaves_its_metrics_alone(tmp_path):
         model_dir=str(tmp_path / "run"),
     ).validate()
 
-    def run(config, lines):
-        mode = mode_for(config)
-        mode.setup()
-        return controller.run(config, mode, log=lines.append)
-
-    first = run(config, [])
+    first = train(config)
     path = os.path.join(config.model_dir, "metrics.json")
     before = open(path).read()
     lines = []
-    again = run(config, lines)
+    again = train(config, lines.append)
     assert again == first and open(path).read() == before
     assert any("already finished at step 20 of 20" in line for line in lines)
     assert not any(line.startswith("Training ") for line in lines)
     # Without its metrics (lost after the last checkpoint), the run is evaluated
     # again; its speed, not measured, is null rather than 0.
     os.remove(path)
-    rebuilt = run(config, [])
+    rebuilt = train(config)
     assert rebuilt["eval_loss"] == first["eval_loss"]
     saved = json.load(open(path))
     assert saved["examples_per_second"] is None and saved["training_seconds"] is None
@@ -80,9 +82,6 @@ def test_train_scalars_start_at_step_0_and_speed_is_per_interval(tmp_path):
 
     import tensorflow as tf
 
-    from tftrain import controller
-    from tftrain.distribute.base import mode_for
-
     config = ExperimentConfig(
         dataset="synthetic",
         model="softmax",
@@ -92,9 +91,7 @@ def test_train_scalars_start_at_step_0_and_speed_is_per_interval(tmp_path):
         export=False,
         model_dir=str(tmp_path / "run"),
     ).validate()
-    mode = mode_for(config)
-    mode.setup()
-    controller.run(config, mode, log=lambda line: None)
+    train(config)
     points: dict[str, dict[int, float]] = {}
     folder = os.path.join(config.model_dir, "train")
     for name in os.listdir(folder):
@@ -118,8 +115,7 @@ def test_bfloat16_computes_in_bfloat16_keeps_float32_variables_and_learns(tmp_pa
     import numpy as np
     import tensorflow as tf
 
-    from tftrain import controller, data, tasks
-    from tftrain.distribute.base import mode_for
+    from tftrain import data, tasks
 
     def config(precision):
         return ExperimentConfig(
@@ -142,9 +138,7 @@ def test_bfloat16_computes_in_bfloat16_keeps_float32_variables_and_learns(tmp_pa
         hidden = model.get_layer("hidden_0")
         assert hidden.compute_dtype == "bfloat16" and hidden.kernel.dtype == "float32"
         for precision in ("float32", "bfloat16"):
-            mode = mode_for(config(precision))
-            mode.setup()
-            results[precision] = controller.run(config(precision), mode, log=lambda line: None)
+            results[precision] = train(config(precision))
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     assert results["float32"]["eval_accuracy"] > 0.7

@@ -17,7 +17,16 @@ IMAGES = {"input_shape": (28, 28, 1), "num_classes": 10, "hidden_units": (32,)}
 
 
 def make(
-    strategy, *, batch=32, model="mlp", optimizer="adam", seed=0, microbatches=1, lr=0.01, **shape
+    strategy,
+    *,
+    batch=32,
+    model="mlp",
+    optimizer="adam",
+    seed=0,
+    microbatches=1,
+    lr=0.01,
+    skip_nonfinite=False,
+    **shape,
 ):
     with strategy.scope():
         m = models.build_model(model, seed=seed, **(shape or IMAGES))
@@ -30,6 +39,7 @@ def make(
         optimizer=opt,
         global_batch_size=batch,
         num_microbatches=microbatches,
+        skip_nonfinite=skip_nonfinite,
     )
 
 
@@ -185,18 +195,7 @@ def _three_batches(nan_at=None, batch=32):
 
 
 def _train_on(strategy, x, y, *, skip, batch=32):
-    with strategy.scope():
-        m = models.build_model("mlp", seed=0, **IMAGES)
-        opt = optimizers.get("sgd", learning_rate=0.1)
-        opt.build(m.trainable_variables)
-    t = Trainer(
-        strategy=strategy,
-        task=TASK,
-        model=m,
-        optimizer=opt,
-        global_batch_size=batch,
-        skip_nonfinite=skip,
-    )
+    t = make(strategy, batch=batch, optimizer="sgd", lr=0.1, skip_nonfinite=skip)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
     t.train(iter(strategy.experimental_distribute_dataset(ds)), len(x) // batch)
     return t
