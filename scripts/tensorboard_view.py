@@ -97,27 +97,32 @@ def chromium() -> str | None:
     return next((shutil.which(name) for name in CHROMIUM if shutil.which(name)), None)
 
 
-def screenshot(url: str, path: str, *, width: int = 1400, height: int = 900) -> None:
-    """A picture of ``url`` after its scripts have run (headless Chromium)."""
+def _headless(url: str, *options: str, height: int = 900) -> str:
+    """Runs headless Chromium on ``url`` with ``options``; returns its stdout."""
     browser = chromium()
     if browser is None:
         raise RuntimeError("no Chromium found (Debian: apt-get install chromium)")
-    subprocess.run(
+    return subprocess.run(
         [
             browser,
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
-            "--hide-scrollbars",
-            f"--window-size={width},{height}",
+            f"--window-size=1400,{height}",
             "--virtual-time-budget=30000",
-            f"--screenshot={os.path.abspath(path)}",
+            *options,
             url,
         ],
         check=True,
         capture_output=True,
+        text=True,
         timeout=120,
-    )
+    ).stdout
+
+
+def screenshot(url: str, path: str) -> None:
+    """A picture of ``url`` after its scripts have run (headless Chromium)."""
+    _headless(url, "--hide-scrollbars", f"--screenshot={os.path.abspath(path)}")
 
 
 # A card's legend dots alone colour ~200 pixels; its lines, over a thousand.
@@ -152,22 +157,7 @@ def screenshot_drawn(url: str, path: str, tries: int = 5) -> int:
 def dom(url: str, height: int = 900) -> str:
     """The page's DOM after its scripts have run (headless Chromium; cards
     below ``height`` pixels are not drawn)."""
-    return subprocess.run(
-        [
-            chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            f"--window-size=1400,{height}",
-            "--virtual-time-budget=30000",
-            "--dump-dom",
-            url,
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    return _headless(url, "--dump-dom", height=height)
 
 
 def time_series_page(base: str, tag_filter: str = "") -> str:
