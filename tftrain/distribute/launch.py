@@ -29,6 +29,8 @@ from tftrain import resources
 def define_flags(flag_values) -> None:
     from absl import flags
 
+    from tftrain.distribute import tfjob
+
     flags.DEFINE_integer("num_workers", 2, "worker tasks", lower_bound=1, flag_values=flag_values)
     flags.DEFINE_integer(
         "num_ps",
@@ -78,13 +80,13 @@ def define_flags(flag_values) -> None:
     flags.DEFINE_string("job_name", "tftrain", "job name, for --emit", flag_values=flag_values)
     flags.DEFINE_string(
         "task_cpu",
-        "2",
+        tfjob.DEFAULT_CPU,
         "CPU each task requests, for --emit (a Kubernetes quantity)",
         flag_values=flag_values,
     )
     flags.DEFINE_string(
         "task_memory",
-        "4Gi",
+        tfjob.DEFAULT_MEMORY,
         "memory each task requests and is limited to, for --emit",
         flag_values=flag_values,
     )

@@ -17,13 +17,17 @@ from tftrain.resources import cluster_inter_op_threads
 
 GRPC_PORT = 2222  # the TFJob operator's default port, in TF_CONFIG
 RING_PORT = 2223
+# What each task requests (and the memory it is limited to), unless told.
+DEFAULT_CPU, DEFAULT_MEMORY = "2", "4Gi"
 # Pod names are "<job>-<role>-<index>": DNS labels of at most 63 characters.
 MAX_JOB_NAME = 48
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"\d+(\.\d+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
 
 
-def check_for_kubernetes(config, job_name: str, cpu: str = "2", memory: str = "4Gi") -> None:
+def check_for_kubernetes(
+    config, job_name: str, cpu: str = DEFAULT_CPU, memory: str = DEFAULT_MEMORY
+) -> None:
     """What a local run would accept but a pod would not: raises ConfigError."""
     if not _DNS_LABEL.match(job_name) or len(job_name) > MAX_JOB_NAME:
         raise ConfigError(
@@ -51,8 +55,8 @@ def tfjob_manifest(
     num_workers: int,
     num_ps: int,
     train_argv: list[str],
-    cpu: str = "2",
-    memory: str = "4Gi",
+    cpu: str = DEFAULT_CPU,
+    memory: str = DEFAULT_MEMORY,
 ) -> str:
     """A Kubeflow TFJob whose operator sets TF_CONFIG for every replica.
 
