@@ -18,6 +18,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -56,6 +58,14 @@ class TensorBoard:
             found = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
             if found:
                 self.url = found.group(1)
+        # Keep reading what it prints: a full pipe would stop the server.
+        self.output: list[str] = []
+        self._drain = threading.Thread(target=self._read, daemon=True)
+        self._drain.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.output.append(line)
 
     def get(self, path: str, body: dict | None = None):
         data = json.dumps(body).encode() if body is not None else None
@@ -98,26 +108,29 @@ def chromium() -> str | None:
 
 
 def _headless(url: str, *options: str, height: int = 900) -> str:
-    """Runs headless Chromium on ``url`` with ``options``; returns its stdout."""
+    """Runs headless Chromium on ``url`` with ``options``, in a fresh profile
+    (nothing left by an earlier Chromium in the way); returns its stdout."""
     browser = chromium()
     if browser is None:
         raise RuntimeError("no Chromium found (Debian: apt-get install chromium)")
-    return subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            f"--window-size=1400,{height}",
-            "--virtual-time-budget=30000",
-            *options,
-            url,
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    with tempfile.TemporaryDirectory(prefix="tftrain-chromium-") as profile:
+        return subprocess.run(
+            [
+                browser,
+                "--headless",
+                f"--user-data-dir={profile}",
+                "--no-sandbox",
+                "--disable-gpu",
+                f"--window-size=1400,{height}",
+                "--virtual-time-budget=30000",
+                *options,
+                url,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
 
 
 def screenshot(url: str, path: str) -> None:
@@ -151,6 +164,7 @@ def screenshot_drawn(url: str, path: str, tries: int = 5) -> int:
         drawn = chart_pixels(path)
         if drawn > DRAWN:
             return drawn
+        time.sleep(3)
     return 0
 
 

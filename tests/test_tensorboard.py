@@ -119,6 +119,7 @@ def test_the_time_series_dashboard_draws_the_loss_curves(board, tmp_path):
         cards = drawn_series(dom(page))
         if cards.get("loss"):
             break
+        time.sleep(3)
     # One line per run: eval at steps 0 and 20, train at 5, 10, 15 and 20.
     assert cards == {"loss": [2, 4]}
     picture = str(tmp_path / "loss.png")
