@@ -30,8 +30,10 @@ _NUMBERED = re.compile(r"ckpt-(\d+)$")
 
 def _recorded(folder: str) -> list[str] | None:
     """The checkpoints the ``checkpoint`` state file lists; None when it is
-    missing, unreadable, lists none, or lists anything but ``ckpt-N`` in
-    ``folder`` (a damaged file that still parses)."""
+    missing, unreadable, lists none, lists anything but ``ckpt-N`` in
+    ``folder``, or its latest checkpoint is not the last one it lists (a
+    damaged file that still parses: cut short, it would list only older
+    checkpoints)."""
     try:
         state = tf.train.get_checkpoint_state(folder)
     except (tf.errors.OpError, ValueError):
@@ -40,6 +42,8 @@ def _recorded(folder: str) -> list[str] | None:
         return None
     # TensorFlow has already put relative entries under ``folder``.
     listed = list(state.all_model_checkpoint_paths)
+    if state.model_checkpoint_path != listed[-1]:
+        return None
     if not all(
         os.path.normpath(os.path.dirname(p)) == os.path.normpath(folder)
         and _NUMBERED.search(os.path.basename(p))
