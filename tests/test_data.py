@@ -187,3 +187,19 @@ def test_the_train_stream_says_it_is_infinite():
     split = data.make_synthetic(0, num_train=100).train
     ds = data.train_dataset(split, global_batch_size=10, seed=0)
     assert ds.cardinality().numpy() == tf.data.INFINITE_CARDINALITY
+
+
+@pytest.mark.parametrize("group", [1, 7, 20])
+def test_batches_gathered_in_groups_are_the_epoch_permutation_in_order(monkeypatch, group):
+    # 100 batches an epoch: groups of 7 leave 2 over, and a resumed run
+    # starts part-way through a group.
+    monkeypatch.setattr(data, "_GATHER_BATCHES", group)
+    split = data.make_synthetic(0, num_train=1000).train
+    for start in (0, 7, 95):
+        got = batches(split, 130, global_batch_size=10, seed=4, start_step=start)
+        for k, (x, y) in enumerate(got):
+            epoch, b = divmod(start + k, 100)
+            order = data.epoch_permutation(1000, 4, epoch).numpy()[b * 10 : (b + 1) * 10]
+            np.testing.assert_array_equal(x, split.images[order])
+            np.testing.assert_array_equal(y, split.labels[order])
+            assert x.dtype == np.uint8  # pixels travel as stored

@@ -1,8 +1,8 @@
 """Keras 3 model builders, registered by name in :data:`tftrain.plugins.MODELS`.
 
-Image models take raw pixel values in [0, 255] (float32, shape
-``(batch, H, W, C)``) and return class logits, so the exported SavedModel
-serves the same inputs the dataset holds. ``embedding_bag`` takes integer
+Image models take raw pixel values in [0, 255], shape ``(batch, H, W, C)``:
+uint8 as the training stream hands them over, or float32 (what the exported
+SavedModel serves), and return class logits. ``embedding_bag`` takes integer
 token ids ``(batch, length)``. A builder is a function of keyword
 arguments: ``input_shape``, ``num_classes``, ``seed`` (seeds every
 initializer) and the model's own options; it returns a built ``keras.Model``.
