@@ -1,27 +1,44 @@
 """tftrain against Keras ``model.fit`` and against the hardware, in one run.
 
-For each case (the same model, data, optimizer and batch) it measures, each
-in its own process and in rotated order, ``--rounds`` times:
+Three sections (``--sections``), each a table:
 
-  tftrain     ``tftrain train`` as a user runs it: its steady examples/s
-              from metrics.json (the first loop, which traces, left out)
-  fit         Keras 3 ``model.fit`` with its defaults (Keras's Adam, the
-              same loss and accuracy metric), timed from its second epoch on
-  fit best    the same with ``steps_per_execution=100`` and ``jit_compile=True``
-  peak        this machine's matrix-multiply peak (in ``--precision``): a
-              chain of 2048x2048 matmuls in one ``tf.function``
-  input       tftrain's training stream alone (batch 100), pulled in a
-              ``tf.function`` as the loop pulls it
+speed
+  For each case (the same model, data, optimizer and batch) it measures,
+  each in its own process and in rotated order, ``--rounds`` times:
 
-and prints the medians (with the spread over the rounds) of examples/s,
-milliseconds per step, peak resident memory, the ratios tftrain/fit and
-tftrain/fit best, and the fraction of the matmul peak that tftrain's step
-reaches. A step's FLOPs are counted from the model's Dense and Conv2D
-layers: the forward product, the weight gradient and the input gradient
-(2 multiply-adds per weight per example each; no input gradient for the
-first layer, whose input needs none).
+    tftrain         ``tftrain train`` as a user runs it: its steady examples/s
+                    from metrics.json (the first loop, which traces, left out)
+    fit             Keras 3 ``model.fit`` with its defaults (Keras's Adam, the
+                    same loss and accuracy metric), timed from its second epoch
+    fit best        the same with ``steps_per_execution=100`` and ``jit_compile``
+    products alone  the step's matrix products and convolutions timed alone
+                    (forward, weight gradient, input gradient; random operands
+                    of the step's shapes): what the arithmetic alone allows
+    peak            this machine's matrix-multiply peak (in ``--precision``): a
+                    chain of 2048x2048 matmuls in one ``tf.function``
+    input           tftrain's training stream alone (batch 100), pulled in a
+                    ``tf.function`` as the loop pulls it
 
-    .venv/bin/python -m benchmarks [--cases=softmax,mlp,wide_mlp,cnn] [--rounds=3]
+  and prints the medians (with the spread over the rounds) of examples/s,
+  milliseconds per step, peak resident memory, the ratios tftrain/fit,
+  tftrain/fit best and tftrain/products alone, and the fraction of the
+  matmul peak that tftrain's step and the products alone reach. A step's
+  FLOPs are counted from the model's Dense and Conv2D layers: the forward
+  product, the weight gradient and the input gradient (2 multiply-adds per
+  weight per example each; no input gradient for the first layer, whose
+  input needs none).
+
+distributed
+  Every parallel mode on the MLP against ``one_device`` at the same global
+  batch (benchmarks/distributed.py), and one all-reduce of its gradients
+  between 2 launched workers against the ring bound.
+
+time_to_accuracy
+  Seconds from process start to test accuracy 0.91 on the CNN, tftrain
+  against ``fit`` (benchmarks/time_to_accuracy.py).
+
+    .venv/bin/python -m benchmarks [--sections=speed,distributed,time_to_accuracy]
+        [--cases=softmax,mlp,wide_mlp,cnn] [--distributed=ROW,...] [--rounds=3]
         [--precision=float32|bfloat16]
 
 Nothing else may run on the machine meanwhile: this machine's speed swings
@@ -126,6 +143,61 @@ def _peak_child(precision: str) -> dict:
     return {"flops_per_second": 2 * n**3 * chain / best}
 
 
+def _bound_child(case: str, precision: str) -> dict:
+    """The step's matrix products alone: for each Dense and Conv2D layer of
+    the case's model, at its batch, the forward product, the weight gradient
+    and (past the first layer) the input gradient, all in one ``tf.function``
+    on random operands; the best of 5 timings of 20 calls, as examples/s."""
+    import keras
+    import tensorflow as tf
+
+    from tftrain import models
+
+    name, hidden, batch, _ = CASES[case]
+    dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
+    model = models.build_model(
+        name, input_shape=(28, 28, 1), num_classes=10, seed=0, hidden_units=hidden or ()
+    )
+    operands, first = [], True
+    for layer in model.layers:
+        if not isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
+            continue
+        shape = (batch, *layer.input.shape[1:])
+        if isinstance(layer, keras.layers.Dense):
+            shape = (batch, math.prod(shape[1:]))
+        x = tf.cast(tf.random.normal(shape), dtype)
+        w = tf.cast(tf.random.normal(layer.kernel.shape), dtype)
+        dy = tf.cast(tf.random.normal((batch, *layer.output.shape[1:])), dtype)
+        operands.append((layer, x, w, dy, first))
+        first = False
+
+    def products():
+        total = []
+        for layer, x, w, dy, first_layer in operands:
+            with tf.GradientTape() as tape:
+                tape.watch([x, w])
+                if isinstance(layer, keras.layers.Dense):
+                    y = tf.matmul(x, w)
+                else:
+                    y = tf.nn.conv2d(x, w, layer.strides, layer.padding.upper())
+            wanted = [w] if first_layer else [x, w]
+            total += tape.gradient(y, wanted, output_gradients=dy) + [y]
+        return [tf.reduce_sum(t[..., :1]) for t in total]
+
+    # One call a repeat: repeats inside one graph would be merged as common
+    # subexpressions of the same operands.
+    once = tf.function(products)
+    once()
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(20):
+            results = once()
+        tf.nest.map_structure(lambda t: t.numpy(), results)
+        best = min(best, time.perf_counter() - start)
+    return {"examples_per_second": 20 * batch / best}
+
+
 def _input_child(batch: str) -> dict:
     """tftrain's training stream alone, pulled inside one tf.function as the
     training loop pulls it: examples/s."""
@@ -142,7 +214,7 @@ def _input_child(batch: str) -> dict:
         total = tf.constant(0.0)
         for _ in tf.range(n):
             images, labels = next(iterator)
-            total += images[0, 0, 0, 0] + tf.cast(labels[0], tf.float32)
+            total += tf.cast(images[0, 0, 0, 0], tf.float32) + tf.cast(labels[0], tf.float32)
         return total
 
     pull(tf.constant(100)).numpy()
@@ -237,13 +309,22 @@ def machine() -> str:
     return f"{model}, {len(os.sched_getaffinity(0))} cores usable, {platform.system()}"
 
 
+SECTIONS = ("speed", "distributed", "time_to_accuracy")
+
+
 def main(argv: list[str] | None = None) -> None:
+    from benchmarks import distributed
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=", ".join(SECTIONS))
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument(
         "--runners",
         default=",".join(RUNNERS),
         help=f"tftrain first; of {', '.join(RUNNERS + tuple(VARIANTS))}",
+    )
+    parser.add_argument(
+        "--distributed", default=",".join(distributed.ROWS), help="rows of the distributed section"
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
@@ -251,10 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         kind, *rest = args.child
-        if kind == "peak":
-            print(json.dumps(_peak_child(*rest)))
-        elif kind == "input":
-            print(json.dumps(_input_child(*rest)))
+        children = {"peak": _peak_child, "input": _input_child, "bound": _bound_child}
+        if kind in children:
+            print(json.dumps(children[kind](*rest)))
         else:
             print(json.dumps(_keras_child(rest[0], kind == "fit_best", rest[1])))
         return
@@ -263,20 +343,35 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     quiet.filter_native_stderr()  # this process imports TensorFlow to count FLOPs
+    sections = args.sections.split(",")
     cases = args.cases.split(",")
     runners = args.runners.split(",")
-    unknown = [c for c in cases if c not in CASES] + [
-        r for r in runners if r not in RUNNERS and r not in VARIANTS
-    ]
+    rows = args.distributed.split(",")
+    unknown = (
+        [s for s in sections if s not in SECTIONS]
+        + [c for c in cases if c not in CASES]
+        + [r for r in runners if r not in RUNNERS and r not in VARIANTS]
+        + [r for r in rows if r not in distributed.ROWS]
+    )
     if unknown:
-        parser.error(f"unknown case or runner: {', '.join(unknown)}")
+        parser.error(f"unknown section, case, runner or row: {', '.join(unknown)}")
     print(
-        f"{machine()}; precision {args.precision}; Adam {LEARNING_RATE}; "
-        f"median of {args.rounds} rounds (± half the range)",
+        f"{machine()}; median of {args.rounds} rounds (± half the range); Adam {LEARNING_RATE}",
         flush=True,
     )
+    if "speed" in sections:
+        _speed_section(args, cases, runners)
+    if "distributed" in sections:
+        _distributed_section(args, rows)
+    if "time_to_accuracy" in sections:
+        _time_to_accuracy_section(args)
+
+
+def _speed_section(args, cases: list[str], runners: list[str]) -> None:
+    print(f"\n## Speed: tftrain, Keras fit and the hardware (precision {args.precision})\n")
     speeds = {(c, r): [] for c in cases for r in runners}
     memory = {(c, r): [] for c in cases for r in runners}
+    bounds = {c: [] for c in cases}
     peaks, inputs = [], []
     for round_index in range(args.rounds):
         peak, _ = _measure_child("peak", args.precision)
@@ -284,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
         stream, _ = _measure_child("input", "100")
         inputs.append(stream["examples_per_second"])
         for case in cases:
+            bound, _ = _measure_child("bound", case, args.precision)
+            bounds[case].append(bound["examples_per_second"])
             shift = round_index % len(runners)
             for runner in runners[shift:] + runners[:shift]:
                 speed, rss = measure(runner, case, args.precision)
@@ -291,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
                 memory[(case, runner)].append(rss)
             print(
                 f"  round {round_index + 1} {case}: "
-                + ", ".join(f"{r} {speeds[(case, r)][-1]:,.0f}" for r in runners),
+                + ", ".join(f"{r} {speeds[(case, r)][-1]:,.0f}" for r in runners)
+                + f", products alone {bounds[case][-1]:,.0f}",
                 flush=True,
             )
     peak = statistics.median(peaks)
@@ -313,7 +411,10 @@ def main(argv: list[str] | None = None) -> None:
         return f"{r} / tftrain" if r in VARIANTS else f"tftrain / {r}"
 
     header += " | tftrain ms/step | " + " | ".join(ratio_name(r) for r in runners[1:])
-    header += " | tftrain % of peak | peak RSS MiB (" + ", ".join(runners) + ") |"
+    header += (
+        " | products alone examples/s | tftrain / products alone | products alone % of peak"
+        " | tftrain % of peak | peak RSS MiB (" + ", ".join(runners) + ") |"
+    )
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
     for case in cases:
@@ -330,9 +431,86 @@ def main(argv: list[str] | None = None) -> None:
             for r in runners[1:]
         ]
         flops = training_flops_per_example(case)
+        bound = statistics.median(bounds[case])
+        row.append(f"{bound:,.0f}{_spread(bounds[case])}")
+        row.append(f"{base / bound:.2f}x" if base else "-")
+        row.append(f"{100 * bound * flops / peak:.0f}%")
         row.append(f"{100 * base * flops / peak:.0f}%" if base else "-")
         row.append(", ".join(f"{statistics.median(memory[(case, r)]):,.0f}" for r in runners))
         print("| " + " | ".join(row) + " |")
+
+
+def _distributed_section(args, rows: list[str]) -> None:
+    from benchmarks import distributed
+
+    print("\n## Distributed: MLP 256-128, each row against one_device at its global batch\n")
+    needed = list(dict.fromkeys([distributed.baseline(r) for r in rows] + rows))
+    speeds = {r: [] for r in needed}
+    reduces, bounds = [], []
+    for round_index in range(args.rounds):
+        shift = round_index % len(needed)
+        for row in needed[shift:] + needed[:shift]:
+            speeds[row].append(distributed.measure(row)[0])
+        seconds, bound = distributed.allreduce_against_bound()
+        reduces.append(seconds)
+        bounds.append(bound)
+        print(
+            f"  round {round_index + 1}: "
+            + ", ".join(f"{r} {speeds[r][-1]:,.0f}" for r in needed)
+            + f"; all-reduce {seconds * 1e6:,.0f} us, bound {bound * 1e6:,.0f} us",
+            flush=True,
+        )
+    print("\n| run | global batch | examples/s | updates/s | vs one_device |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in needed:
+        batch = distributed.ROWS[row][0]
+        median = statistics.median(speeds[row])
+        base = statistics.median(speeds[distributed.baseline(row)])
+        print(
+            f"| {row} | {batch} | {median:,.0f}{_spread(speeds[row])} | "
+            f"{median / batch:,.0f} | {median / base:.2f}x |"
+        )
+    ratios = [s / b for s, b in zip(reduces, bounds)]
+    print(
+        f"\nOne all-reduce of the MLP's gradients (940,584 bytes), 2 launched workers, "
+        f"tftrain's TCP ring: {statistics.median(reduces) * 1e6:,.0f} us{_spread(reduces)}, "
+        f"{statistics.median(ratios):.2f}x the ring bound "
+        f"({statistics.median(bounds) * 1e6:,.0f} us at the loopback bandwidth measured)."
+    )
+
+
+def _time_to_accuracy_section(args) -> None:
+    from benchmarks import time_to_accuracy as tta
+
+    print(
+        f"\n## Time to test accuracy {tta.TARGET} (fashion_mnist_cnn's model and optimizer; "
+        "seconds from process start)\n"
+    )
+    results = {r: [] for r in tta.RUNNERS}
+    for round_index in range(args.rounds):
+        shift = round_index % len(tta.RUNNERS)
+        for runner in tta.RUNNERS[shift:] + tta.RUNNERS[:shift]:
+            results[runner].append(tta.measure(runner))
+        print(
+            f"  round {round_index + 1}: "
+            + ", ".join(
+                f"{r} {results[r][-1]['seconds']:.0f} s (epoch {results[r][-1]['epoch']})"
+                for r in tta.RUNNERS
+            ),
+            flush=True,
+        )
+    fit = statistics.median(x["seconds"] for x in results["fit"])
+    print("\n| runner | seconds to target | epochs | vs fit | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- |")
+    for runner in tta.RUNNERS:
+        seconds = [x["seconds"] for x in results[runner]]
+        median = statistics.median(seconds)
+        epochs = ", ".join(str(x["epoch"]) for x in results[runner])
+        rss = statistics.median(x["rss"] for x in results[runner])
+        print(
+            f"| {runner} | {median:.0f}{_spread(seconds)} | {epochs} | "
+            f"{median / fit:.2f}x | {rss:,.0f} |"
+        )
 
 
 if __name__ == "__main__":
