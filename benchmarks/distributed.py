@@ -21,12 +21,12 @@ ROWS = {
     "one_device": (100, ["--strategy=one_device"], None),
     "mirrored x2": (100, ["--strategy=mirrored", "--num_replicas=2"], None),
     "2 workers": (100, ["--strategy=multi_worker_mirrored"], (2, 0)),
-    "one_device, batch 400": (400, ["--strategy=one_device"], None),
-    "2 workers, batch 400": (400, ["--strategy=multi_worker_mirrored"], (2, 0)),
-    "ps, 1 worker": (100, ["--strategy=parameter_server"], (1, 1)),
-    "ps, 2 workers": (100, ["--strategy=parameter_server"], (2, 1)),
-    "pipeline, 2 stages": (100, ["--strategy=model_parallel", "--num_stages=2"], None),
-    "pipeline, 2 launched stages": (
+    "one_device b400": (400, ["--strategy=one_device"], None),
+    "2 workers b400": (400, ["--strategy=multi_worker_mirrored"], (2, 0)),
+    "ps 1 worker": (100, ["--strategy=parameter_server"], (1, 1)),
+    "ps 2 workers": (100, ["--strategy=parameter_server"], (2, 1)),
+    "pipeline 2 stages": (100, ["--strategy=model_parallel", "--num_stages=2"], None),
+    "pipeline 2 launched stages": (
         100,
         ["--strategy=model_parallel", "--num_stages=2"],
         (2, 0),
