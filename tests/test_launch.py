@@ -76,6 +76,32 @@ def test_tfjob_manifest():
     assert 'cpu: "2"' in text and 'memory: "4Gi"' in text
 
 
+def test_tfjob_manifest_of_a_parameter_server_cluster_with_an_evaluator():
+    result = run_tftrain(
+        "launch",
+        "--num_workers=2",
+        "--num_ps=1",
+        "--evaluator",
+        "--emit=tfjob",
+        "--",
+        "--experiment=fashion_mnist_mlp",
+        "--strategy=parameter_server",
+        "--model_dir=/mnt/runs/a",
+    )
+    roles = dict(re.findall(r"^    (\w+):\n      replicas: (\d+)$", result.stdout, re.M))
+    assert roles == {"Chief": "1", "Worker": "2", "PS": "1", "Evaluator": "1"}
+    without = run_tftrain(
+        "launch",
+        "--num_workers=2",
+        "--num_ps=1",
+        "--emit=tfjob",
+        "--",
+        "--strategy=parameter_server",
+        "--model_dir=/mnt/runs/a",
+    )
+    assert "Evaluator:" not in without.stdout and "PS:" in without.stdout
+
+
 @pytest.mark.parametrize(
     "flags, said",
     [

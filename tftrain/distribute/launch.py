@@ -473,6 +473,7 @@ def main(argv: list[str]) -> None:
                 num_workers=fv.num_workers,
                 num_ps=fv.num_ps,
                 train_argv=train_argv,
+                evaluator=fv.evaluator,
             )
         )
         return

@@ -57,8 +57,10 @@ def tfjob_manifest(
     train_argv: list[str],
     cpu: str = DEFAULT_CPU,
     memory: str = DEFAULT_MEMORY,
+    evaluator: bool = False,
 ) -> str:
-    """A Kubeflow TFJob whose operator sets TF_CONFIG for every replica.
+    """A Kubeflow TFJob whose operator sets TF_CONFIG for every replica
+    (with ``evaluator``, one Evaluator replica too: task type ``evaluator``).
 
     JSON-quoted strings keep it valid YAML whatever the flags hold.
     """
@@ -83,6 +85,7 @@ def tfjob_manifest(
         ([("Chief", 1)] if num_ps else [])
         + [("Worker", num_workers)]
         + ([("PS", num_ps)] if num_ps else [])
+        + ([("Evaluator", 1)] if evaluator else [])
     )
     for role, replicas in roles:
         lines += [
