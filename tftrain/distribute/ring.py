@@ -157,24 +157,29 @@ class RingAllReduce:
         return all_reduce_in_graph(self, gradients)
 
     def _all_reduce(self, values: np.ndarray) -> np.ndarray:
-        result = np.array(values, copy=True).reshape(-1)
-        if self.size == 1 or result.size == 0:
-            return result.reshape(np.shape(values))
+        values = np.asarray(values)
+        flat = values.reshape(-1)
+        if self.size == 1 or flat.size == 0:
+            return flat.copy().reshape(values.shape)
         if self._right is None:
             raise RingError("the gradient ring is not connected")
         n, rank = self.size, self.rank
-        bounds = _chunk_bounds(result.size, n)
-        scratch = np.empty(max(b - a for a, b in bounds), result.dtype)
+        bounds = _chunk_bounds(flat.size, n)
+        # Every chunk of ``result`` is written once before it is read: by the
+        # sum that lands in it, or by the copy of a summed chunk received.
+        # ``values`` itself is only read.
+        result = np.empty_like(flat)
+        scratch = np.empty(max(b - a for a, b in bounds), flat.dtype)
         for s in range(n - 1):  # reduce-scatter: chunk rank+1 ends summed here
             a, b = bounds[(rank - s) % n]
             c, d = bounds[(rank - s - 1) % n]
-            self._exchange(result[a:b], scratch[: d - c])
-            result[c:d] += scratch[: d - c]
+            self._exchange((flat if s == 0 else result)[a:b], scratch[: d - c])
+            np.add(flat[c:d], scratch[: d - c], out=result[c:d])
         for s in range(n - 1):  # all-gather: pass the summed chunks round
             a, b = bounds[(rank + 1 - s) % n]
             c, d = bounds[(rank - s) % n]
             self._exchange(result[a:b], result[c:d])
-        return result.reshape(np.shape(values))
+        return result.reshape(values.shape)
 
     def _exchange(self, outgoing: np.ndarray, incoming: np.ndarray) -> None:
         """Sends ``outgoing`` right while filling ``incoming`` from the left."""
