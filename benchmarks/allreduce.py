@@ -105,6 +105,58 @@ def worker(repeats: int, collective: str) -> None:
         print(json.dumps({"seconds_per_allreduce": per_reduce}), flush=True)
 
 
+def ring_alone_worker(rank: int, ports: list[int], repeats: int) -> None:
+    """One end of tftrain's ring with no TensorFlow around it: NumPy buffers
+    of the MLP's gradient size, each process on its own core where it can."""
+    import numpy as np
+
+    from tftrain.distribute.ring import RingAllReduce
+
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})
+    ring = RingAllReduce(rank, 2, timeout=60)
+    ring.listen("127.0.0.1", ports[rank])
+    time.sleep(0.5)  # both listening before either connects
+    ring.connect([("127.0.0.1", p) for p in ports])
+    values = np.random.default_rng(rank).random(sum(math.prod(s) for s in SHAPES), np.float32)
+    for _ in range(20):
+        ring.all_reduce(values)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        ring.all_reduce(values)
+    if rank == 0:
+        print(json.dumps({"seconds_per_allreduce": (time.perf_counter() - start) / repeats}))
+
+
+def measure_ring_alone(repeats: int) -> float:
+    """Seconds per all-reduce of tftrain's ring between 2 plain processes."""
+    from tftrain.distribute import launch
+
+    ports = [int(a.rsplit(":", 1)[1]) for a in launch.free_cluster_spec(2)["worker"]]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.allreduce",
+                "--ring_alone",
+                str(rank),
+                *map(str, ports),
+            ]
+            + [f"--repeats={repeats}"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    results = [p.communicate(timeout=600) for p in procs]
+    if not results[0][0].strip():
+        sys.exit(f"the ring alone printed no timing:\n{results[0][1][-3000:]}")
+    return json.loads(results[0][0].strip().splitlines()[-1])["seconds_per_allreduce"]
+
+
 def measure(repeats: int, collective: str) -> float:
     from tftrain.distribute import launch
 
@@ -139,7 +191,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--collective", default="tcp", help=argparse.SUPPRESS)
+    parser.add_argument("--ring_alone", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ring_alone:
+        rank, *ports = args.ring_alone
+        ring_alone_worker(rank, ports, args.repeats)
+        return
     if args.worker:
         worker(args.repeats, args.collective)
         return
@@ -150,6 +207,12 @@ def main():
     print(f"gradient bytes: {nbytes:,} ({len(SHAPES)} tensors)")
     print(f"loopback TCP bandwidth: {bandwidth / 1e9:.2f} GB/s")
     print(f"ring bound 2(N-1)/N x bytes / bandwidth, N=2: {bound * 1e6:,.0f} us")
+    alone = measure_ring_alone(args.repeats)
+    print(
+        f"tftrain's ring alone (NumPy buffers, no TensorFlow), 2 processes: "
+        f"{alone * 1e6:,.0f} us = {alone / bound:.1f}x the bound",
+        flush=True,
+    )
     for collective, name in (
         ("tcp", "tftrain's TCP ring (--collective=auto on CPUs)"),
         ("grpc", "TensorFlow's gRPC ring, 256 KiB packs (--collective=grpc)"),

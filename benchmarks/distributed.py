@@ -42,16 +42,17 @@ def baseline(name: str) -> str:
     )
 
 
-def allreduce_against_bound(repeats: int = 200) -> tuple[float, float]:
-    """(seconds of one all-reduce of the MLP's gradients between 2 launched
-    workers with tftrain's ring, the ring bound in seconds)."""
+def allreduce_against_bound(repeats: int = 200) -> tuple[float, float, float]:
+    """Seconds of one all-reduce of the MLP's gradients between 2 workers
+    with tftrain's ring: in the training graph, the ring alone (NumPy, no
+    TensorFlow), and the ring bound."""
     import math
 
     from benchmarks import allreduce
 
     nbytes = 4 * sum(math.prod(s) for s in allreduce.SHAPES)
     bound = nbytes / allreduce.loopback_bandwidth()  # 2(N-1)/N = 1 for N = 2
-    return allreduce.measure(repeats, "tcp"), bound
+    return allreduce.measure(repeats, "tcp"), allreduce.measure_ring_alone(repeats), bound
 
 
 def measure(name: str) -> tuple[float, float]:
