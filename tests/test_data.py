@@ -203,3 +203,16 @@ def test_batches_gathered_in_groups_are_the_epoch_permutation_in_order(monkeypat
             np.testing.assert_array_equal(x, split.images[order])
             np.testing.assert_array_equal(y, split.labels[order])
             assert x.dtype == np.uint8  # pixels travel as stored
+
+
+def test_shards_gathered_in_groups_are_the_halves_of_the_global_batch(monkeypatch):
+    monkeypatch.setattr(data, "_GATHER_BATCHES", 7)
+    split = data.make_synthetic(0, num_train=1000).train
+    whole = batches(split, 40, global_batch_size=10, seed=2, start_step=90)
+    halves = [
+        batches(split, 40, global_batch_size=10, seed=2, start_step=90, num_shards=2, shard_index=i)
+        for i in range(2)
+    ]
+    for step, (x, y) in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([h[step][0] for h in halves]), x)
+        np.testing.assert_array_equal(np.concatenate([h[step][1] for h in halves]), y)
