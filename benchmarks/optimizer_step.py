@@ -3,7 +3,9 @@
 Same model, same data, same step function; only the optimizer differs. The
 two are timed in alternating rounds in one process, so drift on the machine
 hits both alike. Prints a table of milliseconds per step and the ratio
-Keras / tftrain (above 1: tftrain is faster).
+Keras / tftrain (above 1: tftrain is faster). A second table times Adam's
+update of one variable alone, by size, as TensorFlow's fused CPU kernel and
+as the elementwise ops tftrain uses for mid-sized variables on a CPU.
 
     .venv/bin/python -m benchmarks.optimizer_step [--rounds=7]
 """
@@ -22,8 +24,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tftrain import optimizers  # noqa: E402
+from tftrain.optimizers import adam  # noqa: E402
 
 STEPS_PER_CALL = 50
+
+
+def softmax():
+    return keras.Sequential([keras.Input((784,)), keras.layers.Dense(10)])
 
 
 def mlp():
@@ -50,7 +57,7 @@ def embedding_model():
 
 
 def batches(kind, rng):
-    if kind == "mlp":
+    if kind in ("softmax", "mlp"):
         return (
             tf.constant(rng.uniform(size=(100, 784)).astype("float32")),
             tf.constant(rng.integers(0, 10, 100).astype("int32")),
@@ -91,7 +98,7 @@ def race(kind, name, rounds):
             lambda: keras.optimizers.SGD(1e-2, momentum=0.9),
         ),
     }[name]
-    factory = mlp if kind == "mlp" else embedding_model
+    factory = {"softmax": softmax, "mlp": mlp, "embedding": embedding_model}[kind]
     steps = {}
     for label, build in zip(("tftrain", "keras"), builders):
         keras.utils.set_random_seed(0)
@@ -107,6 +114,45 @@ def race(kind, name, rounds):
     return ours, theirs
 
 
+ADAM_SIZES = (256, 1024, 7840, 16384, 32768, 100_000)
+UPDATES_PER_CALL = 500
+
+
+def _updates(opt, var, g):
+    @tf.function
+    def run(n):
+        for _ in tf.range(n):
+            opt.apply_gradients([(g, var)])
+
+    return run
+
+
+def adam_update(size, rounds):
+    """Microseconds per update of one variable of ``size`` elements by
+    tftrain's Adam: (fused kernel, elementwise ops), alternated."""
+    everywhere = range(0, max(ADAM_SIZES) + 1)
+    steps = {}
+    for label, sizes in (("fused", range(0)), ("elementwise", everywhere)):
+        var, opt = keras.Variable(np.zeros(size, np.float32)), optimizers.Adam(1e-3)
+        opt.build([var])
+        g = tf.constant(np.random.default_rng(0).normal(size=size).astype(np.float32))
+
+        original = adam._ELEMENTWISE_SIZES
+        adam._ELEMENTWISE_SIZES = sizes  # read when the function is traced
+        try:
+            steps[label] = _updates(opt, var, g).get_concrete_function(tf.constant(2))
+        finally:
+            adam._ELEMENTWISE_SIZES = original
+        steps[label](tf.constant(2))
+    times = {label: [] for label in steps}
+    for _ in range(rounds):
+        for label, step in steps.items():
+            start = time.perf_counter()
+            step(tf.constant(UPDATES_PER_CALL))
+            times[label].append((time.perf_counter() - start) / UPDATES_PER_CALL * 1e6)
+    return statistics.median(times["fused"]), statistics.median(times["elementwise"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -116,13 +162,25 @@ def main():
         f"cores; median of {args.rounds} rounds of {STEPS_PER_CALL} steps"
     )
     print(f"{'model':<22}{'optimizer':<11}{'tftrain ms':>11}{'keras ms':>10}{'keras/tftrain':>15}")
-    for kind, label in (("mlp", "MLP 784-256-128-10"), ("embedding", "Embedding 200k x 64")):
-        for name in ("adam", "adagrad", "momentum"):
+    for kind, label in (
+        ("softmax", "Softmax 784-10"),
+        ("mlp", "MLP 784-256-128-10"),
+        ("embedding", "Embedding 200k x 64"),
+    ):
+        for name in ("adam",) if kind == "softmax" else ("adam", "adagrad", "momentum"):
             ours, theirs = race(kind, name, args.rounds)
             print(
                 f"{label:<22}{name:<11}{ours:>11.3f}{theirs:>10.3f}{theirs / ours:>14.2f}x",
                 flush=True,
             )
+    sizes = adam._ELEMENTWISE_SIZES
+    print("\nAdam's update of one variable alone (us; tftrain uses elementwise ops on a CPU")
+    print(f"for {sizes.start:,} to {sizes.stop - 1:,} elements)")
+    print(f"{'elements':>10}{'fused us':>10}{'elementwise us':>16}{'fused/elementwise':>19}")
+    for size in ADAM_SIZES:
+        fused, elementwise = adam_update(size, args.rounds)
+        ratio = fused / elementwise
+        print(f"{size:>10,}{fused:>10.1f}{elementwise:>16.1f}{ratio:>18.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,9 @@ RULE = {
     "adam": "adam",
     "amsgrad": "adam",
 }
-SHAPES = [(7,), (5, 3), (2, 3, 4)]
+# (40, 30): 1,200 elements, where Adam on a CPU runs as elementwise ops
+# rather than its fused kernel (tftrain.optimizers.adam).
+SHAPES = [(7,), (5, 3), (2, 3, 4), (40, 30)]
 
 
 def relative_error(got, want):
@@ -342,6 +344,57 @@ def test_iteration_counter_adds_in_place():
     bump()
     bump()
     assert int(opt.iterations.numpy()) == 2
+
+
+def _adam_graph_ops(shape):
+    var = keras.Variable(np.zeros(shape, np.float32))
+    opt = optimizers.Adam()
+    opt.build([var])
+    graph = _graph_step(opt, var).get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
+    return {op.type for op in graph.get_operations()}
+
+
+@pytest.mark.parametrize(
+    "shape, fused", [((16, 16), True), ((2, 256), False), ((128, 128), False), ((129, 128), True)]
+)
+def test_adam_mid_sized_variables_on_cpu_run_as_elementwise_ops(shape, fused):
+    """TensorFlow's CPU Adam kernel splits variables of 512 elements or more
+    across threads, which costs more than the work below 16,384 elements."""
+    ops = _adam_graph_ops(shape)
+    assert ("ResourceApplyAdam" in ops) == fused
+    assert ("AssignSubVariableOp" in ops) == (not fused)
+
+
+def _graph_step(opt, var):
+    @tf.function
+    def step(g):
+        opt.apply_gradients([(g, var)])
+
+    return step
+
+
+def test_adam_elementwise_ops_follow_the_fused_kernel(monkeypatch):
+    """Both ways give the same moments bit for bit and the same weights
+    within a unit in the last place, over 100 steps."""
+    from tftrain.optimizers import adam
+
+    init = np.random.default_rng(7).normal(size=(40, 30)).astype(np.float32)
+    results = []
+    for sizes in (adam._ELEMENTWISE_SIZES, range(0)):
+        monkeypatch.setattr(adam, "_ELEMENTWISE_SIZES", sizes)
+        var, opt = keras.Variable(init), optimizers.Adam(0.01)
+        opt.build([var])
+        step = _graph_step(opt, var)
+        for g in gradients((40, 30), 8):
+            step(tf.constant(g))
+        slots = [s.numpy() for s in opt.variables if s.shape == var.shape]
+        results.append((var.numpy(), slots))
+    (w_a, slots_a), (w_b, slots_b) = results
+    assert len(slots_a) == 2
+    for a, b in zip(slots_a, slots_b):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_max_ulp(w_a, w_b, maxulp=2)
+    assert not np.array_equal(w_a, init)
 
 
 def test_warmup_cosine_and_step_schedules():

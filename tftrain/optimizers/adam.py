@@ -7,6 +7,21 @@ import tensorflow as tf
 
 from tftrain.optimizers._base import Optimizer, as_tf_variable, deduplicate
 
+# TensorFlow's CPU kernel for ResourceApplyAdam hands every variable of 512
+# elements or more to the intra-op thread pool in pieces, however little work
+# that is: a variable of 512 to 16,384 elements costs 50-60 us that way, and
+# 12-40 us as the same rule in plain elementwise ops (one thread, no hand-off).
+# Measured on this project's 2-core machine (BUILD_NOTES.md, "Adam's small
+# variables"); AMSGrad's fused kernel does not split and keeps its one op.
+_ELEMENTWISE_SIZES = range(512, 16384 + 1)
+
+
+def _elementwise_on_cpu(var) -> bool:
+    """Whether the dense Adam update of ``var`` runs as elementwise ops."""
+    if var.shape.num_elements() not in _ELEMENTWISE_SIZES:
+        return False
+    return tf.DeviceSpec.from_string(var.device or "").device_type != "GPU"
+
 
 @keras.saving.register_keras_serializable(package="tftrain")
 class Adam(Optimizer):
@@ -26,7 +41,8 @@ class Adam(Optimizer):
     compute, with the same defaults. With ``amsgrad=True`` the denominator
     uses ``v_hat = max(v_hat, v)`` (Reddi et al.).
 
-    Dense updates run as one fused kernel per variable. Sparse gradients
+    Dense updates run as one fused kernel per variable, except mid-sized
+    variables on a CPU (see ``_elementwise_on_cpu``). Sparse gradients
     update only their rows of ``m``, ``v`` and ``w`` ("lazy" Adam): the
     touched rows equal the dense update's rows; untouched rows keep their
     moments and weights, where the dense update would decay the moments and
@@ -82,6 +98,16 @@ class Adam(Optimizer):
             self._sparse_update(
                 gradient, var, m, v, variable, lr, beta_1, beta_2, eps, beta_1_power, beta_2_power
             )
+            return
+        if not self.amsgrad and _elementwise_on_cpu(var):
+            # The fused kernel's formula and order of operations: m and v
+            # come out bit for bit the same, the weights within a unit in
+            # the last place.
+            g = tf.cast(gradient, dtype)
+            alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+            m.assign_add((g - m) * (1 - beta_1))
+            v.assign_add((tf.square(g) - v) * (1 - beta_2))
+            var.assign_sub(m * alpha / (tf.sqrt(v) + eps))
             return
         args = dict(
             var=var.handle,
