@@ -5,7 +5,8 @@ each worker, the lower bound for any all-reduce (Patarasuk and Yuan 2009),
 so one all-reduce takes at least 2(N-1)/N x bytes / bandwidth. This program
 measures the loopback TCP bandwidth between two processes, then times the
 all-reduce of the MLP 256-128's gradients (235,146 float32 values) between
-2 worker processes under MultiWorkerMirroredStrategy, summed by tftrain's
+2 worker processes under MultiWorkerMirroredStrategy (each pinned to its own
+core where there are two, as ``tftrain launch`` pins them), summed by tftrain's
 TCP ring and by TensorFlow's gRPC collectives, and prints all three.
 
     .venv/bin/python -m benchmarks.allreduce [--repeats=200]
@@ -179,6 +180,10 @@ def measure(repeats: int, collective: str) -> float:
         )
         for i in range(2)
     ]
+    cores = sorted(os.sched_getaffinity(0))
+    for i, p in enumerate(procs):  # each on its own core, as `tftrain launch` pins them
+        if len(cores) >= 2:
+            os.sched_setaffinity(p.pid, {cores[i]})
     results = [p.communicate(timeout=600) for p in procs]
     outs = [out for out, _ in results]
     if not outs[0].strip():

@@ -13,9 +13,11 @@ sum is a reduce-scatter followed by an all-gather (Patarasuk and Yuan
 Every chunk of the result is summed on exactly one worker and then copied
 to the others, so all workers end with bit-identical gradients.
 
-The trainer calls :meth:`RingAllReduce.all_reduce` from inside its graph
-(``tf.numpy_function``), once per step, on the gradients packed into one
-flat buffer per dtype.
+The trainer calls :meth:`RingAllReduce.all_reduce_many` from inside its
+graph (``tf.numpy_function``), once per step and dtype, on the gradients as
+they are: the ring walks them as one logical buffer, so nothing is packed
+into a flat buffer or split out of it, and each sum lands in a new array
+aligned as TensorFlow needs, which TensorFlow adopts without a copy.
 
 A peer that stops makes the next step fail at once (its connection
 closes); a peer that stalls makes it fail after ``timeout`` seconds.
@@ -33,6 +35,9 @@ import numpy as np
 _HELLO = struct.Struct("!4sII")  # magic, sender's rank, ring size
 _MAGIC = b"tftr"
 _SOCKET_BUFFER = 4 << 20
+# TensorFlow takes over a NumPy result in place only at this alignment
+# (Eigen's largest); any other result is copied once more.
+_ALIGNMENT = 64
 
 
 class RingError(RuntimeError):
@@ -42,6 +47,49 @@ class RingError(RuntimeError):
 def _chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     edges = [n * i // parts for i in range(parts + 1)]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def _aligned_empty(size: int, dtype) -> np.ndarray:
+    """A new 1-D array of ``size`` elements starting on an ``_ALIGNMENT`` boundary."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(size * dtype.itemsize + _ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % _ALIGNMENT
+    return raw[start : start + size * dtype.itemsize].view(dtype)
+
+
+def _pieces(buffers: list[np.ndarray], offsets: list[int], a: int, b: int) -> list[np.ndarray]:
+    """The views of ``buffers`` (1-D, laid end to end from ``offsets``) that
+    cover elements ``a`` to ``b`` of the whole."""
+    views = []
+    for buffer, start in zip(buffers, offsets):
+        lo, hi = max(a - start, 0), min(b - start, buffer.size)
+        if lo < hi:
+            views.append(buffer[lo:hi])
+    return views
+
+
+class _Cursor:
+    """How far a send or receive has got through a list of byte views."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.views = [memoryview(a).cast("B") for a in arrays if a.size]
+        self.index, self.offset = 0, 0
+
+    @property
+    def done(self) -> bool:
+        return self.index == len(self.views)
+
+    def remaining(self) -> list[memoryview]:
+        return [self.views[self.index][self.offset :], *self.views[self.index + 1 :]]
+
+    def advance(self, n: int) -> None:
+        while n:
+            left = len(self.views[self.index]) - self.offset
+            if n < left:
+                self.offset += n
+                return
+            n -= left
+            self.index, self.offset = self.index + 1, 0
 
 
 def _tune(sock: socket.socket) -> None:
@@ -146,8 +194,13 @@ class RingAllReduce:
 
     def all_reduce(self, values: np.ndarray) -> np.ndarray:
         """The element-wise sum of ``values`` over every worker (a new array)."""
+        return self.all_reduce_many(values)[0]
+
+    def all_reduce_many(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        """The element-wise sums of ``arrays`` (one dtype) over every worker:
+        new arrays of their shapes, each aligned for TensorFlow."""
         try:
-            return self._all_reduce(values)
+            return self._all_reduce(arrays)
         except RingError as e:
             self.failure = e
             raise
@@ -156,62 +209,73 @@ class RingAllReduce:
         """Sums ``gradients`` over the ring from inside a tf.function."""
         return all_reduce_in_graph(self, gradients)
 
-    def _all_reduce(self, values: np.ndarray) -> np.ndarray:
-        values = np.asarray(values)
-        flat = values.reshape(-1)
-        if self.size == 1 or flat.size == 0:
-            return flat.copy().reshape(values.shape)
-        if self._right is None:
+    def _all_reduce(self, arrays) -> list[np.ndarray]:
+        arrays = [np.asarray(a) for a in arrays]
+        inputs = [a.reshape(-1) for a in arrays]
+        results = [_aligned_empty(a.size, a.dtype) for a in inputs]
+        total = sum(a.size for a in inputs)
+        if self.size == 1 or total == 0:
+            for result, values in zip(results, inputs):
+                result[...] = values
+        elif self._right is None:
             raise RingError("the gradient ring is not connected")
-        n, rank = self.size, self.rank
-        bounds = _chunk_bounds(flat.size, n)
-        # Every chunk of ``result`` is written once before it is read: by the
-        # sum that lands in it, or by the copy of a summed chunk received.
-        # ``values`` itself is only read.
-        result = np.empty_like(flat)
-        scratch = np.empty(max(b - a for a, b in bounds), flat.dtype)
-        for s in range(n - 1):  # reduce-scatter: chunk rank+1 ends summed here
-            a, b = bounds[(rank - s) % n]
-            c, d = bounds[(rank - s - 1) % n]
-            self._exchange((flat if s == 0 else result)[a:b], scratch[: d - c])
-            np.add(flat[c:d], scratch[: d - c], out=result[c:d])
-        for s in range(n - 1):  # all-gather: pass the summed chunks round
-            a, b = bounds[(rank + 1 - s) % n]
-            c, d = bounds[(rank - s) % n]
-            self._exchange(result[a:b], result[c:d])
-        return result.reshape(values.shape)
+        else:
+            self._ring(inputs, results, total)
+        return [r.reshape(a.shape) for r, a in zip(results, arrays)]
 
-    def _exchange(self, outgoing: np.ndarray, incoming: np.ndarray) -> None:
+    def _ring(self, inputs: list[np.ndarray], results: list[np.ndarray], total: int) -> None:
+        """Reduce-scatter then all-gather over ``inputs`` taken end to end as
+        one buffer of ``total`` elements, into ``results``."""
+        n, rank = self.size, self.rank
+        bounds = _chunk_bounds(total, n)
+        offsets = [0]
+        for values in inputs[:-1]:
+            offsets.append(offsets[-1] + values.size)
+
+        def chunk(buffers, k):
+            return _pieces(buffers, offsets, *bounds[k % n])
+
+        # Every chunk of the results is written once before it is read: by
+        # the partial sum received into it (to which this worker's values
+        # are then added), or by the copy of a finished sum received. The
+        # inputs are only read.
+        for s in range(n - 1):  # reduce-scatter: chunk rank+1 ends summed here
+            incoming = chunk(results, rank - s - 1)
+            self._exchange(chunk(inputs if s == 0 else results, rank - s), incoming)
+            for partial, values in zip(incoming, chunk(inputs, rank - s - 1)):
+                np.add(partial, values, out=partial)
+        for s in range(n - 1):  # all-gather: pass the summed chunks round
+            self._exchange(chunk(results, rank + 1 - s), chunk(results, rank - s))
+
+    def _exchange(self, outgoing: list[np.ndarray], incoming: list[np.ndarray]) -> None:
         """Sends ``outgoing`` right while filling ``incoming`` from the left."""
-        send = memoryview(outgoing).cast("B")
-        recv = memoryview(incoming).cast("B")
-        sent = received = 0
+        send, recv = _Cursor(outgoing), _Cursor(incoming)
         selector = self._selector
         deadline = time.monotonic() + self.timeout
-        while sent < len(send) or received < len(recv):
-            if sent < len(send):
+        while not (send.done and recv.done):
+            if not send.done:
                 try:
-                    sent += self._right.send(send[sent:])
+                    send.advance(self._right.sendmsg(send.remaining()))
                 except BlockingIOError:
                     pass
                 except OSError as e:
                     raise self._lost("the next", e) from None
-            if received < len(recv):
+            if not recv.done:
                 try:
-                    got = self._left.recv_into(recv[received:])
+                    got = self._left.recvmsg_into(recv.remaining())[0]
                 except BlockingIOError:
                     got = None
                 except OSError as e:
                     raise self._lost("the previous", e) from None
                 if got == 0:
                     raise self._lost("the previous", "connection closed")
-                received += got or 0
-            if sent < len(send) or received < len(recv):
+                recv.advance(got or 0)
+            if not (send.done and recv.done):
                 # Left and right are always two sockets, even in a ring of two.
                 waiting = {}
-                if sent < len(send):
+                if not send.done:
                     waiting[self._right] = selectors.EVENT_WRITE
-                if received < len(recv):
+                if not recv.done:
                     waiting[self._left] = selectors.EVENT_READ
                 for sock, events in waiting.items():
                     selector.register(sock, events)
@@ -230,11 +294,11 @@ class RingAllReduce:
         return RingError(f"{which} worker in the gradient ring is gone ({cause}): a worker stopped")
 
 
-def all_reduce_in_graph(reducer: RingAllReduce, gradients: list) -> list:
+def all_reduce_in_graph(reducer, gradients: list) -> list:
     """Sums ``gradients`` (tensors) over the ring, from inside a tf.function.
 
-    The gradients are packed into one flat buffer per dtype, so a step makes
-    one exchange per dtype whatever the number of variables. Sparse
+    One exchange per dtype whatever the number of variables: the gradients
+    of a dtype go to ``reducer.all_reduce_many`` in one call. Sparse
     gradients (``tf.IndexedSlices``) are summed as dense tensors.
     """
     import tensorflow as tf
@@ -246,10 +310,10 @@ def all_reduce_in_graph(reducer: RingAllReduce, gradients: list) -> list:
         by_dtype.setdefault(g.dtype, []).append(i)
     for dtype, positions in by_dtype.items():
         parts = [gradients[i] for i in positions]
-        flat = tf.concat([tf.reshape(g, [-1]) for g in parts], axis=0)
-        total = tf.numpy_function(reducer.all_reduce, [flat], dtype, stateful=True)
-        total.set_shape(flat.shape)
-        sizes = [tf.size(g) for g in parts]
-        for i, piece, g in zip(positions, tf.split(total, tf.stack(sizes)), parts):
-            summed[i] = tf.reshape(piece, tf.shape(g))
+        totals = tf.numpy_function(
+            reducer.all_reduce_many, parts, [dtype] * len(parts), stateful=True
+        )
+        for i, total, g in zip(positions, totals, parts):
+            total.set_shape(g.shape)
+            summed[i] = total
     return summed
