@@ -365,6 +365,12 @@ def test_adam_mid_sized_variables_on_cpu_run_as_elementwise_ops(shape, fused):
     assert ("AssignSubVariableOp" in ops) == (not fused)
 
 
+def test_adam_keeps_its_fused_kernel_with_one_intra_op_thread(monkeypatch):
+    """A pool of one thread splits nothing, and there the fused kernel wins."""
+    monkeypatch.setattr(tf.config.threading, "get_intra_op_parallelism_threads", lambda: 1)
+    assert "ResourceApplyAdam" in _adam_graph_ops((2, 256))
+
+
 def _graph_step(opt, var):
     @tf.function
     def step(g):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import tensorflow as tf
 
@@ -13,12 +15,17 @@ from tftrain.optimizers._base import Optimizer, as_tf_variable, deduplicate
 # 12-40 us as the same rule in plain elementwise ops (one thread, no hand-off).
 # Measured on this project's 2-core machine (BUILD_NOTES.md, "Adam's small
 # variables"); AMSGrad's fused kernel does not split and keeps its one op.
+# With a pool of one thread (a launched worker on its own core, a mirrored
+# replica's share of 2 cores) nothing is split and the fused kernel wins.
 _ELEMENTWISE_SIZES = range(512, 16384 + 1)
 
 
 def _elementwise_on_cpu(var) -> bool:
     """Whether the dense Adam update of ``var`` runs as elementwise ops."""
     if var.shape.num_elements() not in _ELEMENTWISE_SIZES:
+        return False
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count() or 1
+    if threads == 1:
         return False
     return tf.DeviceSpec.from_string(var.device or "").device_type != "GPU"
 
