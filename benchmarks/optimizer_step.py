@@ -130,19 +130,18 @@ def _updates(opt, var, g):
 def adam_update(size, rounds):
     """Microseconds per update of one variable of ``size`` elements by
     tftrain's Adam: (fused kernel, elementwise ops), alternated."""
-    everywhere = range(0, max(ADAM_SIZES) + 1)
     steps = {}
-    for label, sizes in (("fused", range(0)), ("elementwise", everywhere)):
+    for label, elementwise in (("fused", False), ("elementwise", True)):
         var, opt = keras.Variable(np.zeros(size, np.float32)), optimizers.Adam(1e-3)
         opt.build([var])
         g = tf.constant(np.random.default_rng(0).normal(size=size).astype(np.float32))
 
-        original = adam._ELEMENTWISE_SIZES
-        adam._ELEMENTWISE_SIZES = sizes  # read when the function is traced
+        original = adam._elementwise_on_cpu
+        adam._elementwise_on_cpu = lambda var, answer=elementwise: answer  # read when traced
         try:
             steps[label] = _updates(opt, var, g).get_concrete_function(tf.constant(2))
         finally:
-            adam._ELEMENTWISE_SIZES = original
+            adam._elementwise_on_cpu = original
         steps[label](tf.constant(2))
     times = {label: [] for label in steps}
     for _ in range(rounds):
@@ -156,11 +155,25 @@ def adam_update(size, rounds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--intra_op_threads", type=int, default=0, help="threads inside one op (0: all cores)"
+    )
+    parser.add_argument("--adam_only", action="store_true", help="only the table of Adam's sizes")
     args = parser.parse_args()
+    if args.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+    threads = args.intra_op_threads or "all"
     print(
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU "
-        f"cores; median of {args.rounds} rounds of {STEPS_PER_CALL} steps"
+        f"cores, intra-op threads: {threads}; median of {args.rounds} rounds"
     )
+    if not args.adam_only:
+        steps_race(args.rounds)
+    adam_sizes(args.rounds)
+
+
+def steps_race(rounds):
+    print(f"\nA training step, {STEPS_PER_CALL} a round")
     print(f"{'model':<22}{'optimizer':<11}{'tftrain ms':>11}{'keras ms':>10}{'keras/tftrain':>15}")
     for kind, label in (
         ("softmax", "Softmax 784-10"),
@@ -168,17 +181,23 @@ def main():
         ("embedding", "Embedding 200k x 64"),
     ):
         for name in ("adam",) if kind == "softmax" else ("adam", "adagrad", "momentum"):
-            ours, theirs = race(kind, name, args.rounds)
+            ours, theirs = race(kind, name, rounds)
             print(
                 f"{label:<22}{name:<11}{ours:>11.3f}{theirs:>10.3f}{theirs / ours:>14.2f}x",
                 flush=True,
             )
+
+
+def adam_sizes(rounds):
     sizes = adam._ELEMENTWISE_SIZES
     print("\nAdam's update of one variable alone (us; tftrain uses elementwise ops on a CPU")
-    print(f"for {sizes.start:,} to {sizes.stop - 1:,} elements)")
+    print(
+        f"for {sizes.start:,} to {sizes.stop - 1:,} elements where ops run on more than one "
+        f"thread), {UPDATES_PER_CALL} a round"
+    )
     print(f"{'elements':>10}{'fused us':>10}{'elementwise us':>16}{'fused/elementwise':>19}")
     for size in ADAM_SIZES:
-        fused, elementwise = adam_update(size, args.rounds)
+        fused, elementwise = adam_update(size, rounds)
         ratio = fused / elementwise
         print(f"{size:>10,}{fused:>10.1f}{elementwise:>16.1f}{ratio:>18.2f}x", flush=True)
 
