@@ -119,6 +119,23 @@ def test_many_arrays_are_one_buffer_to_the_ring(size):
             ring.close()
 
 
+def test_more_arrays_than_one_system_call_takes():
+    """A model with thousands of variables: more buffers than sendmsg and
+    recvmsg_into accept at once (IOV_MAX, 1024 on Linux)."""
+    rings = form_ring(2)
+    try:
+        inputs = [[np.full(3, r + i, np.float32) for i in range(2500)] for r in range(2)]
+        results, errors = on_every_worker(rings, lambda r, ring: ring.all_reduce_many(*inputs[r]))
+        assert not errors, errors
+        for worker in results:
+            assert len(worker) == 2500
+            for i, result in enumerate(worker):
+                np.testing.assert_array_equal(result, np.full(3, 2 * i + 1, np.float32))
+    finally:
+        for ring in rings:
+            ring.close()
+
+
 def test_a_worker_that_stops_fails_its_peers_at_once():
     rings = form_ring(2, timeout=30)
     try:

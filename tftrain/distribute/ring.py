@@ -38,6 +38,8 @@ _SOCKET_BUFFER = 4 << 20
 # TensorFlow takes over a NumPy result in place only at this alignment
 # (Eigen's largest); any other result is copied once more.
 _ALIGNMENT = 64
+# Buffers per sendmsg/recvmsg_into: Linux refuses more than IOV_MAX (1024).
+_MAX_VIEWS = 512
 
 
 class RingError(RuntimeError):
@@ -80,7 +82,9 @@ class _Cursor:
         return self.index == len(self.views)
 
     def remaining(self) -> list[memoryview]:
-        return [self.views[self.index][self.offset :], *self.views[self.index + 1 :]]
+        """The views left, at most ``_MAX_VIEWS`` of them (one system call's worth)."""
+        rest = self.views[self.index + 1 : self.index + _MAX_VIEWS]
+        return [self.views[self.index][self.offset :], *rest]
 
     def advance(self, n: int) -> None:
         while n:
