@@ -163,16 +163,19 @@ def test_debian_data_dir_constant_matches_package_layout():
     assert os.path.basename(data.DEFAULT_FASHION_MNIST_DIR) == "fashion-mnist"
 
 
+def assert_two_shards_are_the_halves(split, steps, *, seed, start_step):
+    """Worker 0's and worker 1's batches, joined, are each global batch of 10."""
+    kwargs = dict(global_batch_size=10, seed=seed, start_step=start_step)
+    whole = batches(split, steps, **kwargs)
+    halves = [batches(split, steps, **kwargs, num_shards=2, shard_index=i) for i in range(2)]
+    for step, (x, y) in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([h[step][0] for h in halves]), x)
+        np.testing.assert_array_equal(np.concatenate([h[step][1] for h in halves]), y)
+
+
 def test_worker_shards_together_are_the_global_batch():
     split = data.make_synthetic(0, num_train=100).train
-    whole = batches(split, 12, global_batch_size=10, seed=3, start_step=4)
-    shards = [
-        batches(split, 12, global_batch_size=10, seed=3, start_step=4, num_shards=2, shard_index=i)
-        for i in range(2)
-    ]
-    for step, (x, y) in enumerate(whole):
-        np.testing.assert_array_equal(np.concatenate([s[step][0] for s in shards]), x)
-        np.testing.assert_array_equal(np.concatenate([s[step][1] for s in shards]), y)
+    assert_two_shards_are_the_halves(split, 12, seed=3, start_step=4)
 
 
 def test_a_global_batch_that_does_not_split_into_shards_is_refused():
@@ -208,11 +211,4 @@ def test_batches_gathered_in_groups_are_the_epoch_permutation_in_order(monkeypat
 def test_shards_gathered_in_groups_are_the_halves_of_the_global_batch(monkeypatch):
     monkeypatch.setattr(data, "_GATHER_BATCHES", 7)
     split = data.make_synthetic(0, num_train=1000).train
-    whole = batches(split, 40, global_batch_size=10, seed=2, start_step=90)
-    halves = [
-        batches(split, 40, global_batch_size=10, seed=2, start_step=90, num_shards=2, shard_index=i)
-        for i in range(2)
-    ]
-    for step, (x, y) in enumerate(whole):
-        np.testing.assert_array_equal(np.concatenate([h[step][0] for h in halves]), x)
-        np.testing.assert_array_equal(np.concatenate([h[step][1] for h in halves]), y)
+    assert_two_shards_are_the_halves(split, 40, seed=2, start_step=90)
