@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import keras
 import tensorflow as tf
 
+from tftrain import resources
 from tftrain.optimizers._base import Optimizer, as_tf_variable, deduplicate
 
 # TensorFlow's CPU kernel for ResourceApplyAdam hands every variable of 512
 # elements or more to the intra-op thread pool in pieces, however little work
-# that is: a variable of 512 to 16,384 elements costs 50-60 us that way, and
-# 12-40 us as the same rule in plain elementwise ops (one thread, no hand-off).
-# Measured on this project's 2-core machine (BUILD_NOTES.md, "Adam's small
-# variables"); AMSGrad's fused kernel does not split and keeps its one op.
+# that is: a variable of 1,024 to 16,384 elements costs 49-62 us that way, and
+# 18-47 us as the same rule in plain elementwise ops (one thread, no hand-off).
+# Measured on this project's 2-core machine by benchmarks.optimizer_step
+# (BUILD_NOTES.md, "Adam's small variables"); AMSGrad's fused kernel does not
+# split and keeps its one op.
 # With a pool of one thread (a launched worker on its own core, a mirrored
 # replica's share of 2 cores) nothing is split and the fused kernel wins.
 _ELEMENTWISE_SIZES = range(512, 16384 + 1)
@@ -24,7 +24,7 @@ def _elementwise_on_cpu(var) -> bool:
     """Whether the dense Adam update of ``var`` runs as elementwise ops."""
     if var.shape.num_elements() not in _ELEMENTWISE_SIZES:
         return False
-    threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count() or 1
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or resources.usable_cores()
     if threads == 1:
         return False
     return tf.DeviceSpec.from_string(var.device or "").device_type != "GPU"
@@ -108,8 +108,8 @@ class Adam(Optimizer):
             return
         if not self.amsgrad and _elementwise_on_cpu(var):
             # The fused kernel's formula and order of operations: m and v
-            # come out bit for bit the same, the weights within a unit in
-            # the last place.
+            # come out bit for bit the same, the weights within 2 units in
+            # the last place (tests/test_optimizers.py).
             g = tf.cast(gradient, dtype)
             alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
             m.assign_add((g - m) * (1 - beta_1))
