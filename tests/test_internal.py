@@ -87,3 +87,29 @@ def test_cross_device_ops_of_a_mirrored_strategy():
     ops = tf.distribute.ReductionToOneDevice()
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"], cross_device_ops=ops)
     assert _internal.cross_device_ops(strategy) is ops
+
+
+def test_trace_op_events_reads_a_profiler_trace(tmp_path):
+    a = tf.random.stateless_normal([256, 256], seed=[1, 2])
+
+    @tf.function
+    def products(n):
+        total = tf.constant(0.0)
+        for _ in tf.range(n):
+            total += tf.reduce_sum(tf.matmul(a, a))
+        return total
+
+    products(tf.constant(2))
+    tf.profiler.experimental.start(str(tmp_path))
+    try:
+        products(tf.constant(20)).numpy()
+    finally:
+        tf.profiler.experimental.stop()
+    (trace,) = tmp_path.glob("plugins/profile/*/*.xplane.pb")
+    matmuls = [e for e in _internal.trace_op_events(str(trace)) if "MatMul" in e[1]]
+    assert len(matmuls) >= 20, (
+        "no MatMul ops on the executor threads of a profiler trace: the XSpace proto "
+        "(tensorflow.tsl.profiler.protobuf.xplane_pb2) or its thread names changed, "
+        "and tftrain._internal.trace_op_events needs another way"
+    )
+    assert all(duration > 0 and start > 0 for _, _, start, duration in matmuls)

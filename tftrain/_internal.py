@@ -88,3 +88,31 @@ def install_gradient_sum_hook(cls, reduce) -> None:
 def cross_device_ops(strategy):
     """The cross-device reduction a MirroredStrategy uses (private attribute)."""
     return strategy.extended._cross_device_ops
+
+
+def trace_op_events(xplane_path: str):
+    """The TensorFlow op executions of a profiler trace (the ``.xplane.pb``
+    that ``tf.profiler.experimental.stop`` writes): ``(thread, name,
+    start_ns, duration_ns)`` for each event on an executor thread
+    (``tf_Compute...``) of the host plane, in no particular order.
+
+    The XSpace proto is TensorFlow's (``tensorflow.tsl.profiler.protobuf``),
+    with no public reader; TensorBoard's profile plugin reads the same file.
+    """
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    with open(xplane_path, "rb") as f:
+        space.ParseFromString(f.read())
+    for plane in space.planes:
+        names = {key: meta.name for key, meta in plane.event_metadata.items()}
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                yield (
+                    line.name,
+                    names.get(event.metadata_id, "?"),
+                    line.timestamp_ns + event.offset_ps // 1000,
+                    event.duration_ps // 1000,
+                )
