@@ -119,6 +119,28 @@ def test_killed_run_resumes_from_its_last_checkpoint_exactly(tmp_path):
     assert got["eval_loss"] == want["eval_loss"]
 
 
+def test_a_resumed_run_with_dropout_draws_the_same_masks(tmp_path):
+    # The CNN's dropout layer keeps its seed generator's state outside Keras's
+    # checkpoint graph of the model: a resume that lost it drew other masks
+    # and ended with other weights.
+    common = [
+        "--experiment=fashion_mnist_cnn:smoke",
+        "--lr_schedule=constant",
+        "--steps_per_loop=5",
+        "--eval_interval=1000",
+        "--noexport",
+    ]
+    straight = str(tmp_path / "straight")
+    run_tftrain("train", *common, "--train_steps=20", f"--model_dir={straight}")
+    resumed = str(tmp_path / "resumed")
+    run_tftrain("train", *common, "--train_steps=10", f"--model_dir={resumed}")
+    second = run_tftrain("train", *common, "--train_steps=20", f"--model_dir={resumed}")
+    assert "at step 10" in second.stdout
+    got = json.load(open(os.path.join(resumed, "metrics.json")))
+    want = json.load(open(os.path.join(straight, "metrics.json")))
+    assert got["weights_sha256"] == want["weights_sha256"]
+
+
 BAD_INPUT = [
     (["--learning_rate=-0.5"], "--learning_rate=-0.5: expected a number > 0"),
     (["--model=resnet"], "--model=resnet: expected one of softmax, mlp, cnn"),

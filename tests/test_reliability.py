@@ -230,3 +230,40 @@ def test_a_full_disk_is_said_in_one_line_and_keeps_the_checkpoint(small_disk):
     assert "Traceback" not in result.stderr + result.stdout
     assert not os.path.exists(os.path.join(model_dir, "export.partial"))
     assert checkpoints.damage(_ckpt(model_dir, 20, "")) is None
+
+
+def test_a_checkpoint_without_the_model_state_resumes_and_says_so(tmp_path):
+    # Checkpoints written before the model's non-trainable state was saved
+    # (a dropout layer's seed) still resume, with a line saying what differs.
+    import tensorflow as tf
+
+    from tftrain import checkpoints, controller
+
+    model_dir = str(tmp_path)
+
+    def open_checkpoints(objects, logged):
+        return checkpoints.Checkpoints(
+            model_dir=model_dir,
+            out=controller._Output(model_dir, True, 0),
+            objects=objects,
+            step_counter=objects["global_step"],
+            keep=3,
+            is_chief=True,
+            log=logged.append,
+        )
+
+    step = tf.Variable(7, dtype=tf.int64)
+    old = {"model": tf.train.Checkpoint(w=tf.Variable(3.0)), "global_step": step}
+    open_checkpoints(old, []).save(7)
+
+    weights, seed = tf.Variable(0.0), tf.Variable([5, 0], dtype=tf.int64)
+    step = tf.Variable(0, dtype=tf.int64)
+    new = {
+        "model": tf.train.Checkpoint(w=weights),
+        "model_state": [seed],
+        "global_step": step,
+    }
+    logged = []
+    assert open_checkpoints(new, logged).restore_latest().endswith("ckpt-7")
+    assert (weights.numpy(), step.numpy(), seed.numpy().tolist()) == (3.0, 7, [5, 0])
+    assert any("other dropout masks" in line for line in logged)

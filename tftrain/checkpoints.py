@@ -84,6 +84,9 @@ def damage(prefix: str) -> str | None:
 
 
 PREVIOUS = "previous"
+# Checkpoint objects an older checkpoint may lack; such a checkpoint is
+# restored without them.
+OPTIONAL = ("model_state",)
 
 
 def set_aside_run(model_dir: str) -> str | None:
@@ -121,6 +124,7 @@ class Checkpoints:
         self, *, model_dir: str, out, objects: dict, step_counter, keep: int, is_chief: bool, log
     ):
         self.model_dir, self.is_chief, self.log = model_dir, is_chief, log
+        self.objects = objects
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.good = self._check_existing()
         self.manager = tf.train.CheckpointManager(
@@ -181,8 +185,21 @@ class Checkpoints:
         if not self.good:
             return None
         latest = self.good[0]
+        checkpoint = self.checkpoint
+        saved = {name.split("/", 1)[0] for name, _ in tf.train.list_variables(latest)}
+        absent = [name for name in OPTIONAL if name in self.objects and name not in saved]
+        if absent:
+            # Written before tftrain saved these: resume without them.
+            kept = {k: v for k, v in self.objects.items() if k not in absent}
+            checkpoint = tf.train.Checkpoint(**kept)
+            if any(self.objects[name] for name in absent):
+                self.log(
+                    f"{latest} was written by an earlier tftrain, without the model's "
+                    "non-trainable state (a dropout layer's random seed): resuming from "
+                    "it, this run draws other dropout masks than an uninterrupted one."
+                )
         try:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            checkpoint.restore(latest).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as e:
             raise RunError(
                 f"--model_dir={self.model_dir} holds a checkpoint ({latest}) "

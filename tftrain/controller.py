@@ -160,6 +160,10 @@ class Controller:
             out=out,
             objects={
                 "model": self.model,
+                # Keras's checkpoint graph of a model leaves out some of its
+                # state, such as a dropout layer's seed generator; without it a
+                # resumed run would draw other dropout masks.
+                "model_state": list(self.model.non_trainable_variables),
                 "optimizer": self.optimizer,
                 "global_step": self.trainer.global_step,
             },
