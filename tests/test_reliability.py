@@ -267,3 +267,20 @@ def test_a_checkpoint_without_the_model_state_resumes_and_says_so(tmp_path):
     assert open_checkpoints(new, logged).restore_latest().endswith("ckpt-7")
     assert (weights.numpy(), step.numpy(), seed.numpy().tolist()) == (3.0, 7, [5, 0])
     assert any("other dropout masks" in line for line in logged)
+
+
+def test_restart_that_cannot_set_the_run_aside_says_so_in_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "previous").write_text("not a folder")
+    result = run_tftrain(
+        "train",
+        "--experiment=fashion_mnist_softmax",
+        "--train_steps=5",
+        "--restart",
+        f"--model_dir={tmp_path}",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "previous is a file" in result.stderr and "Nothing was moved" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "previous"]

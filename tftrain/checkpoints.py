@@ -23,7 +23,7 @@ import shutil
 
 import tensorflow as tf
 
-from tftrain.errors import RunError
+from tftrain.errors import ConfigError, RunError
 
 _NUMBERED = re.compile(r"ckpt-(\d+)$")
 
@@ -99,12 +99,27 @@ def set_aside_run(model_dir: str) -> str | None:
     if not entries:
         return None
     root = os.path.join(model_dir, PREVIOUS)
-    os.makedirs(root, exist_ok=True)
-    taken = [int(n) for n in os.listdir(root) if n.isdigit()]
-    aside = os.path.join(root, str(max(taken, default=0) + 1))
-    os.makedirs(aside)
-    for entry in entries:
-        shutil.move(os.path.join(model_dir, entry), os.path.join(aside, entry))
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError(
+            f"--restart moves the earlier run's files into {root}/, but {root} is a file: "
+            "rename it or use a new --model_dir. Nothing was moved."
+        )
+    aside = None
+    try:
+        os.makedirs(root, exist_ok=True)
+        taken = [int(n) for n in os.listdir(root) if n.isdigit()]
+        aside = os.path.join(root, str(max(taken, default=0) + 1))
+        os.makedirs(aside)
+        for entry in entries:
+            shutil.move(os.path.join(model_dir, entry), os.path.join(aside, entry))
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        moved = aside and os.path.isdir(aside) and os.listdir(aside)
+        moved = f"; what was moved is in {aside}" if moved else ""
+        raise ConfigError(
+            f"--restart could not move the earlier run's files in {model_dir} aside: "
+            f"{e.strerror or e}{where}. Nothing was deleted{moved}."
+        ) from None
     return aside
 
 

@@ -236,7 +236,10 @@ def _train_main(argv):
     if config.restart:
         from tftrain import checkpoints
 
-        aside = checkpoints.set_aside_run(config.model_dir)
+        try:
+            aside = checkpoints.set_aside_run(config.model_dir)
+        except ConfigError as e:
+            _fail(str(e))
         if aside:
             print(f"--restart: moved the earlier run's files to {aside}.", flush=True)
     stop = StopRequest().install()  # again once the strategy exists: see below
