@@ -130,6 +130,18 @@ def test_a_diverging_run_stops_loudly_and_exports_nothing(tmp_path):
     strict_json(os.path.join(model_dir, "config.json"))
 
 
+def test_a_run_that_diverged_but_stayed_finite_is_not_exported(tmp_path):
+    # Adam at 1e6 keeps every number finite but leaves the model worse than
+    # the untrained one: a failure, not a result.
+    model_dir = str(tmp_path / "run")
+    result = train(model_dir, 60, "--learning_rate=1e6", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the trained model is worse than the untrained one (step 60" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not os.path.exists(os.path.join(model_dir, "export"))
+    assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
+
+
 def test_skipping_nonfinite_updates_counts_them_and_still_exports_no_nan_model(tmp_path):
     model_dir = str(tmp_path / "run")
     result = train(

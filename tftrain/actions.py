@@ -144,6 +144,7 @@ class Evaluate(Action):
 
     def __init__(self, interval: int):
         self.interval = interval
+        self.untrained = None  # this run's evaluation at step 0, if it made one
 
     def __call__(self, run, step, seconds=0.0, steps=0) -> None:
         run.watchdog.kick(f"evaluating at step {step}")
@@ -161,7 +162,26 @@ class Evaluate(Action):
         run.chief_log(
             f"eval at step {step}: loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}"
         )
+        if step == 0:
+            self.untrained = metrics
+        elif step == run.plan.total_steps and self.untrained is not None:
+            self._check_better_than_untrained(step, metrics)
         run.last_eval = metrics
+
+    def _check_better_than_untrained(self, step, metrics) -> None:
+        """A finished run whose model is worse than the untrained one on both
+        the loss and the accuracy diverged, even where every number stayed
+        finite (overfitting raises the loss, not the accuracy, back to there)."""
+        before = self.untrained
+        if metrics["loss"] <= before["loss"] or metrics["accuracy"] > before["accuracy"]:
+            return
+        raise DivergedError(
+            f"the trained model is worse than the untrained one (step {step}: loss "
+            f"{metrics['loss']:.4g}, accuracy {metrics['accuracy']:.4f}; step 0: loss "
+            f"{before['loss']:.4g}, accuracy {before['accuracy']:.4f}): the run diverged, "
+            "so it was not exported. Try a lower --learning_rate (or a warm-up, "
+            "--warmup_epochs)."
+        )
 
 
 class Timings(Action):
