@@ -93,6 +93,15 @@ def test_tfds_path_with_mock_data():
     assert ds.num_classes == 10 and ds.train.images.dtype == np.uint8
 
 
+def test_tfds_can_reach_its_download_code():
+    # mock_data skips downloading; the download path first asks where the
+    # builder's code lives, which imports importlib_resources (a package TFDS
+    # uses without declaring it: tftrain declares it).
+    import tensorflow_datasets as tfds
+
+    assert tfds.builder_cls("mnist").code_path.name == "mnist.py"
+
+
 def test_unknown_tfds_name_is_one_clear_error():
     with pytest.raises(data.DataError, match="--dataset=no_such_dataset_xyz: TFDS could not"):
         data.load("no_such_dataset_xyz", None)
