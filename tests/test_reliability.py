@@ -196,6 +196,68 @@ def test_sigterm_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, st
     assert metrics(model_dir)["weights_sha256"] == straight_80["weights_sha256"]
 
 
+def _line_within(stream, seconds: float, wanted: str) -> str | None:
+    """The first line of ``stream`` containing ``wanted`` that arrives
+    within ``seconds``, or None."""
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    selector.register(stream, selectors.EVENT_READ)
+    deadline = time.time() + seconds
+    try:
+        while time.time() < deadline:
+            if selector.select(max(deadline - time.time(), 0)):
+                line = stream.readline()
+                if not line:
+                    return None
+                if wanted in line:
+                    return line
+    finally:
+        selector.close()
+    return None
+
+
+def test_signals_are_answered_at_once_even_inside_a_long_loop(tmp_path):
+    # One loop of 100,000 steps: the main thread sits in one TensorFlow call.
+    # The first signal is acknowledged at once; the second ends the process.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CONFIG", None)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tftrain",
+            "train",
+            *SMOKE[:2],
+            "--train_steps=100000",
+            "--steps_per_loop=100000",
+            "--eval_interval=100000",
+            "--checkpoint_interval=100000",
+            f"--model_dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    try:
+        assert _line_within(proc.stdout, 120, "eval at step 0"), "the run did not start"
+        time.sleep(2)  # inside the loop by now
+        proc.send_signal(signal.SIGTERM)
+        assert _line_within(proc.stderr, 10, "SIGTERM: saving a checkpoint"), (
+            "the first signal was not acknowledged while the loop ran"
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert _line_within(proc.stderr, 10, "SIGTERM again: stopping now")
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not os.path.exists(tmp_path / "run" / "metrics.json")
+
+
 def test_a_relative_model_dir_resumes_its_own_checkpoints(tmp_path, monkeypatch):
     """The README's main command names a relative --model_dir; its checkpoints
     must be found whole on the next run, not reported damaged."""

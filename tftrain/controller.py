@@ -247,6 +247,11 @@ class Controller:
             self.summaries.flush()
             if step < plan.total_steps and mode.agree_to_stop(self.stop.requested):
                 self._stop_early(step)
+        if self.stop.requested:
+            self.log(
+                "The stop signal came during the last stretch of steps: the run "
+                "finished them, so it ends as a finished run."
+            )
         if self.last_eval is None:  # a finished run resumed: evaluate it
             actions_lib.Evaluate(1)(self, step)
         return self.last_eval

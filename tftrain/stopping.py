@@ -5,6 +5,13 @@ the step it reached (all workers agree on that step, see
 ``ParallelMode.agree_to_stop``) and the process exits with ``128 + the
 signal's number`` (143 for SIGTERM, 130 for SIGINT). A second signal ends
 the process at once, saving nothing.
+
+Python runs signal handlers in the main thread between bytecodes, and the
+main thread spends a loop of steps inside one TensorFlow call: a handler
+would run only when the loop ends, and two signals within one loop would
+look like one. So the handlers do nothing; the C-level handler's wake-up
+byte (``signal.set_wakeup_fd``), one per signal, is read by a thread of
+its own, which answers each signal as it comes.
 """
 
 from __future__ import annotations
@@ -12,6 +19,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Stopped(Exception):
@@ -26,15 +36,31 @@ class Stopped(Exception):
 class StopRequest:
     def __init__(self):
         self.signum: int | None = None
+        self._wakeup: int | None = None  # the write end of the wake-up pipe
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
     def install(self) -> StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        """Takes SIGTERM and SIGINT (from the main thread; again after any
+        library that may have set its own handlers)."""
+        if self._wakeup is None:
+            read, self._wakeup = os.pipe()
+            os.set_blocking(self._wakeup, False)
+            threading.Thread(
+                target=self._watch, args=(read,), name="tftrain-signals", daemon=True
+            ).start()
+        signal.set_wakeup_fd(self._wakeup, warn_on_full_buffer=False)
+        for sig in _SIGNALS:
+            signal.signal(sig, _answered_by_the_watcher)
         return self
+
+    def _watch(self, read: int) -> None:
+        while True:
+            for signum in os.read(read, 64):
+                if signum in _SIGNALS:
+                    self._on_signal(signum, None)
 
     def _on_signal(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
@@ -49,6 +75,10 @@ class StopRequest:
             file=sys.stderr,
             flush=True,
         )
+
+
+def _answered_by_the_watcher(_signum, _frame) -> None:
+    """The Python-level handler: the wake-up byte already told the watcher."""
 
 
 class NeverStop:
