@@ -301,9 +301,19 @@ def test_a_full_disk_is_said_in_one_line_and_keeps_the_checkpoint(small_disk):
     result = train(model_dir, 20, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "tftrain: error: the disk is full (No space left on device)" in result.stderr
+    assert "resume from the last checkpoint (ckpt-20), which is kept" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not os.path.exists(os.path.join(model_dir, "export.partial"))
     assert checkpoints.damage(_ckpt(model_dir, 20, "")) is None
+
+
+def test_a_full_disk_before_any_checkpoint_does_not_promise_one(small_disk):
+    model_dir = os.path.join(small_disk, "run")
+    # Its first checkpoint (Adam: 3 copies of 1.8M weights) cannot fit.
+    result = train(model_dir, 20, "--hidden_units=1024,1024", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "start again (no checkpoint had been saved yet)" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
 
 
 def test_a_checkpoint_without_the_model_state_resumes_and_says_so(tmp_path):

@@ -301,10 +301,18 @@ def _explain_resources(error, config) -> str | None:
         return None
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     if "no space left" in str(error).lower():
+        try:
+            latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
+        except (tf.errors.OpError, OSError):
+            latest = None
+        then = (
+            f"resume from the last checkpoint ({os.path.basename(latest)}), which is kept"
+            if latest
+            else "start again (no checkpoint had been saved yet)"
+        )
         return (
             f"the disk is full (No space left on device): free some space under "
-            f"--model_dir={config.model_dir}, then run the same command to resume from "
-            "the last checkpoint, which is kept."
+            f"--model_dir={config.model_dir}, then run the same command to {then}."
         )
     return f"out of memory ({first}): try a smaller model or --batch_size."
 
