@@ -270,7 +270,9 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
 
 def test_usage_and_help():
     result = run_tftrain(check=False)
-    assert result.returncode == 2 and "usage: tftrain <command>" in result.stdout
+    assert result.returncode == 2 and "usage: tftrain <command>" in result.stderr
+    assert result.stderr.startswith("tftrain: error: expected a command")
+    assert run_tftrain("--help").stdout.startswith("usage: tftrain <command>")
     for asked in ("--helpshort", "--help", "-h"):
         helped = run_tftrain("train", asked, check=False)
         assert helped.returncode == 0, asked

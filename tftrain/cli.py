@@ -365,7 +365,7 @@ def _run_absl(main, define, command: str, argv: list[str]) -> None:
         else:
             text = flags.FLAGS.module_help(sys.argv[0])
             print(text.replace(f"{sys.argv[0]}:", f"tftrain {command} flags:", 1).strip("\n"))
-            print("\n(--helpfull also lists absl's and TensorFlow's own flags.)")
+            print("\n(--helpfull also lists absl's own flags, such as --verbosity.)")
         sys.exit(0)
     try:
         flags.FLAGS([f"tftrain {command}", *argv])
@@ -380,9 +380,13 @@ def _run_absl(main, define, command: str, argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``tftrain`` console command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        print("tftrain: error: expected a command: train or launch.\n", file=sys.stderr)
+        print(USAGE, end="", file=sys.stderr)
+        sys.exit(2)
+    if argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
-        sys.exit(0 if argv else 2)
+        sys.exit(0)
     command, rest = argv[0], argv[1:]
     if command == "train":
         from tftrain import _malloc
