@@ -265,6 +265,26 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
     assert result.returncode == 2
     assert "does not fit this run's model or optimizer" in result.stderr
     assert "Traceback" not in result.stderr
+    assert "could not be found in the restored object" not in result.stderr  # one line only
+    assert snapshot(model_dir) == before
+
+
+def test_resuming_under_another_optimizer_is_refused_and_kept(tmp_path):
+    model_dir = str(tmp_path / "run")
+    smoke = ["--experiment=fashion_mnist_mlp:smoke", "--train_steps=10", "--noexport"]
+    run_tftrain("train", *smoke, f"--model_dir={model_dir}")
+    before = snapshot(model_dir)
+    result = run_tftrain(
+        "train",
+        *smoke,
+        "--train_steps=20",
+        "--optimizer=sgd",
+        f"--model_dir={model_dir}",
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "holds a run trained with --optimizer=adam" in result.stderr
+    assert "Traceback" not in result.stderr
     assert snapshot(model_dir) == before
 
 

@@ -17,6 +17,7 @@ run's files aside) or a new ``--model_dir``.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 import shutil
@@ -213,9 +214,16 @@ class Checkpoints:
                     "non-trainable state (a dropout layer's random seed): resuming from "
                     "it, this run draws other dropout masks than an uninterrupted one."
                 )
+        status = None
         try:
-            checkpoint.restore(latest).assert_existing_objects_matched()
+            status = checkpoint.restore(latest)
+            status.assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as e:
+            if status is not None:
+                status.expect_partial()
+            # The run ends on this one line: no warnings at exit from the
+            # half-restored checkpoint about each value it did not restore.
+            logging.getLogger("tensorflow").setLevel(logging.ERROR)
             raise RunError(
                 f"--model_dir={self.model_dir} holds a checkpoint ({latest}) "
                 "that does not fit this run's model or optimizer "

@@ -186,10 +186,30 @@ class Controller:
 
     def restore(self) -> int:
         self.watchdog.kick("restoring the latest checkpoint")
+        if self.checkpoints.good:
+            self._check_same_optimizer()
         latest = self.checkpoints.restore_latest()
         if latest:
             self.log(f"Resumed from {latest} at step {self.step}.")
         return self.step
+
+    def _check_same_optimizer(self) -> None:
+        """A checkpoint restored under another optimizer would silently lose
+        its optimizer's state (Adam's moments, say): refused."""
+        path = os.path.join(self.config.model_dir, "config.json")
+        try:
+            with open(path) as f:
+                before = json.load(f).get("optimizer")
+        except (OSError, ValueError, AttributeError):
+            return  # no record of the earlier run's settings
+        if before and before != self.config.optimizer:
+            raise RunError(
+                f"--model_dir={self.config.model_dir} holds a run trained with "
+                f"--optimizer={before} ({path}), but this run asks for "
+                f"--optimizer={self.config.optimizer}: resuming would drop the optimizer's "
+                f"state. Use --optimizer={before} to resume it, --restart, or a new "
+                "--model_dir. Nothing was changed."
+            )
 
     def finished_run(self) -> dict | None:
         """The metrics of this run if it already finished (a rerun of the same
