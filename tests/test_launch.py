@@ -111,6 +111,7 @@ def test_tfjob_manifest_of_a_parameter_server_cluster_with_an_evaluator():
         (["--", "--strategy=one_device", "--model_dir=/r"], "one_device runs on one machine"),
         (["--task_memory=lots", "--", "--model_dir=/r"], "--task_memory='lots'"),
         (["--", "--model_dir=/r", "--no_such_flag=1"], "no_such_flag"),
+        (["--", "--model_dir=/r", "--batch_size=99"], "--batch_size=99 does not split"),
     ],
 )
 def test_tfjob_refuses_what_its_pods_would_refuse(flags, said):
@@ -125,18 +126,26 @@ def test_tfjob_refuses_what_its_pods_would_refuse(flags, said):
     assert said in result.stderr and result.stderr.startswith("tftrain: error: ")
 
 
-def test_a_launch_with_bad_training_flags_starts_no_task(tmp_path):
+@pytest.mark.parametrize(
+    "bad, said",
+    [
+        ("--optimizer=bogus", "--optimizer=bogus"),
+        ("--batch_size=99", "--batch_size=99 does not split evenly over 2"),
+    ],
+)
+def test_a_launch_with_bad_training_flags_starts_no_task(tmp_path, bad, said):
     result = run_tftrain(
         "launch",
         "--num_workers=2",
         "--",
         "--experiment=fashion_mnist_mlp:smoke",
         "--strategy=multi_worker_mirrored",
-        "--optimizer=bogus",
+        bad,
         f"--model_dir={tmp_path / 'run'}",
         check=False,
     )
-    assert result.returncode == 2 and "--optimizer=bogus" in result.stderr
+    assert result.returncode == 2 and said in result.stderr
+    assert result.stderr.count("tftrain: error:") == 1
     assert "started" not in result.stdout and not (tmp_path / "run").exists()
 
 

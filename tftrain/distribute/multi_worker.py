@@ -9,6 +9,7 @@ milliseconds a step there (BUILD_NOTES.md).
 from __future__ import annotations
 
 from tftrain.distribute.base import ParallelMode, Placement
+from tftrain.config import check_batch_splits
 from tftrain.errors import ConfigError
 
 
@@ -36,6 +37,10 @@ class MultiWorkerMirrored(ParallelMode):
                 f"TF_CONFIG task type {cluster.task_type!r} is not supported by "
                 "--strategy=multi_worker_mirrored: expected a chief or worker task."
             )
+        # Each worker trains on its share of every global batch (at least one
+        # replica each): checked here, so that `tftrain launch` says it before
+        # starting any task.
+        check_batch_splits(config.batch_size, cluster.num_workers, config.microbatches)
 
     @property
     def _multi(self) -> bool:
