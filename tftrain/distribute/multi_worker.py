@@ -8,8 +8,8 @@ milliseconds a step there (BUILD_NOTES.md).
 
 from __future__ import annotations
 
-from tftrain.distribute.base import ParallelMode, Placement
 from tftrain.config import check_batch_splits
+from tftrain.distribute.base import ParallelMode, Placement
 from tftrain.errors import ConfigError
 
 
