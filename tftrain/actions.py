@@ -169,11 +169,12 @@ class Evaluate(Action):
         run.last_eval = metrics
 
     def _check_better_than_untrained(self, step, metrics) -> None:
-        """A finished run whose model is worse than the untrained one on both
-        the loss and the accuracy diverged, even where every number stayed
-        finite (overfitting raises the loss, not the accuracy, back to there)."""
+        """A finished run whose model is no more accurate than the untrained
+        one and has more than twice its loss diverged, even where every number
+        stayed finite. (Overfitting raises the loss but not the accuracy back
+        to there; a run too short to learn keeps about the same loss.)"""
         before = self.untrained
-        if metrics["loss"] <= before["loss"] or metrics["accuracy"] > before["accuracy"]:
+        if metrics["loss"] <= 2 * before["loss"] or metrics["accuracy"] > before["accuracy"]:
             return
         raise DivergedError(
             f"the trained model is worse than the untrained one (step {step}: loss "
