@@ -11,7 +11,11 @@ main thread spends a loop of steps inside one TensorFlow call: a handler
 would run only when the loop ends, and two signals within one loop would
 look like one. So the handlers do nothing; the C-level handler's wake-up
 byte (``signal.set_wakeup_fd``), one per signal, is read by a thread of
-its own, which answers each signal as it comes.
+its own, which answers a signal as soon as it gets the interpreter (while
+TensorFlow computes, it has released it). Should something else take the
+wake-up descriptor, the main thread answers, late, as before. A second
+signal ends the process wherever it is, even in the middle of writing a
+checkpoint (a damaged checkpoint is set aside at the next start).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class StopRequest:
     def __init__(self):
         self.signum: int | None = None
         self._wakeup: int | None = None  # the write end of the wake-up pipe
+        self._watcher: threading.Thread | None = None
 
     @property
     def requested(self) -> bool:
@@ -48,37 +53,48 @@ class StopRequest:
         if self._wakeup is None:
             read, self._wakeup = os.pipe()
             os.set_blocking(self._wakeup, False)
-            threading.Thread(
+            self._watcher = threading.Thread(
                 target=self._watch, args=(read,), name="tftrain-signals", daemon=True
-            ).start()
+            )
+            self._watcher.start()
         signal.set_wakeup_fd(self._wakeup, warn_on_full_buffer=False)
         for sig in _SIGNALS:
-            signal.signal(sig, _answered_by_the_watcher)
+            signal.signal(sig, self._in_main_thread)
         return self
 
     def _watch(self, read: int) -> None:
         while True:
             for signum in os.read(read, 64):
                 if signum in _SIGNALS:
-                    self._on_signal(signum, None)
+                    self._on_signal(signum)
 
-    def _on_signal(self, signum, _frame) -> None:
+    def _in_main_thread(self, signum, _frame) -> None:
+        """The Python-level handler, run whenever the main thread gets to it.
+        The watcher has answered the signal already, unless something took
+        the wake-up descriptor over (then it is answered here, and the
+        descriptor taken back)."""
+        previous = signal.set_wakeup_fd(self._wakeup, warn_on_full_buffer=False)
+        if previous != self._wakeup or not self._watcher.is_alive():
+            self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:
-            print(f"tftrain: {name} again: stopping now, saving nothing.", file=sys.stderr)
-            sys.stderr.flush()
-            os._exit(128 + signum)
+            try:
+                print(f"tftrain: {name} again: stopping now, saving nothing.", file=sys.stderr)
+                sys.stderr.flush()
+            finally:
+                os._exit(128 + signum)
         self.signum = signum
-        print(
-            f"tftrain: {name}: saving a checkpoint at the end of the current loop of steps, "
-            "then stopping (send it again to stop at once).",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-def _answered_by_the_watcher(_signum, _frame) -> None:
-    """The Python-level handler: the wake-up byte already told the watcher."""
+        try:
+            print(
+                f"tftrain: {name}: saving a checkpoint at the end of the current loop of "
+                "steps, then stopping (send it again to stop at once).",
+                file=sys.stderr,
+                flush=True,
+            )
+        except (OSError, ValueError):  # stderr gone (a closed pipe): the stop still holds
+            pass
 
 
 class NeverStop:
