@@ -140,6 +140,12 @@ def test_a_run_that_diverged_but_stayed_finite_is_not_exported(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
     assert not os.path.exists(os.path.join(model_dir, "export"))
     assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
+    # The same command again resumes from a checkpoint before the end and
+    # ends the same way: the untrained model's figures are checkpointed.
+    again = train(model_dir, 60, "--learning_rate=1e6", check=False)
+    assert "Resumed from" in again.stdout
+    assert again.returncode == 1 and "worse than the untrained one" in again.stderr
+    assert not os.path.exists(os.path.join(model_dir, "export"))
 
 
 def test_skipping_nonfinite_updates_counts_them_and_still_exports_no_nan_model(tmp_path):
@@ -375,7 +381,8 @@ def test_a_checkpoint_without_the_model_state_resumes_and_says_so(tmp_path):
     old = {"model": tf.train.Checkpoint(w=tf.Variable(3.0)), "global_step": step}
     open_checkpoints(old, []).save(7)
 
-    weights, seed = tf.Variable(0.0), tf.Variable([5, 0], dtype=tf.int64)
+    weights = tf.Variable(0.0)
+    seed = tf.Variable([5, 0], dtype=tf.int64, name="seed_generator/seed_generator_state")
     step = tf.Variable(0, dtype=tf.int64)
     new = {
         "model": tf.train.Checkpoint(w=weights),

@@ -144,7 +144,6 @@ class Evaluate(Action):
 
     def __init__(self, interval: int):
         self.interval = interval
-        self.untrained = None  # this run's evaluation at step 0, if it made one
 
     def __call__(self, run, step, seconds=0.0, steps=0) -> None:
         run.watchdog.kick(f"evaluating at step {step}")
@@ -163,25 +162,30 @@ class Evaluate(Action):
             f"eval at step {step}: loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}"
         )
         if step == 0:
-            self.untrained = metrics
-        elif step == run.plan.total_steps and self.untrained is not None:
-            self._check_better_than_untrained(step, metrics)
+            run.untrained_eval.assign([metrics["loss"], metrics["accuracy"]])
+        elif step == run.plan.total_steps:
+            self._check_better_than_untrained(run, step, metrics)
         run.last_eval = metrics
 
-    def _check_better_than_untrained(self, step, metrics) -> None:
-        """A finished run whose model is no more accurate than the untrained
-        one and has more than twice its loss diverged, even where every number
-        stayed finite. (Overfitting raises the loss but not the accuracy back
-        to there; a run too short to learn keeps about the same loss.)"""
-        before = self.untrained
-        if metrics["loss"] <= 2 * before["loss"] or metrics["accuracy"] > before["accuracy"]:
+    @staticmethod
+    def _check_better_than_untrained(run, step, metrics) -> None:
+        """A finished run whose model has more than twice the untrained
+        model's test loss and no clearly better accuracy than it (or than
+        chance, when it scored below) diverged, even where every number
+        stayed finite. Overfitting raises the loss, not the accuracy, back
+        to there; a run too short to learn keeps about the same loss."""
+        loss, accuracy = (float(v) for v in run.untrained_eval.numpy())
+        if not math.isfinite(loss):  # no step-0 evaluation (an older checkpoint)
+            return
+        chance = 1.0 / run.plan.dataset.num_classes
+        if metrics["loss"] <= 2 * loss or metrics["accuracy"] > max(accuracy, chance) + 0.05:
             return
         raise DivergedError(
             f"the trained model is worse than the untrained one (step {step}: loss "
             f"{metrics['loss']:.4g}, accuracy {metrics['accuracy']:.4f}; step 0: loss "
-            f"{before['loss']:.4g}, accuracy {before['accuracy']:.4f}): the run diverged, "
-            "so it was not exported. Try a lower --learning_rate (or a warm-up, "
-            "--warmup_epochs)."
+            f"{loss:.4g}, accuracy {accuracy:.4f}): the run diverged, so it was not "
+            "exported. Try a lower --learning_rate (or a warm-up, --warmup_epochs), "
+            "with --restart."
         )
 
 

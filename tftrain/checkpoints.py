@@ -17,7 +17,6 @@ run's files aside) or a new ``--model_dir``.
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import re
 import shutil
@@ -87,7 +86,7 @@ def damage(prefix: str) -> str | None:
 PREVIOUS = "previous"
 # Checkpoint objects an older checkpoint may lack; such a checkpoint is
 # restored without them.
-OPTIONAL = ("model_state",)
+OPTIONAL = ("model_state", "untrained_eval")
 
 
 def set_aside_run(model_dir: str) -> str | None:
@@ -208,7 +207,9 @@ class Checkpoints:
             # Written before tftrain saved these: resume without them.
             kept = {k: v for k, v in self.objects.items() if k not in absent}
             checkpoint = tf.train.Checkpoint(**kept)
-            if any(self.objects[name] for name in absent):
+            if "model_state" in absent and any(
+                "seed_generator" in getattr(v, "path", v.name) for v in self.objects["model_state"]
+            ):
                 self.log(
                     f"{latest} was written by an earlier tftrain, without the model's "
                     "non-trainable state (a dropout layer's random seed): resuming from "
@@ -221,9 +222,6 @@ class Checkpoints:
         except (AssertionError, ValueError, tf.errors.OpError) as e:
             if status is not None:
                 status.expect_partial()
-            # The run ends on this one line: no warnings at exit from the
-            # half-restored checkpoint about each value it did not restore.
-            logging.getLogger("tensorflow").setLevel(logging.ERROR)
             raise RunError(
                 f"--model_dir={self.model_dir} holds a checkpoint ({latest}) "
                 "that does not fit this run's model or optimizer "

@@ -272,6 +272,11 @@ def _train_main(argv):
     except (ConfigError, DataError) as e:
         _fail(str(e))
     except RunError as e:
+        # The run ends on this one line: no warnings at exit from a
+        # half-restored checkpoint about each value it did not restore.
+        import logging
+
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
         _fail(str(e), code=e.exit_code)
     except OSError as e:  # the file system refused: unwritable model_dir, disk full
         where = f" ({e.filename})" if e.filename else ""

@@ -145,6 +145,15 @@ class Controller:
             self.model = mode.place_model(self.task.build_model())
             self.optimizer = optimizers.from_config(config, plan.steps_per_epoch, plan.total_steps)
             self.optimizer.build(self.model.trainable_variables)
+            # The untrained model's test loss and accuracy (NaN until the
+            # step-0 evaluation): checkpointed, so that a resumed run can still
+            # tell a diverged model from a trained one.
+            self.untrained_eval = tf.Variable(
+                [float("nan")] * 2,
+                trainable=False,
+                name="untrained_eval",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
         self.trainer = mode.make_trainer(
             strategy=placement.strategy,
             task=self.task,
@@ -166,6 +175,7 @@ class Controller:
                 "model_state": list(self.model.non_trainable_variables),
                 "optimizer": self.optimizer,
                 "global_step": self.trainer.global_step,
+                "untrained_eval": self.untrained_eval,
             },
             step_counter=self.trainer.global_step,
             keep=config.keep_checkpoints,
