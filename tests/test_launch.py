@@ -130,7 +130,7 @@ def test_tfjob_refuses_what_its_pods_would_refuse(flags, said):
     "bad, said",
     [
         ("--optimizer=bogus", "--optimizer=bogus"),
-        ("--batch_size=99", "--batch_size=99 does not split evenly over 2"),
+        ("--batch_size=99", "--batch_size=99 does not split evenly over 2 workers"),
     ],
 )
 def test_a_launch_with_bad_training_flags_starts_no_task(tmp_path, bad, said):

@@ -263,18 +263,21 @@ class ExperimentConfig:
         return self
 
 
-def check_batch_splits(batch_size: int, num_replicas: int, num_microbatches: int = 1) -> None:
+def check_batch_splits(
+    batch_size: int, num_replicas: int, num_microbatches: int = 1, over: str = "replicas"
+) -> None:
     """Raises ConfigError unless the global batch splits evenly over the
-    replicas and each replica's share over the micro-batches."""
+    replicas (or whatever ``over`` names: workers) and each share over the
+    micro-batches."""
     if batch_size % num_replicas:
         raise ConfigError(
             f"--batch_size={batch_size} does not split evenly over {num_replicas} "
-            f"replicas: expected a multiple of {num_replicas}."
+            f"{over}: expected a multiple of {num_replicas}."
         )
     if (batch_size // num_replicas) % num_microbatches:
         raise ConfigError(
             f"--batch_size={batch_size} does not split into {num_microbatches} "
-            f"micro-batches on each of {num_replicas} replica(s): expected a multiple "
+            f"micro-batches on each of {num_replicas} {over}: expected a multiple "
             f"of {num_replicas * num_microbatches}."
         )
 

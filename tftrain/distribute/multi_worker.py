@@ -40,7 +40,9 @@ class MultiWorkerMirrored(ParallelMode):
         # Each worker trains on its share of every global batch (at least one
         # replica each): checked here, so that `tftrain launch` says it before
         # starting any task.
-        check_batch_splits(config.batch_size, cluster.num_workers, config.microbatches)
+        check_batch_splits(
+            config.batch_size, cluster.num_workers, config.microbatches, over="workers"
+        )
 
     @property
     def _multi(self) -> bool:
