@@ -36,17 +36,35 @@ def fashion_mnist_dir():
     return FASHION_MNIST_DIR
 
 
+def _tftrain_env(env: dict | None = None) -> dict:
+    """This process's environment for a tftrain child: unbuffered, quiet, and
+    without this process's TF_CONFIG; ``env`` on top."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    full_env.pop("TF_CONFIG", None)
+    full_env.update(env or {})
+    return full_env
+
+
+def start_tftrain(*args: str, stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """Starts ``python -m tftrain ARGS`` as a user would (text pipes by default)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tftrain", *args],
+        cwd=ROOT,
+        env=_tftrain_env(),
+        stdout=stdout,
+        stderr=stderr,
+        text=True,
+    )
+
+
 def run_tftrain(
     *args: str, env: dict | None = None, timeout: float = 600, check: bool = True
 ) -> subprocess.CompletedProcess:
     """Runs ``python -m tftrain ARGS`` as a user would, capturing its output."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-    full_env.pop("TF_CONFIG", None)
-    full_env.update(env or {})
     result = subprocess.run(
         [sys.executable, "-m", "tftrain", *args],
         cwd=ROOT,
-        env=full_env,
+        env=_tftrain_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run_tftrain
+from tests.conftest import run_tftrain, start_tftrain
 
 
 def event_tags(folder):
@@ -85,11 +85,10 @@ def test_killed_run_resumes_from_its_last_checkpoint_exactly(tmp_path):
     run_tftrain("train", *common, f"--model_dir={straight}")
 
     model_dir = str(tmp_path / "killed")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tftrain", "train", *common, f"--model_dir={model_dir}"],
-        cwd=ROOT,
-        env=env,
+    proc = start_tftrain(
+        "train",
+        *common,
+        f"--model_dir={model_dir}",
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -396,7 +395,6 @@ def test_only_tensorflows_start_up_lines_are_filtered():
 
 def test_what_the_runtime_writes_before_a_crash_still_reaches_the_console():
     import subprocess
-    import sys
 
     code = (
         "import os\n"

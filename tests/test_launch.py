@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, run_tftrain
+from tests.conftest import ROOT, run_tftrain, start_tftrain
 from tftrain.distribute import launch
 
 pytestmark = pytest.mark.cluster
@@ -203,31 +203,20 @@ def test_one_device_mirrored_and_two_launched_workers_agree(tmp_path):
 
 
 def _launch(args, model_dir, extra=()):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tftrain",
-            "launch",
-            *args,
-            "--",
-            *SMOKE[:1],
-            "--strategy=multi_worker_mirrored",
-            f"--model_dir={model_dir}",
-            "--collective_timeout_secs=60",
-            "--train_steps=400",
-            "--steps_per_loop=10",
-            "--checkpoint_interval=20",
-            "--eval_interval=1000",
-            *extra,
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
+    return start_tftrain(
+        "launch",
+        *args,
+        "--",
+        *SMOKE[:1],
+        "--strategy=multi_worker_mirrored",
+        f"--model_dir={model_dir}",
+        "--collective_timeout_secs=60",
+        "--train_steps=400",
+        "--steps_per_loop=10",
+        "--checkpoint_interval=20",
+        "--eval_interval=1000",
+        *extra,
         stderr=subprocess.STDOUT,
-        text=True,
     )
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, run_tftrain
+from tests.conftest import ROOT, run_tftrain, start_tftrain
 
 pytestmark = pytest.mark.slow
 
@@ -162,26 +162,14 @@ def test_skipping_nonfinite_updates_counts_them_and_still_exports_no_nan_model(t
 
 def test_sigterm_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, straight_80):
     model_dir = str(tmp_path / "run")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
     # Checkpoints only at the end: whatever is saved early is the signal's doing.
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tftrain",
-            "train",
-            *SMOKE,
-            "--train_steps=80",
-            "--checkpoint_interval=1000",
-            "--log_interval_secs=0",
-            f"--model_dir={model_dir}",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_tftrain(
+        "train",
+        *SMOKE,
+        "--train_steps=80",
+        "--checkpoint_interval=1000",
+        "--log_interval_secs=0",
+        f"--model_dir={model_dir}",
     )
     deadline = time.time() + 120
     for line in proc.stdout:
@@ -237,26 +225,14 @@ class _Lines:
 def test_signals_are_answered_at_once_even_inside_a_long_loop(tmp_path):
     # One loop of 100,000 steps: the main thread sits in one TensorFlow call.
     # The first signal is acknowledged at once; the second ends the process.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tftrain",
-            "train",
-            *SMOKE[:2],
-            "--train_steps=100000",
-            "--steps_per_loop=100000",
-            "--eval_interval=100000",
-            "--checkpoint_interval=100000",
-            f"--model_dir={tmp_path / 'run'}",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_tftrain(
+        "train",
+        *SMOKE[:2],
+        "--train_steps=100000",
+        "--steps_per_loop=100000",
+        "--eval_interval=100000",
+        "--checkpoint_interval=100000",
+        f"--model_dir={tmp_path / 'run'}",
     )
     out, err = _Lines(proc.stdout), _Lines(proc.stderr)
     try:
