@@ -9,11 +9,12 @@ the process at once, saving nothing.
 Python runs signal handlers in the main thread between bytecodes, and the
 main thread spends a loop of steps inside one TensorFlow call: a handler
 would run only when the loop ends, and two signals within one loop would
-look like one. So the handlers do nothing; the C-level handler's wake-up
-byte (``signal.set_wakeup_fd``), one per signal, is read by a thread of
-its own, which answers a signal as soon as it gets the interpreter (while
-TensorFlow computes, it has released it). Should something else take the
-wake-up descriptor, the main thread answers, late, as before. A second
+look like one. So the C-level handler's wake-up byte
+(``signal.set_wakeup_fd``), one per signal, is read by a thread of its
+own, which answers a signal as soon as it gets the interpreter (while
+TensorFlow computes, it has released it); the Python-level handler only
+stands by. Should something else take the wake-up descriptor, that handler
+answers instead, late, as before. A second
 signal ends the process wherever it is, even in the middle of writing a
 checkpoint (a damaged checkpoint is set aside at the next start).
 """
