@@ -1,6 +1,6 @@
 import pytest
 
-from tftrain import optimizers
+from tftrain import controller, optimizers
 from tftrain.config import ExperimentConfig
 
 
@@ -115,7 +115,7 @@ def test_bfloat16_computes_in_bfloat16_keeps_float32_variables_and_learns(tmp_pa
     import numpy as np
     import tensorflow as tf
 
-    from tftrain import data, tasks
+    from tftrain import tasks
 
     def config(precision):
         return ExperimentConfig(
@@ -134,7 +134,8 @@ def test_bfloat16_computes_in_bfloat16_keeps_float32_variables_and_learns(tmp_pa
     results = {}
     try:
         bf16 = config("bfloat16")
-        model = tasks.from_config(bf16, data.load("synthetic")).build_model()
+        controller.set_precision("bfloat16")
+        model = tasks.from_config(bf16).build_model(bf16)
         hidden = model.get_layer("hidden_0")
         assert hidden.compute_dtype == "bfloat16" and hidden.kernel.dtype == "float32"
         for precision in ("float32", "bfloat16"):

@@ -113,3 +113,15 @@ def test_trace_op_events_reads_a_profiler_trace(tmp_path):
         "and tftrain._internal.trace_op_events needs another way"
     )
     assert all(duration > 0 and start > 0 for _, _, start, duration in matmuls)
+
+
+def test_compiled_metrics_are_read_back_as_given():
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    assert _internal.compiled_metrics(model) is None, "an uncompiled model has no metrics"
+    mae = keras.metrics.MeanAbsoluteError(name="mae")
+    model.compile(loss="mse", metrics=["accuracy", mae], weighted_metrics=["mse"])
+    assert _internal.compiled_metrics(model) == ["accuracy", mae, "mse"], (
+        "Keras no longer keeps compile()'s metrics in model._compile_config.config"
+    )

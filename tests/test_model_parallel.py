@@ -133,7 +133,16 @@ def weights(model_dir):
 
 
 def test_two_stages_four_micro_batches_train_as_the_whole_model(tmp_path):
-    piped, mode = train(config(tmp_path, "piped", strategy="model_parallel", num_microbatches=4))
+    # Balanced by parameters: timings of layers this small swing with what ran before.
+    piped, mode = train(
+        config(
+            tmp_path,
+            "piped",
+            strategy="model_parallel",
+            num_microbatches=4,
+            pipeline_balance="params",
+        )
+    )
     whole, _ = train(config(tmp_path, "whole"))
     accumulated, _ = train(config(tmp_path, "acc", num_microbatches=4))
     assert piped["global_step"] == 60 and piped["num_stages"] == 2

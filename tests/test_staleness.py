@@ -8,7 +8,7 @@ import tensorflow as tf
 from tftrain import data, models, optimizers, staleness, tasks
 from tftrain.trainer import Trainer
 
-TASK = tasks.Classification(None, None)
+TASK = tasks.classification_scorer()
 
 
 class InterruptedTrainer(staleness.StalenessTrainer):
@@ -16,8 +16,8 @@ class InterruptedTrainer(staleness.StalenessTrainer):
 
     others = 0
 
-    def accumulate_gradients(self, inputs, labels):
-        gradients, stats = super().accumulate_gradients(inputs, labels)
+    def accumulate_gradients(self, inputs, labels, weights=None):
+        gradients, stats = super().accumulate_gradients(inputs, labels, weights)
         if self.others:
             with tf.control_dependencies([g for g in gradients if g is not None]):
                 self.updates_applied.assign_add(self.others)
@@ -33,7 +33,7 @@ def make(cls, others=0):
         optimizer = optimizers.get("adam", learning_rate=0.01)
         optimizer.build(model.trainable_variables)
     trainer = cls(
-        strategy=strategy, task=TASK, model=model, optimizer=optimizer, global_batch_size=32
+        strategy=strategy, scorer=TASK, model=model, optimizer=optimizer, global_batch_size=32
     )
     trainer.others = others
     split = data.make_synthetic(0, num_train=320, num_test=10).train

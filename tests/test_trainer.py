@@ -10,7 +10,7 @@ from tftrain.config import ExperimentConfig
 from tftrain.distribute.base import mode_for
 from tftrain.trainer import Trainer
 
-TASK = tasks.Classification(None, None)
+TASK = tasks.classification_scorer()
 
 
 IMAGES = {"input_shape": (28, 28, 1), "num_classes": 10, "hidden_units": (32,)}
@@ -34,7 +34,7 @@ def make(
         opt.build(m.trainable_variables)
     return Trainer(
         strategy=strategy,
-        task=TASK,
+        scorer=TASK,
         model=m,
         optimizer=opt,
         global_batch_size=batch,

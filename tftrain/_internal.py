@@ -116,3 +116,21 @@ def trace_op_events(xplane_path: str):
                     line.timestamp_ns + event.offset_ps // 1000,
                     event.duration_ps // 1000,
                 )
+
+
+def compiled_metrics(model) -> list | None:
+    """The metrics a model was compiled with, as given to ``compile``
+    (``metrics`` then ``weighted_metrics``); None if it was not compiled
+    with any. Keras keeps them only in its private ``_compile_config``
+    (``get_compile_config`` serializes them)."""
+    held = getattr(model, "_compile_config", None)
+    config = getattr(held, "config", None)
+    if not isinstance(config, dict):
+        return None
+    given = []
+    for key in ("metrics", "weighted_metrics"):
+        value = config.get(key)
+        if isinstance(value, dict):  # per output: refused by the caller
+            return value
+        given.extend(value or [])
+    return given or None

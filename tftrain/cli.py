@@ -30,14 +30,15 @@ def _help() -> dict[str, str]:
     from tftrain import plugins
 
     return {
-        "experiment": "a named experiment from experiments/ (NAME or NAME:smoke); it "
-        "sets the defaults of every other flag",
-        "dataset": f"{_choices(c.DATASETS_BUILTIN)}, or any TFDS name",
+        "experiment": "an experiment: NAME[:VARIANT] from experiments/, a file "
+        "(path/to/exp.py[:VARIANT]) or a module (package.module[:VARIANT]) with "
+        "get_config(variant); it sets the defaults of every other flag, and its own "
+        "options are flags too",
+        "dataset": f"the built-in task's data: {_choices(c.DATASETS_BUILTIN)}, or any TFDS name",
         "data_dir": "where local data lives (IDX files, or TFDS's data folder)",
         "max_train_examples": "use only the first N training examples",
         "max_eval_examples": "use only the first N test examples",
-        "task": f"what is learned: {_choices(plugins.TASKS.names())}",
-        "model": _choices(plugins.MODELS.names()),
+        "model": f"the built-in task's model: {_choices(plugins.MODELS.names())}",
         "hidden_units": "the mlp's hidden layer widths (default 256,128)",
         "embedding_shards": "embedding_bag: keep the table as this many variables of "
         "consecutive rows, which parameter servers share out (default 1)",
@@ -104,29 +105,94 @@ def _help() -> dict[str, str]:
     }
 
 
-def define_train_flags(flag_values) -> None:
-    """Defines one flag per ExperimentConfig field, on ``flag_values``."""
+def _is_flag(field) -> bool:
+    return field.metadata.get("flag", True)
+
+
+def _define(name: str, kind: str, help_text: str, flag_values, default=None) -> None:
     from absl import flags
 
+    if "tuple[" in kind or kind in ("tuple", "list"):
+        flags.DEFINE_list(name, default, help_text, flag_values=flag_values)
+    elif kind == "bool":
+        flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
+    elif kind.startswith("int"):
+        flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+    elif kind.startswith("float"):
+        flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
+    else:
+        flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+
+
+def define_train_flags(flag_values) -> None:
+    """Defines one flag per ExperimentConfig field, on ``flag_values``; its
+    help is the field's own (``metadata["help"]``) or the table above."""
     from tftrain.config import ExperimentConfig
 
     helps = _help()
     for field in dataclasses.fields(ExperimentConfig):
-        help_text = helps[field.name]
-        kind = str(field.type)
-        if "tuple[" in kind:
-            flags.DEFINE_list(field.name, None, help_text, flag_values=flag_values)
-        elif kind == "bool":
-            flags.DEFINE_bool(field.name, None, help_text, flag_values=flag_values)
-        elif kind.startswith("int"):
-            flags.DEFINE_integer(field.name, None, help_text, flag_values=flag_values)
-        elif kind.startswith("float"):
-            flags.DEFINE_float(field.name, None, help_text, flag_values=flag_values)
+        if not _is_flag(field):
+            continue
+        help_text = field.metadata.get("help") or helps.get(field.name) or field.name
+        _define(field.name, str(field.type), help_text, flag_values)
+
+
+def _experiment_in(argv: list[str]) -> str | None:
+    """The value of ``--experiment`` in ``argv`` (the last one given), if any."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg.startswith("--experiment="):
+            found = arg.split("=", 1)[1]
+        elif arg == "--experiment" and i + 1 < len(argv):
+            found = argv[i + 1]
+    return found
+
+
+def define_option_flags(config, flag_values, key_flags: bool = True) -> None:
+    """One flag per option of the experiment (``config.options``), typed by
+    its default."""
+    from tftrain.config import ConfigError
+
+    for name, default in config.options.items():
+        if name in flag_values:
+            raise ConfigError(
+                f"the experiment's option {name!r} has the name of one of tftrain's own "
+                "flags: rename the option."
+            )
+        if isinstance(default, bool):
+            kind = "bool"
+        elif isinstance(default, int):
+            kind = "int"
+        elif isinstance(default, float):
+            kind = "float"
+        elif isinstance(default, (tuple, list)):
+            kind = "list"
         else:
-            flags.DEFINE_string(field.name, None, help_text, flag_values=flag_values)
+            kind = "str"
+        value = [str(v) for v in default] if kind == "list" else default
+        _define(name, kind, f"the experiment's option (default {default!r})", flag_values, value)
+        if key_flags:  # listed by --helpshort
+            flag_values.register_key_flag_for_module(sys.argv[0], flag_values[name])
 
 
-def config_from_flags(flag_values):
+def _option_value(name: str, default, flag):
+    from tftrain.config import ConfigError
+
+    value = flag.value
+    if isinstance(default, (tuple, list)) and default:
+        cast = type(default[0])
+        try:
+            value = type(default)(cast(v) for v in value)
+        except ValueError:
+            raise ConfigError(
+                f"--{name}={','.join(value)}: expected a comma-separated list of {cast.__name__}s."
+            ) from None
+    return value
+
+
+def config_from_flags(flag_values, loaded=None):
     """The experiment's config with every flag given on the command line applied.
 
     Raises:
@@ -136,9 +202,14 @@ def config_from_flags(flag_values):
     from tftrain.config import ConfigError, ExperimentConfig
 
     experiment = flag_values["experiment"].value
-    config = registry.get(experiment) if experiment else ExperimentConfig()
+    if loaded is not None:
+        config = loaded
+    else:
+        config = registry.get(experiment) if experiment else ExperimentConfig()
     changes = {}
     for field in dataclasses.fields(ExperimentConfig):
+        if not _is_flag(field):
+            continue
         flag = flag_values[field.name]
         if not flag.present or field.name == "experiment":
             continue
@@ -154,6 +225,13 @@ def config_from_flags(flag_values):
                     f"comma-separated list of {cast.__name__}s."
                 ) from None
         changes[field.name] = value
+    options = {
+        name: _option_value(name, default, flag_values[name])
+        for name, default in config.options.items()
+        if name in flag_values and flag_values[name].present
+    }
+    if options:
+        changes["options"] = {**config.options, **options}
     return config.replace(**changes).validate()
 
 
@@ -178,38 +256,23 @@ def _quiet_tensorflow(verbose: bool = False) -> None:
         quiet.filter_native_stderr()
 
 
-def load_run(flag_values):
+def load_run(flag_values, loaded=None):
     """The config, the cluster and the parallel mode, all checked: every
     validation happens here, before anything starts.
 
     Raises:
       ConfigError: for the first thing that is wrong.
     """
-    from tftrain.config import ConfigError
-    from tftrain.distribute import base
-    from tftrain.distribute import cluster as cluster_lib
+    from tftrain import api
 
-    config = config_from_flags(flag_values)
-    if os.path.exists(config.model_dir) and not os.path.isdir(config.model_dir):
-        raise ConfigError(
-            f"--model_dir={config.model_dir} is a file: expected a "
-            "folder (new or from an earlier run)."
-        )
-    cluster = cluster_lib.from_environment()
-    if config.restart and cluster is not None:
-        raise ConfigError(
-            "--restart moves the earlier run's files, which one task of a cluster "
-            "cannot do for the others: use tftrain launch ... -- --restart, or move "
-            f"{config.model_dir} away yourself."
-        )
-    return config, cluster, base.mode_for(config, cluster)
+    return api.prepare(config_from_flags(flag_values, loaded))
 
 
 def _train_main(argv):
     from absl import flags
 
     from tftrain.config import ConfigError
-    from tftrain.data import DataError
+    from tftrain.errors import DataError, UserCodeError
 
     if len(argv) > 1:
         _fail(
@@ -218,7 +281,9 @@ def _train_main(argv):
         )
     flag_values = flags.FLAGS
     try:
-        config, cluster, mode = load_run(flag_values)
+        config, cluster, mode = load_run(flag_values, _LOADED.get("config"))
+    except UserCodeError as e:
+        _user_code_failed(e)
     except (ConfigError, DataError) as e:
         _fail(str(e))
     _quiet_tensorflow(verbose=flag_values["verbosity"].present)
@@ -228,50 +293,36 @@ def _train_main(argv):
         logging.set_verbosity(logging.WARNING)
     import tensorflow as tf
 
-    from tftrain import controller, resources
-    from tftrain.distribute.watchdog import NoWatchdog
+    from tftrain import api
     from tftrain.errors import RunError
     from tftrain.stopping import Stopped, StopRequest
 
-    if config.restart:
-        from tftrain import checkpoints
-
-        try:
-            aside = checkpoints.set_aside_run(config.model_dir)
-        except ConfigError as e:
-            _fail(str(e))
-        if aside:
-            print(f"--restart: moved the earlier run's files to {aside}.", flush=True)
-    stop = StopRequest().install()  # again once the strategy exists: see below
-    watchdog = NoWatchdog()
+    stop = StopRequest().install()  # again once the strategy exists (api.execute)
+    box = []
     try:
-        intra, inter = mode.default_threads()
-        resources.configure_threads(
-            config.intra_op_threads or intra,
-            config.inter_op_threads or inter,
-            spinning=config.thread_spinning,
+        result = api.execute(
+            config,
+            cluster,
+            mode,
+            log=lambda line: print(line, flush=True),
+            stop=stop,
+            watchdog_box=box,
         )
-        if cluster is not None and cluster.task_type == "evaluator" and mode.takes_evaluator:
-            from tftrain import evaluator
-
-            _leave(evaluator.run(config, cluster))
-        if cluster is not None and mode.serves(cluster):
-            _leave(mode.serve())  # TensorFlow's server threads never end on their own
-        watchdog = mode.watchdog()
-        mode.setup()
-        # TensorFlow's coordination service installs a SIGTERM handler of its
-        # own when a multi-worker strategy starts; tftrain's comes back on top.
-        stop.install()
-        controller.run(config, mode, watchdog=watchdog, stop=stop)
-        watchdog.stop()
+        if isinstance(result, int):  # a serving or evaluating role
+            _leave(result)  # TensorFlow's server threads never end on their own
     except Stopped as e:
-        watchdog.stop()
+        _stop_watchdogs(box)
         # The checkpoint is written; TensorFlow's multi-worker shutdown can
         # wait on tasks that already left, so leave without it.
         _leave(e.exit_code)
+    except UserCodeError as e:
+        _stop_watchdogs(box)
+        _user_code_failed(e)
     except (ConfigError, DataError) as e:
+        _stop_watchdogs(box)
         _fail(str(e))
     except RunError as e:
+        _stop_watchdogs(box)
         # The run ends on this one line: no warnings at exit from a
         # half-restored checkpoint about each value it did not restore.
         import logging
@@ -279,9 +330,11 @@ def _train_main(argv):
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
         _fail(str(e), code=e.exit_code)
     except OSError as e:  # the file system refused: unwritable model_dir, disk full
+        _stop_watchdogs(box)
         where = f" ({e.filename})" if e.filename else ""
         _fail(f"{e.strerror or e}{where}: check --model_dir={config.model_dir}.")
     except tf.errors.OpError as e:
+        _stop_watchdogs(box)
         said = mode.explain(e) or _explain_resources(e, config)
         if said:
             _fail(said, code=1)
@@ -296,6 +349,33 @@ def _train_main(argv):
             f"{first[:300]}): a worker died or never started.",
             code=1,
         )
+
+
+def _stop_watchdogs(box) -> None:
+    for watchdog in box:
+        watchdog.stop()
+
+
+def _user_code_failed(error) -> None:
+    """The user's traceback (their bug to read), then tftrain's one line."""
+    import traceback
+
+    cause = error.error
+    here = os.path.dirname(os.path.abspath(__file__))
+    tb = cause.__traceback__
+    # From the first frame of theirs: tftrain's own frames above it are not their concern.
+    while (
+        tb is not None
+        and tb.tb_next is not None
+        and tb.tb_frame.f_code.co_filename.startswith(here)
+    ):
+        tb = tb.tb_next
+    traceback.print_exception(type(cause), cause, tb, file=sys.stderr)
+    _fail(str(error))
+
+
+# The experiment, loaded once before the flags are parsed (its options become flags).
+_LOADED: dict = {}
 
 
 def _explain_resources(error, config) -> str | None:
@@ -329,15 +409,17 @@ def _show_defaults(flag_values, argv: list[str]) -> str:
     from tftrain import registry
     from tftrain.config import ExperimentConfig
 
-    named = next((a.split("=", 1)[1] for a in argv if a.startswith("--experiment=")), None)
-    try:
-        config = registry.get(named) if named else ExperimentConfig()
-    except Exception as e:  # noqa: BLE001 - an unknown name: say so, show the built-ins
-        config, named = ExperimentConfig(), None
-        print(f"({e})")
+    named = _experiment_in(argv)
+    config = _LOADED.get("config") or ExperimentConfig()
+    if named and "config" not in _LOADED:
+        try:
+            config = registry.get(named)
+        except Exception as e:  # noqa: BLE001 - an unknown name: say so, show the built-ins
+            config, named = ExperimentConfig(), None
+            print(f"({e})")
     for field in dataclasses.fields(ExperimentConfig):
         value = getattr(config, field.name)
-        if value is None or field.name == "experiment":
+        if value is None or field.name == "experiment" or not _is_flag(field):
             continue
         if isinstance(value, tuple):
             value = [str(v) for v in value] or None
@@ -355,6 +437,8 @@ def _run_absl(main, define, command: str, argv: list[str]) -> None:
 
     known = set(flags.FLAGS)
     define(flags.FLAGS)
+    if command == "train":
+        _load_experiment(argv, flags.FLAGS)
     # --helpshort lists the main module's key flags: make the command's flags so.
     for name in sorted(set(flags.FLAGS) - known):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
@@ -380,6 +464,27 @@ def _run_absl(main, define, command: str, argv: list[str]) -> None:
         app.run(main, argv=[f"tftrain {command}", *argv])
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _load_experiment(argv: list[str], flag_values) -> None:
+    """Loads ``--experiment`` before the flags are parsed, so that its own
+    options are flags too; a bad experiment ends here, in one line."""
+    from tftrain import registry
+    from tftrain.config import ConfigError
+    from tftrain.errors import UserCodeError
+
+    _LOADED.clear()
+    named = _experiment_in(argv)
+    if not named:
+        return
+    try:
+        config = registry.get(named)
+        define_option_flags(config, flag_values)
+    except UserCodeError as e:
+        _user_code_failed(e)
+    except ConfigError as e:
+        _fail(str(e))
+    _LOADED["config"] = config
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,6 +29,8 @@ ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduction_to_one_device")
 # ring collectives over its gRPC worker service; nccl: NVIDIA's, on GPUs.
 COLLECTIVES = ("auto", "tcp", "grpc", "nccl")
 MAX_SEED = 2**32 - 1
+# The built-in task's fields: what --model and --dataset train.
+BUILTIN_TASK_FIELDS = ("dataset", "model", "hidden_units", "embedding_shards")
 DEFAULT_HIDDEN_UNITS = (256, 128)
 
 
@@ -41,12 +43,19 @@ class ExperimentConfig:
     """
 
     experiment: str | None = None
+    # Where the experiment came from (a file's absolute path, or a module's
+    # name): recorded in config.json; set when the experiment is loaded.
+    experiment_source: str | None = dataclasses.field(default=None, metadata={"flag": False})
+    # The user's own options (name -> default): each is a flag of its own
+    # (--name=value), recorded in config.json, read as config.name.
+    options: dict = dataclasses.field(default_factory=dict, metadata={"flag": False})
     # Data and task.
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
     max_train_examples: int | None = None  # a subset, for smoke runs
     max_eval_examples: int | None = None
-    task: str = "classification"
+    # A tftrain.Task subclass, or the name of a registered one.
+    task: Any = dataclasses.field(default="classification", metadata={"flag": False})
     # Model and optimizer.
     model: str = "softmax"
     hidden_units: tuple[int, ...] | None = None  # mlp only; None: 256,128
@@ -71,6 +80,13 @@ class ExperimentConfig:
     eval_batch_size: int = 1000
     epochs: int = 1
     train_steps: int | None = None  # wins over epochs when given
+    steps_per_epoch: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "training steps in one pass over the data (default: the training "
+            "dataset's length when it is known)"
+        },
+    )
     steps_per_loop: int = 100
     checkpoint_interval: int | None = None  # steps; None: once an epoch
     eval_interval: int | None = None  # steps; None: once an epoch
@@ -110,11 +126,47 @@ class ExperimentConfig:
     seed: int = 0
     export: bool = True
 
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names that are not fields: the user's options.
+        options = self.__dict__.get("options")
+        if options is not None and name in options:
+            return options[name]
+        raise AttributeError(
+            f"ExperimentConfig has no field or option {name!r}"
+            + (f" (its options: {', '.join(options)})" if options else "")
+        )
+
     def replace(self, **changes: Any) -> ExperimentConfig:
+        """A copy with ``changes``: fields, or the user's options by name."""
+        names = {f.name for f in dataclasses.fields(self)}
+        options = {k: changes.pop(k) for k in list(changes) if k not in names}
+        unknown = [k for k in options if k not in self.options]
+        if unknown:
+            raise ConfigError(
+                f"{unknown[0]!r} is neither a field of ExperimentConfig nor one of this "
+                "experiment's options"
+                + (f" ({', '.join(self.options)})" if self.options else "")
+                + "."
+            )
+        if options:
+            changes["options"] = {**changes.get("options", self.options), **options}
         return dataclasses.replace(self, **changes)
 
+    @property
+    def builtin_task(self) -> bool:
+        """Whether the task is tftrain's own (--model and --dataset apply)."""
+        return isinstance(self.task, str)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        from tftrain.tasks import task_name
+
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if not self.builtin_task:
+            values["task"] = task_name(self.task)
+            for name in BUILTIN_TASK_FIELDS:  # the built-in task's: not this run's
+                values.pop(name, None)
+        values["options"] = dict(self.options)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
     @property
     def mlp_hidden_units(self) -> tuple[int, ...]:
@@ -139,10 +191,23 @@ class ExperimentConfig:
     def validate(self) -> ExperimentConfig:
         """Checks every field and their combinations; raises ConfigError naming
         the first bad one. The strategy's own checks follow in its module."""
-        _one_of("dataset", self.dataset, DATASETS_BUILTIN, open_ended=True)
+        from tftrain.tasks import Task
+
+        if self.builtin_task:
+            _one_of("dataset", self.dataset, DATASETS_BUILTIN, open_ended=True)
+            _one_of("task", self.task, plugins.TASKS.names())
+            _one_of("model", self.model, plugins.MODELS.names())
+        elif not (
+            (isinstance(self.task, type) and issubclass(self.task, Task))
+            or isinstance(self.task, Task)
+        ):
+            raise ConfigError(
+                f"ExperimentConfig(task={self.task!r}): expected a tftrain.Task subclass "
+                "(class MyTask(tftrain.Task): ...) or the name of a registered task."
+            )
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"ExperimentConfig(options={self.options!r}): expected a dict.")
         for kind, registry in (
-            ("task", plugins.TASKS),
-            ("model", plugins.MODELS),
             ("optimizer", plugins.OPTIMIZERS),
             ("strategy", plugins.STRATEGIES),
         ):
@@ -172,6 +237,7 @@ class ExperimentConfig:
             "eval_interval",
             "max_train_examples",
             "max_eval_examples",
+            "steps_per_epoch",
             "summary_every",
             "histogram_every",
         ):
@@ -226,7 +292,7 @@ class ExperimentConfig:
                 f"--profile_steps={','.join(map(str, self.profile_steps))}: expected "
                 "START,END with 0 <= START < END (the trace covers steps START+1 to END)."
             )
-        if self.hidden_units is not None:
+        if self.hidden_units is not None and self.builtin_task:
             if self.model != "mlp":
                 raise ConfigError(
                     f"--hidden_units applies to --model=mlp, not --model={self.model}."
@@ -236,7 +302,7 @@ class ExperimentConfig:
                     f"--hidden_units={','.join(map(str, self.hidden_units))}: "
                     "expected a comma-separated list of positive layer widths."
                 )
-        if self.embedding_shards is not None:
+        if self.embedding_shards is not None and self.builtin_task:
             _positive_int("embedding_shards", self.embedding_shards)
             if self.model != "embedding_bag":
                 raise ConfigError(

@@ -23,8 +23,7 @@ import keras
 import tensorflow as tf
 
 from tftrain import actions as actions_lib
-from tftrain import data as data_lib
-from tftrain import export, models, optimizers, resources, tasks
+from tftrain import export, inputs, optimizers, tasks
 from tftrain.checkpoints import Checkpoints
 from tftrain.config import ConfigError, ExperimentConfig
 from tftrain.distribute.base import ParallelMode
@@ -34,9 +33,6 @@ from tftrain.stopping import NeverStop, Stopped
 from tftrain.summaries import Summaries, hparams_of
 
 __all__ = ["Controller", "Plan", "RunError", "run"]
-
-# Optimizer state per parameter, for the memory estimate (default: 2).
-OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adagrad": 1, "adam": 2}
 
 
 def _strict(value):
@@ -81,38 +77,43 @@ class _Output:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What a run trains on and for how long, decided before any variable exists."""
+    """How long a run trains, decided before any variable exists."""
 
-    dataset: data_lib.Dataset
-    train: data_lib.Split
-    test: data_lib.Split
-    steps_per_epoch: int
+    steps_per_epoch: int | None  # None: the data's length is unknown
     total_steps: int
 
+    @property
+    def epoch_steps(self) -> int:
+        """The steps of an epoch, or of the whole run where an epoch's length is unknown."""
+        return self.steps_per_epoch or self.total_steps
+
     @classmethod
-    def make(cls, config: ExperimentConfig) -> Plan:
-        dataset = data_lib.load(config.dataset, config.data_dir, seed=config.seed)
-        models.check_fits(config.model, dataset)
-        models.check_memory(
-            config.model,
-            OPTIMIZER_SLOTS.get(config.optimizer, 2),
-            # Parameter servers hold the variables on other machines.
-            None if config.strategy == "parameter_server" else resources.available_memory(),
-            input_shape=dataset.image_shape,
-            num_classes=dataset.num_classes,
-            hidden_units=config.mlp_hidden_units,
-            vocab_size=dataset.vocab_size,
-        )
-        train = dataset.train.take(config.max_train_examples)
-        test = dataset.test.take(config.max_eval_examples)
-        per_epoch = data_lib.steps_per_epoch(len(train), config.batch_size)
+    def make(cls, config: ExperimentConfig, task) -> Plan:
+        check_data = getattr(task, "check_data", None)
+        if callable(check_data):
+            check_data(config)
+        per_epoch = inputs.steps_per_epoch(task, config)
+        if per_epoch is None and not config.train_steps:
+            raise ConfigError(
+                f"the length of {type(task).__name__}'s training data is unknown (files "
+                "read as a stream): set --train_steps (and --steps_per_epoch, the steps "
+                "of one pass, for once-an-epoch evaluation and checkpoints)."
+            )
         total = config.train_steps or config.epochs * per_epoch
         if config.profile_steps and config.profile_steps[1] > total:
             raise ConfigError(
                 f"--profile_steps={','.join(map(str, config.profile_steps))}: the run has "
                 f"{total} steps; expected END <= {total}."
             )
-        return cls(dataset, train, test, per_epoch, total)
+        return cls(per_epoch, total)
+
+
+def set_precision(precision: str) -> None:
+    """The dtype policy of every layer built from here on (Keras's global
+    setting): ``bfloat16`` computes in bfloat16, keeps variables in float32."""
+    keras.mixed_precision.set_dtype_policy(
+        "mixed_bfloat16" if precision == "bfloat16" else "float32"
+    )
 
 
 class Controller:
@@ -130,7 +131,17 @@ class Controller:
     """
 
     def __init__(
-        self, *, config, mode: ParallelMode, plan: Plan, out, log, watchdog, actions=None, stop=None
+        self,
+        *,
+        config,
+        mode: ParallelMode,
+        plan: Plan,
+        out,
+        log,
+        watchdog,
+        task=None,
+        actions=None,
+        stop=None,
     ):
         self.config, self.mode, self.plan = config, mode, plan
         self.out, self.log, self.watchdog = out, log, watchdog
@@ -139,11 +150,24 @@ class Controller:
         self.chief_log = log if mode.placement.is_chief else (lambda line: None)
         self.stop = stop or NeverStop()
         placement = mode.placement
-        self.task = tasks.from_config(config, plan.dataset)
+        self.task = task if task is not None else tasks.from_config(config)
+        # One global batch, read here: the checks of the model against the
+        # loss, the shape of the export and of the graph, the histograms.
+        self.sample_batch = inputs.first_batch(self.task, config)
+        name = type(self.task).__name__
         watchdog.kick("creating the model's variables (all workers must join)")
+        set_precision(config.precision)
         with placement.strategy.scope():
-            self.model = mode.place_model(self.task.build_model())
-            self.optimizer = optimizers.from_config(config, plan.steps_per_epoch, plan.total_steps)
+            model = tasks.call_user(f"{name}.build_model", self.task.build_model, config)
+            if not isinstance(model, keras.Model):
+                raise ConfigError(
+                    f"{name}.build_model returned {type(model).__name__}: expected a "
+                    "keras.Model (Sequential, functional or a subclass)."
+                )
+            if not model.built or not model.weights:  # a subclassed model: built by a call
+                tasks.call_user(f"{name}: the model's call", model, self.sample_batch[0])
+            self.model = mode.place_model(model)
+            self.optimizer = optimizers.from_config(config, plan.epoch_steps, plan.total_steps)
             self.optimizer.build(self.model.trainable_variables)
             # The untrained model's test loss and accuracy (NaN until the
             # step-0 evaluation): checkpointed, so that a resumed run can still
@@ -154,9 +178,16 @@ class Controller:
                 name="untrained_eval",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
+        self.scorer = tasks.build_scorer(self.task, config, self.model, self.sample_batch)
+        # Classes, where the model has an accuracy to compare with chance.
+        self.num_classes = (
+            int(self.model(self.sample_batch[0]).shape[-1])
+            if "accuracy" in self.scorer.metric_names
+            else None
+        )
         self.trainer = mode.make_trainer(
             strategy=placement.strategy,
-            task=self.task,
+            scorer=self.scorer,
             model=self.model,
             optimizer=self.optimizer,
             global_batch_size=config.batch_size,
@@ -164,19 +195,27 @@ class Controller:
             gradient_reducer=placement.gradient_reducer,
             skip_nonfinite=config.on_nan == "skip_step",
         )
+        objects = {
+            "model": self.model,
+            # Keras's checkpoint graph of a model leaves out some of its
+            # state, such as a dropout layer's seed generator; without it a
+            # resumed run would draw other dropout masks.
+            "model_state": list(self.model.non_trainable_variables),
+            "optimizer": self.optimizer,
+            "global_step": self.trainer.global_step,
+            "untrained_eval": self.untrained_eval,
+        }
+        # The input position: the iterator's own state, saved in each
+        # checkpoint where the mode can save it; a stream that is a function
+        # of the step is instead built at the step restored.
+        self.iterator = None
+        if mode.saves_input_position and not self.task._positions_by_step:
+            self.iterator = self._train_iterator(0)
+            objects["input"] = self.iterator
         self.checkpoints = Checkpoints(
             model_dir=config.model_dir,
             out=out,
-            objects={
-                "model": self.model,
-                # Keras's checkpoint graph of a model leaves out some of its
-                # state, such as a dropout layer's seed generator; without it a
-                # resumed run would draw other dropout masks.
-                "model_state": list(self.model.non_trainable_variables),
-                "optimizer": self.optimizer,
-                "global_step": self.trainer.global_step,
-                "untrained_eval": self.untrained_eval,
-            },
+            objects=objects,
             step_counter=self.trainer.global_step,
             keep=config.keep_checkpoints,
             is_chief=placement.is_chief,
@@ -186,6 +225,11 @@ class Controller:
         self.actions = actions if actions is not None else actions_lib.default_actions(config, plan)
         self.last_eval: dict | None = None
         self.last_timings: dict[str, float] = {}
+
+    def _train_iterator(self, start_step: int):
+        return self.mode.distribute_train(
+            inputs.stream(self.task, self.config, training=True, start_step=start_step)
+        )
 
     @property
     def step(self) -> int:
@@ -243,19 +287,10 @@ class Controller:
         """Trains to the end of the plan; returns the last evaluation."""
         config, plan, mode = self.config, self.plan, self.mode
         step = self.step
-        iterator = mode.distribute_train(
-            lambda num_shards, shard_index: data_lib.train_dataset(
-                plan.train,
-                global_batch_size=config.batch_size,
-                seed=config.seed,
-                start_step=step,
-                num_shards=num_shards,
-                shard_index=shard_index,
-            )
-        )
-        self.eval_data = mode.distribute_eval(
-            data_lib.eval_dataset(plan.test, batch_size=config.eval_batch_size)
-        )
+        if self.iterator is None:
+            self.iterator = self._train_iterator(step)
+        iterator = self.iterator
+        self.eval_data = mode.distribute_eval(inputs.stream(self.task, config, training=False))
         self._announce()
         if step == 0:  # the starting point, before any update
             self._begin_summaries()
@@ -295,7 +330,7 @@ class Controller:
             evaluate(self, 0)
         if self.mode.placement.is_chief:
             model = self.model
-            spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], model.inputs[0].dtype)
+            spec = export.batch_spec(self.sample_batch[0])
             forward = tf.function(lambda x: model(x, training=False))
             self.summaries.graph("train", forward.get_concrete_function(spec).graph)
             placement = self.mode.placement
@@ -330,12 +365,22 @@ class Controller:
         config, plan, placement = self.config, self.plan, self.mode.placement
         if placement.is_chief:
             write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())
+        what = (
+            f"{config.model} on {config.dataset}"
+            if config.builtin_task
+            else f"{self.model.name} ({self.model.count_params():,} parameters) from "
+            f"{type(self.task).__name__}"
+        )
+        epochs = (
+            f"{plan.steps_per_epoch} per epoch"
+            if plan.steps_per_epoch
+            else "the length of an epoch unknown"
+        )
         self.chief_log(
-            f"Training {config.model} on {plan.dataset.name} ({len(plan.train)} train / "
-            f"{len(plan.test)} test examples) with {config.optimizer}, "
+            f"Training {what} with {config.optimizer}, "
             f"{placement.num_replicas} replica(s) on {placement.num_workers} "
             f"worker(s), global batch {config.batch_size}: {plan.total_steps} steps "
-            f"({plan.steps_per_epoch} per epoch)."
+            f"({epochs})."
         )
         for line in self.mode.announce():
             self.chief_log(line)
@@ -346,21 +391,27 @@ class Controller:
         export_dir = None
         if config.export:
             self.watchdog.kick("exporting the SavedModel")
-            export_dir = export.export_saved_model(self.model, self.task, self.out.path("export"))
+            export_dir = export.export_saved_model(
+                self.model, self.sample_batch[0], self.out.path("export"), log=self.chief_log
+            )
         progress = next((a for a in self.actions if isinstance(a, actions_lib.Progress)), None)
         speed, seconds = progress.steady_speed() if progress else (0.0, 0.0)
         if not progress or not progress.stretches:  # nothing trained here: not measured
             speed = seconds = None
         result = {
-            "eval_accuracy": eval_metrics["accuracy"],
-            "eval_loss": eval_metrics["loss"],
+            **{
+                f"eval_{k}": v
+                for k, v in eval_metrics.items()
+                if k != "examples" and not k.startswith("staleness/")
+            },
             "eval_examples": int(eval_metrics["examples"]),
             "global_step": self.step,
             "examples_per_second": speed,
             "training_seconds": seconds,
             "experiment": config.experiment,
-            "dataset": self.plan.dataset.name,
-            "model": config.model,
+            "task": config.task if config.builtin_task else tasks.task_name(config.task),
+            "model": self.model.name,
+            **tasks.call_user(f"{type(self.task).__name__}.describe", self.task.describe, config),
             "optimizer": config.optimizer,
             "strategy": config.strategy,
             "num_replicas": placement.num_replicas,
@@ -381,9 +432,13 @@ class Controller:
         if placement.is_chief:
             metrics_path = os.path.join(config.model_dir, "metrics.json")
             write_json_atomically(metrics_path, result)
+            scores = ", ".join(
+                f"eval {k} {eval_metrics[k]:.4f}"
+                for k in [*self.scorer.metric_names, "loss"]
+                if k in eval_metrics
+            )
             self.log(
-                f"Done: step {result['global_step']}, eval accuracy "
-                f"{result['eval_accuracy']:.4f}, eval loss {result['eval_loss']:.4f}"
+                f"Done: step {result['global_step']}, {scores}"
                 + (
                     f", {result['examples_per_second']:,.0f} examples/s. "
                     if result["examples_per_second"] is not None
@@ -411,8 +466,8 @@ def run(
       stopping.Stopped: a signal stopped the run, after a checkpoint was saved.
     """
     keras.utils.set_random_seed(config.seed)
-    plan = Plan.make(config)
-    os.makedirs(config.model_dir, exist_ok=True)
+    task = tasks.from_config(config)
+    plan = Plan.make(config, task)
     placement = mode.placement
     with _Output(config.model_dir, placement.is_chief, placement.worker_index) as out:
         controller = Controller(
@@ -423,7 +478,11 @@ def run(
             log=log,
             watchdog=watchdog or NoWatchdog(),
             stop=stop,
+            task=task,
         )
+        # Only now: a task, model or data that does not fit is refused before
+        # anything is written.
+        os.makedirs(config.model_dir, exist_ok=True)
         step = controller.restore()
         # (One process only: every task of a cluster must take the same path.)
         finished = step >= plan.total_steps and placement.num_workers == 1

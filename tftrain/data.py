@@ -16,6 +16,8 @@ import struct
 
 import numpy as np
 
+from tftrain.errors import DataError  # re-exported: tftrain.data.DataError
+
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_DATASETS = ("fashion_mnist", "mnist")
 _IDX_FILES = {
@@ -25,10 +27,6 @@ _IDX_FILES = {
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 SYNTHETIC_SHAPE = (28, 28, 1)
 SYNTHETIC_CLASSES = 10
-
-
-class DataError(ValueError):
-    """Data that cannot be found or read: one clear message for the user."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +43,12 @@ class Split:
         if n is None or n >= len(self):
             return self
         return Split(self.images[:n], self.labels[:n])
+
+    def shard(self, num_shards: int, index: int) -> Split:
+        """Every ``num_shards``-th example from ``index`` (a view, no copy)."""
+        if num_shards == 1:
+            return self
+        return Split(self.images[index::num_shards], self.labels[index::num_shards])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +274,7 @@ def train_dataset(
     start_step: int = 0,
     num_shards: int = 1,
     shard_index: int = 0,
+    replicas: int = 1,
 ):
     """Global batches of ``(images, int32 labels)``, forever.
 
@@ -283,7 +288,8 @@ def train_dataset(
     every global batch (``global_batch_size / num_shards`` examples): what
     one of ``num_shards`` workers trains on. The shards of a step together
     are exactly the unsharded global batch, and a worker gathers only its
-    own examples.
+    own examples. With ``replicas > 1`` each shard comes as that many
+    consecutive batches, one per replica of the input pipeline.
     """
     import tensorflow as tf
 
@@ -299,21 +305,29 @@ def train_dataset(
             f"shards: expected a multiple of {num_shards}."
         )
     shard = global_batch_size // num_shards
+    if shard % replicas:
+        raise DataError(
+            f"--batch_size={global_batch_size} does not split into {num_shards * replicas} "
+            f"equal replica batches: expected a multiple of {num_shards * replicas}."
+        )
+    per_replica = shard // replicas
 
-    group = _batches_per_gather(split, shard)
+    group = _batches_per_gather(split, per_replica)
 
     def epoch_batches(epoch):
         order = epoch_permutation(n, seed, epoch)[: per_epoch * global_batch_size]
         rows = tf.reshape(order, [per_epoch, global_batch_size])
         rows = rows[:, shard_index * shard : (shard_index + 1) * shard]
+        if replicas > 1:
+            rows = tf.reshape(rows, [-1, per_replica])
         # Only the first epoch of a resumed run starts part-way through.
-        rows = rows[tf.where(epoch == first_epoch, first_batch, 0) :]
+        rows = rows[tf.where(epoch == first_epoch, first_batch * replicas, 0) :]
         # Gathered ``group`` batches at a time (one gather instead of many
         # small ones), then handed out a batch at a time; the epoch's last
         # batches, fewer than a group, one at a time.
         whole = tf.shape(rows)[0] // group * group
-        grouped = tf.reshape(rows[:whole], [-1, group, shard])
-        rest = tf.reshape(rows[whole:], [-1, 1, shard])
+        grouped = tf.reshape(rows[:whole], [-1, group, per_replica])
+        rest = tf.reshape(rows[whole:], [-1, 1, per_replica])
         return tf.data.Dataset.from_tensor_slices(grouped).concatenate(
             tf.data.Dataset.from_tensor_slices(rest)
         )
@@ -369,3 +383,354 @@ def _with_options(ds):
     # so N workers together still take one global batch per step.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options)
+
+
+# --------------------------------------------------------------------------
+# Helpers for a Task's build_inputs: files and arrays, streamed.
+#
+# Each helper returns batches as build_inputs must: per replica, sharded over
+# the input pipelines, shuffled from the run's seed (training), with decoding
+# in parallel and prefetching. ``shard`` says how the pipelines share the data:
+#
+# - "example": every pipeline reads the same shuffled stream and keeps every
+#   N-th example, so the pipelines' batches of one step are together exactly
+#   the global batch one device would take (the form for equivalent runs);
+# - "file": each pipeline reads its own files (no example is read twice);
+# - "auto": "file" when there are at least as many files as pipelines.
+
+SHARD_CHOICES = ("auto", "example", "file")
+
+
+def _per_replica(config, context, training: bool) -> int:
+    if training:
+        try:
+            return context.get_per_replica_batch_size(config.batch_size)
+        except ValueError:
+            raise DataError(
+                f"--batch_size={config.batch_size} does not split over "
+                f"{context.num_replicas_in_sync} replicas: expected a multiple of "
+                f"{context.num_replicas_in_sync}."
+            ) from None
+    return max(1, config.eval_batch_size // context.num_replicas_in_sync)
+
+
+def _check_shard(shard: str) -> None:
+    if shard not in SHARD_CHOICES:
+        raise DataError(f"shard={shard!r}: expected one of {', '.join(SHARD_CHOICES)}.")
+
+
+def batches(
+    examples,
+    *,
+    config,
+    context,
+    training: bool,
+    shard: str = "example",
+    shuffle_buffer: int = 10_000,
+    map_batch=None,
+    cache: bool = False,
+):
+    """Batches of a ``tf.data.Dataset`` of single examples, as build_inputs
+    returns them.
+
+    Args:
+      examples: one element per example (any structure).
+      shard: "example" (see above), or "none" when the pipelines already hold
+        their own examples (their files).
+      shuffle_buffer: examples shuffled at once in training (0: in order).
+      map_batch: a function applied to each batch (decoding), in parallel.
+      cache: keep the examples in memory after the first pass.
+    """
+    import tensorflow as tf
+
+    limit = config.max_train_examples if training else config.max_eval_examples
+    if limit:
+        examples = examples.take(limit)
+    if cache:
+        examples = examples.cache()
+    if training and shuffle_buffer:
+        # The same seed on every pipeline: one shuffled stream, then sharded.
+        examples = examples.shuffle(shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
+    if shard == "example" and context.num_input_pipelines > 1:
+        examples = examples.shard(context.num_input_pipelines, context.input_pipeline_id)
+    ds = examples.batch(_per_replica(config, context, training), drop_remainder=training)
+    if map_batch is not None:
+        ds = ds.map(map_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _plain_options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _plain_options(ds):
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.deterministic = True
+    # The helpers shard themselves; TensorFlow must not shard again.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options)
+
+
+def from_arrays(features, labels, sample_weights=None, *, config, context, training, **kwargs):
+    """Batches of NumPy arrays (or nested dicts/tuples of them) held in memory.
+
+    Training visits a new permutation of the examples each epoch, drawn from
+    the run's seed; the permutation is of indices, so the arrays are not copied
+    into a shuffle buffer. Other arguments: as :func:`batches`.
+    """
+    import tensorflow as tf
+
+    arrays = (features, labels) if sample_weights is None else (features, labels, sample_weights)
+    sizes = {len(a) for a in tf.nest.flatten(arrays)}
+    if len(sizes) != 1:
+        raise DataError(
+            f"from_arrays: features, labels and weights hold different numbers of examples "
+            f"({', '.join(map(str, sorted(sizes)))})."
+        )
+    n = sizes.pop()
+    if n == 0:
+        raise DataError("from_arrays: the arrays hold no examples.")
+    tensors = tf.nest.map_structure(tf.constant, arrays)
+    limit = config.max_train_examples if training else config.max_eval_examples
+    n = min(n, limit) if limit else n
+    indices = tf.data.Dataset.range(n)
+    if training and kwargs.pop("shuffle_buffer", n):
+        indices = indices.shuffle(n, seed=config.seed, reshuffle_each_iteration=True)
+    kwargs.pop("map_batch", None)
+    config = config.replace(max_train_examples=None, max_eval_examples=None)
+    return batches(
+        indices,
+        config=config,
+        context=context,
+        training=training,
+        shuffle_buffer=0,
+        map_batch=lambda idx: tf.nest.map_structure(lambda t: tf.gather(t, idx), tensors),
+        **kwargs,
+    )
+
+
+def _files(patterns, what: str) -> list[str]:
+    import tensorflow as tf
+
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    files = []
+    for pattern in patterns:
+        try:
+            found = tf.io.gfile.glob(pattern)
+        except tf.errors.OpError as e:
+            raise DataError(
+                f"{what}: cannot list {pattern} ({e.message.splitlines()[0]})."
+            ) from None
+        if not found:
+            raise DataError(f"{what}: no file matches {pattern}.")
+        files.extend(sorted(found))
+    return files
+
+
+def _file_shards(files, context, shard: str, training: bool, seed: int):
+    """The files this pipeline reads, and whether it still has to shard by example."""
+    import tensorflow as tf
+
+    _check_shard(shard)
+    n = context.num_input_pipelines
+    by_file = shard == "file" or (shard == "auto" and len(files) >= n)
+    if by_file and n > 1:
+        if len(files) < n:
+            raise DataError(
+                f"shard='file' needs at least one file per input pipeline: {len(files)} "
+                f"file(s) for {n} pipelines (use shard='example')."
+            )
+        files = files[context.input_pipeline_id :: n]
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if training and len(files) > 1:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    return ds, ("none" if by_file else "example")
+
+
+def tfrecords(
+    patterns,
+    features: dict,
+    *,
+    config,
+    context,
+    training: bool,
+    label: str = "label",
+    weight: str | None = None,
+    decode=None,
+    shard: str = "auto",
+    compression: str | None = None,
+    shuffle_buffer: int = 10_000,
+    cache: bool = False,
+):
+    """Batches of ``tf.train.Example`` records from TFRecord files.
+
+    Args:
+      patterns: a file pattern or a list of them (any filesystem TensorFlow
+        opens).
+      features: the feature spec, as ``tf.io.parse_example`` takes it.
+      label: the feature that holds the labels; ``weight``: the one holding
+        sample weights, if any. The other features are the model's inputs: a
+        dict, or the tensor itself when there is one.
+      decode: instead, a function of the parsed batch (a dict) returning
+        ``(features, labels)`` or ``(features, labels, weights)``.
+      shard, shuffle_buffer, cache: as :func:`batches`; records are read from
+        several files at once and parsed a batch at a time, in parallel.
+    """
+    import tensorflow as tf
+
+    files = _files(patterns, "tfrecords")
+    names, shard_by = _file_shards(files, context, shard, training, config.seed)
+    records = names.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type=compression, buffer_size=1 << 20),
+        cycle_length=min(len(files), 8),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    if decode is None and label not in features:
+        raise DataError(
+            f"tfrecords: the feature spec has no {label!r} feature for the labels "
+            f"(it has {', '.join(features)}): name it with label=... or pass decode=."
+        )
+
+    def parse(serialized):
+        parsed = tf.io.parse_example(serialized, features)
+        if decode is not None:
+            return decode(parsed)
+        inputs = {k: v for k, v in parsed.items() if k not in (label, weight)}
+        x = next(iter(inputs.values())) if len(inputs) == 1 else inputs
+        return (x, parsed[label]) if weight is None else (x, parsed[label], parsed[weight])
+
+    return batches(
+        records,
+        config=config,
+        context=context,
+        training=training,
+        shard=shard_by,
+        shuffle_buffer=shuffle_buffer,
+        map_batch=parse,
+        cache=cache,
+    )
+
+
+def csv(
+    patterns,
+    *,
+    config,
+    context,
+    training: bool,
+    label: str,
+    columns: list[str] | None = None,
+    defaults: list | None = None,
+    as_dict: bool = False,
+    shard: str = "auto",
+    shuffle_buffer: int = 10_000,
+    cache: bool = False,
+):
+    """Batches of rows of CSV files with a header line.
+
+    Args:
+      label: the column of the labels.
+      columns: the feature columns (default: every other column).
+      defaults: each column's default, which sets its dtype (``tf.io.decode_csv``'s
+        ``record_defaults``); default: float32 for every column.
+      as_dict: features as a dict of columns instead of one float32 matrix.
+    """
+    import tensorflow as tf
+
+    files = _files(patterns, "csv")
+    with tf.io.gfile.GFile(files[0]) as f:
+        header = f.readline().strip().split(",")
+    if label not in header:
+        raise DataError(f"csv: {files[0]} has no column {label!r} (it has {', '.join(header)}).")
+    columns = columns or [c for c in header if c != label]
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DataError(f"csv: {files[0]} has no column {missing[0]!r}.")
+    defaults = defaults or [0.0] * len(header)
+    if len(defaults) != len(header):
+        raise DataError(f"csv: {len(defaults)} defaults for {len(header)} columns.")
+    names, shard_by = _file_shards(files, context, shard, training, config.seed)
+    lines = names.interleave(
+        lambda f: tf.data.TextLineDataset(f).skip(1),
+        cycle_length=min(len(files), 8),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+
+    def parse(line_batch):
+        values = dict(zip(header, tf.io.decode_csv(line_batch, record_defaults=defaults)))
+        if as_dict:
+            x = {c: values[c] for c in columns}
+        else:
+            x = tf.stack([tf.cast(values[c], tf.float32) for c in columns], axis=1)
+        return x, values[label]
+
+    return batches(
+        lines,
+        config=config,
+        context=context,
+        training=training,
+        shard=shard_by,
+        shuffle_buffer=shuffle_buffer,
+        map_batch=parse,
+        cache=cache,
+    )
+
+
+def tfds(
+    name: str,
+    split: str,
+    *,
+    config,
+    context,
+    training: bool,
+    data_dir: str | None = None,
+    decode=None,
+    shard: str = "auto",
+    shuffle_buffer: int = 10_000,
+    cache: bool = False,
+):
+    """Batches of a TFDS dataset already prepared in ``data_dir`` (never
+    downloaded, never loaded whole), as ``(features, label)`` pairs
+    (``as_supervised``); ``decode`` maps each batch."""
+    import tensorflow_datasets as tfds_lib
+
+    data_dir = data_dir or config.data_dir
+    try:
+        builder = tfds_lib.builder(name, data_dir=data_dir)
+        info = builder.info
+        ready = builder.is_prepared()
+    except Exception as e:  # noqa: BLE001 - TFDS raises many types for an unknown name
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"tfds: no dataset {name!r} ({first[:200]}).") from None
+    if not ready:
+        raise DataError(
+            f"tfds: {name} is not prepared in data_dir={data_dir or '~/tensorflow_datasets'}: "
+            "prepare it there first (tfds build, or download_and_prepare on a machine "
+            "with a network); tftrain never downloads."
+        )
+    if split not in info.splits:
+        raise DataError(f"tfds: {name} has no split {split!r} (it has {', '.join(info.splits)}).")
+    _check_shard(shard)
+    num_files = info.splits[split].num_shards
+    n = context.num_input_pipelines
+    by_file = n > 1 and (shard == "file" or (shard == "auto" and num_files >= n))
+    read_config = tfds_lib.ReadConfig(
+        input_context=context if by_file else None,
+        shuffle_seed=config.seed,
+        interleave_cycle_length=min(num_files, 8),
+    )
+    examples = builder.as_dataset(
+        split=split,
+        as_supervised=True,
+        shuffle_files=training and num_files > 1,
+        read_config=read_config,
+    )
+    return batches(
+        examples,
+        config=config,
+        context=context,
+        training=training,
+        shard="none" if by_file else "example",
+        shuffle_buffer=shuffle_buffer,
+        map_batch=decode,
+        cache=cache,
+    )

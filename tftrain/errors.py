@@ -18,3 +18,21 @@ class DivergedError(RunError):
     """The training loss or the evaluation became NaN or infinite."""
 
     exit_code = 1
+
+
+class DataError(ValueError):
+    """Data that cannot be found or read: one clear message for the user."""
+
+
+class UserCodeError(RunError):
+    """The user's own code (an experiment, a task, a model) raised: their
+    traceback is shown, then this one line."""
+
+    def __init__(self, what: str, error: BaseException):
+        self.what, self.error = what, error
+        first = (str(error).strip().splitlines() or [""])[0]
+        super().__init__(
+            f"{what} raised {type(error).__name__}"
+            + (f": {first[:300]}" if first else "")
+            + " (the traceback above is from your code)."
+        )

@@ -18,9 +18,8 @@ import sys
 import keras
 import tensorflow as tf
 
-from tftrain import data as data_lib
-from tftrain import tasks
-from tftrain.controller import Plan, _Output, write_json_atomically
+from tftrain import inputs, tasks
+from tftrain.controller import _Output, set_precision, write_json_atomically
 from tftrain.distribute import serving
 from tftrain.summaries import Summaries
 from tftrain.trainer import Trainer
@@ -31,19 +30,23 @@ def run(config, cluster, log=print) -> int:
     # not stop the evaluator before the last checkpoint is evaluated.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     keras.utils.set_random_seed(config.seed)
-    plan = Plan.make(config)
-    task = tasks.from_config(config, plan.dataset)
-    model = task.build_model()
+    task = tasks.from_config(config)
+    batch = inputs.first_batch(task, config, training=False)
+    set_precision(config.precision)
+    model = tasks.call_user(f"{type(task).__name__}.build_model", task.build_model, config)
+    if not model.built or not model.weights:
+        model(batch[0])
+    scorer = tasks.build_scorer(task, config, model, batch)
     step = tf.Variable(0, dtype=tf.int64, trainable=False)
     reader = tf.train.Checkpoint(model=model, global_step=step)
     trainer = Trainer(
         strategy=tf.distribute.get_strategy(),
-        task=task,
+        scorer=scorer,
         model=model,
         optimizer=None,
         global_batch_size=config.eval_batch_size,
     )
-    eval_data = data_lib.eval_dataset(plan.test, batch_size=config.eval_batch_size)
+    eval_data = inputs.stream(task, config, training=False)(None)
     folder = os.path.join(config.model_dir, "checkpoints")
     chief = serving.Driver(cluster, config.collective_timeout_secs)
     log(f"evaluator: waiting for checkpoints in {folder}.")
@@ -63,15 +66,11 @@ def run(config, cluster, log=print) -> int:
                 continue
             metrics = trainer.evaluate(eval_data, in_replica=False)
             at = int(step.numpy())
-            summaries.scalars(
-                "evaluator", at, {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
-            )
+            scores = {k: metrics[k] for k in ["loss", *scorer.metric_names] if k in metrics}
+            summaries.scalars("evaluator", at, scores)
             summaries.flush()
-            evaluated.append({"step": at, "loss": metrics["loss"], "accuracy": metrics["accuracy"]})
-            log(
-                f"evaluator: step {at}: loss {metrics['loss']:.4f}  "
-                f"accuracy {metrics['accuracy']:.4f}"
-            )
+            evaluated.append({"step": at, **scores})
+            log(f"evaluator: step {at}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if not chief.seen:
             print(f"tftrain: error: {chief.never_came()}", file=sys.stderr, flush=True)
             return 1

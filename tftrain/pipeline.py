@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 
 from tftrain.errors import ConfigError
-from tftrain.trainer import Trainer, _accumulate, gradient_tensor
+from tftrain.trainer import Trainer, _accumulate, gradient_tensor, split_batch
 
 SCHEDULES = ("gpipe", "1f1b")
 BALANCES = ("time", "params")
@@ -222,7 +222,10 @@ def _median_seconds(fn, x, repeats: int = 7) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        tf.nest.map_structure(lambda t: t.numpy() if t is not None else None, fn(x))
+        # (A sparse gradient, an embedding's, is read through its components.)
+        tf.nest.map_structure(
+            lambda t: t.numpy() if t is not None else None, fn(x), expand_composites=True
+        )
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -341,12 +344,12 @@ class PipelineTrainer(Trainer):
                     inputs = layer(inputs, training=training)
         return inputs
 
-    def accumulate_gradients(self, inputs, labels):
+    def accumulate_gradients(self, inputs, labels, weights=None):
         import tensorflow as tf
 
         K, M = len(self.stages), self.num_microbatches
         last = K - 1
-        xs, ys = tf.split(inputs, M), tf.split(labels, M)
+        xs, ys, ws = zip(*split_batch((inputs, labels, weights), M))
         forward = {}  # (k, j) -> (stage input, stage output or loss, tape)
         upstream = {}  # (k, j) -> gradient of the loss w.r.t. stage k's output
         weight_grads = {}  # (k, j) -> gradients of stage k's variables
@@ -364,12 +367,12 @@ class PipelineTrainer(Trainer):
                         for layer in stage.layers:
                             y = layer(y, training=True)
                         if k == last:
-                            per_example = self.task.per_example_loss(ys[j], y)
+                            per_example = self.scorer.per_example_loss(ys[j], y, ws[j])
                             y_loss = tf.nn.compute_average_loss(
                                 per_example, global_batch_size=self.global_batch_size
                             )
                     if k == last:
-                        stats[j] = self.task.batch_stats(ys[j], y, per_example)
+                        stats[j] = self.scorer.batch_stats(ys[j], y, per_example, ws[j])
                         y = y_loss
                     forward[(k, j)] = (x, y, tape)
                     after[k] = [y]

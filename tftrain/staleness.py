@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tftrain.trainer import Trainer, _stats_variable, gradient_tensor
+from tftrain.trainer import Trainer, _stats_variable, gradient_tensor, unpack
 
 # Staleness values counted one by one; larger ones share the last bucket.
 BUCKETS = 64
@@ -52,9 +52,9 @@ class StalenessTrainer(Trainer):
         self._run_totals = np.zeros(BUCKETS + 1)
         self._last = None
 
-    def _replica_train_step(self, inputs, labels):
+    def _replica_train_step(self, batch):
         before = self.updates_applied.read_value()
-        gradients, stats = self.accumulate_gradients(inputs, labels)
+        gradients, stats = self.accumulate_gradients(*unpack(batch))
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         with tf.control_dependencies(
             [before, *(gradient_tensor(g) for g in gradients if g is not None)]

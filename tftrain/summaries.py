@@ -6,22 +6,25 @@ Only the chief writes; other tasks get writers that drop everything.
 
 from __future__ import annotations
 
-import dataclasses
-
 import tensorflow as tf
 
 
 def hparams_of(config, **extra) -> dict:
     """The run's flags as HParams values (bool, int, float or str): lists as
-    comma-separated strings; unset (None) flags left out."""
+    comma-separated strings; unset (None) flags left out; the user's options
+    beside the fields, by their own names."""
     values = {}
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if value is None or field.name in ("model_dir", "data_dir"):
+    for name, value in config.to_dict().items():
+        if value is None or name in ("model_dir", "data_dir", "options", "experiment_source"):
             continue
         if isinstance(value, (tuple, list)):
             value = ",".join(str(v) for v in value)
-        values[field.name] = value
+        values[name] = value
+    for name, value in config.options.items():
+        if isinstance(value, (tuple, list)):
+            value = ",".join(str(v) for v in value)
+        if isinstance(value, (bool, int, float, str)):
+            values[name] = value
     values.update(extra)
     return values
 

@@ -35,6 +35,20 @@ def gradient_tensor(gradient):
     return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
 
 
+def unpack(batch):
+    """``(features, labels, weights)`` of a batch of ``(features, labels[, weights])``."""
+    if len(batch) == 2:
+        return batch[0], batch[1], None
+    return batch
+
+
+def split_batch(batch, m: int):
+    """``m`` equal slices of a batch (any structure; None stays None)."""
+    flat = tf.nest.flatten(batch)
+    pieces = [[None] * m if t is None else tf.split(t, m) for t in flat]
+    return [tf.nest.pack_sequence_as(batch, [p[i] for p in pieces]) for i in range(m)]
+
+
 def _accumulate(total, gradient):
     if total is None or gradient is None:
         return gradient if total is None else total
@@ -57,7 +71,7 @@ class Trainer:
     Args:
       strategy: the tf.distribute strategy; model and optimizer variables
         must have been created under its scope.
-      task: the task (tftrain.tasks): loss and statistics of the outputs.
+      scorer: the loss and the statistics of the outputs (tftrain.tasks.Scorer).
       model: a Keras 3 model.
       optimizer: a Keras 3 optimizer, already built on the model's variables.
       global_batch_size: examples per step over all replicas.
@@ -80,7 +94,7 @@ class Trainer:
         self,
         *,
         strategy,
-        task,
+        scorer,
         model,
         optimizer,
         global_batch_size: int,
@@ -100,7 +114,7 @@ class Trainer:
             optimizer.gradient_observer = self._watch_gradients
             optimizer.skip_nonfinite = bool(skip_nonfinite)
         self.skip_nonfinite = bool(skip_nonfinite)
-        self.strategy, self.task = strategy, task
+        self.strategy, self.scorer = strategy, scorer
         self.model, self.optimizer = model, optimizer
         self.global_batch_size = int(global_batch_size)
         self.num_microbatches = int(num_microbatches)
@@ -112,8 +126,8 @@ class Trainer:
                 name="global_step",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
-            self._train_stats = _stats_variable("train_stats", task.num_stats)
-            self._eval_stats = _stats_variable("eval_stats", task.num_stats)
+            self._train_stats = _stats_variable("train_stats", scorer.num_stats)
+            self._eval_stats = _stats_variable("eval_stats", scorer.num_stats)
             # Sum of finite gradient norms, finite updates, non-finite updates.
             self._update_stats = _stats_variable("update_stats", 3)
         self.loop = tf.function(self._train_loop, reduce_retracing=True)
@@ -122,28 +136,27 @@ class Trainer:
 
     # -- training --------------------------------------------------------
 
-    def compute_gradients(self, inputs, labels, *, with_regularization: bool = True):
+    def compute_gradients(self, inputs, labels, weights=None, *, with_regularization: bool = True):
         """Gradients of this slice's share of the global-batch loss, and its statistics."""
         with tf.GradientTape() as tape:
             outputs = self.model(inputs, training=True)
-            per_example = self.task.per_example_loss(labels, outputs)
+            per_example = self.scorer.per_example_loss(labels, outputs, weights)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
             if with_regularization and self.model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
         gradients = tape.gradient(loss, self.model.trainable_variables)
-        return gradients, self.task.batch_stats(labels, outputs, per_example)
+        return gradients, self.scorer.batch_stats(labels, outputs, per_example, weights)
 
-    def accumulate_gradients(self, inputs, labels):
+    def accumulate_gradients(self, inputs, labels, weights=None):
         """The gradients of one update on this replica's batch, and its statistics:
         the sum over ``num_microbatches`` slices, in slice order. A pipeline
         overrides this (tftrain.pipeline)."""
         m = self.num_microbatches
         if m == 1:
-            return self.compute_gradients(inputs, labels)
-        slices = zip(tf.split(inputs, m), tf.split(labels, m))
+            return self.compute_gradients(inputs, labels, weights)
         gradients, stats = None, None
-        for i, (x, y) in enumerate(slices):
-            g, s = self.compute_gradients(x, y, with_regularization=i == 0)
+        for i, (x, y, w) in enumerate(split_batch((inputs, labels, weights), m)):
+            g, s = self.compute_gradients(x, y, w, with_regularization=i == 0)
             gradients = g if gradients is None else list(map(_accumulate, gradients, g))
             stats = s if stats is None else stats + s
         return gradients, stats
@@ -185,16 +198,15 @@ class Trainer:
             stats = tf.where(tf.reduce_all(tf.math.is_finite(stats)), stats, tf.zeros_like(stats))
         self._train_stats.assign_add(stats)
 
-    def _replica_train_step(self, inputs, labels):
-        gradients, stats = self.accumulate_gradients(inputs, labels)
+    def _replica_train_step(self, batch):
+        gradients, stats = self.accumulate_gradients(*unpack(batch))
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         self.add_train_stats(stats)
 
     def _train_loop(self, iterator, num_steps):
         done = tf.constant(0, tf.int64)
         for _ in tf.range(num_steps):
-            inputs, labels = next(iterator)
-            self.strategy.run(self._replica_train_step, args=(inputs, labels))
+            self.strategy.run(self._replica_train_step, args=(next(iterator),))
             done += 1
         # ``done`` leaves the loop only when its steps have run: the step
         # count cannot run ahead of the updates, even where the variables
@@ -205,12 +217,12 @@ class Trainer:
         """Runs ``num_steps`` training steps in one graph call."""
         self.loop(iterator, tf.constant(num_steps, tf.int64))
 
-    def probe_gradients(self, inputs, labels) -> list:
+    def probe_gradients(self, batch) -> list:
         """The gradients of one batch at the current weights, computed in this
         process and not applied (for histograms)."""
         if self._probe is None:
-            self._probe = tf.function(lambda x, y: self.compute_gradients(x, y)[0])
-        return self._probe(inputs, labels)
+            self._probe = tf.function(lambda b: self.compute_gradients(*unpack(b))[0])
+        return self._probe(batch)
 
     def timings(self) -> dict[str, float]:
         """Timings of the step's parts worth a chart (a pipeline's stages); none here."""
@@ -223,8 +235,8 @@ class Trainer:
     def take_train_metrics(self) -> dict[str, float]:
         """The task's metrics since the last call, over every replica."""
         stats = self._train_stats.read_value().numpy()
-        self._train_stats.assign(tf.zeros([self.task.num_stats]))
-        metrics = self.task.summarise(stats)
+        self._train_stats.assign(tf.zeros([self.scorer.num_stats]))
+        metrics = self.scorer.summarise(stats)
         norms, finite, nonfinite = self._update_stats.read_value().numpy()
         self._update_stats.assign(tf.zeros([3]))
         if round(finite) or round(nonfinite):  # measured (one of tftrain's optimizers)
@@ -238,22 +250,22 @@ class Trainer:
         """The model's outputs for ``inputs`` (a pipeline runs them stage by stage)."""
         return self.model(inputs, training=training)
 
-    def _replica_eval_step(self, inputs, labels):
+    def _replica_eval_step(self, batch):
+        inputs, labels, weights = unpack(batch)
         outputs = self.outputs(inputs)
-        per_example = self.task.per_example_loss(labels, outputs)
-        self._eval_stats.assign_add(self.task.batch_stats(labels, outputs, per_example))
+        per_example = self.scorer.per_example_loss(labels, outputs, weights)
+        self._eval_stats.assign_add(self.scorer.batch_stats(labels, outputs, per_example, weights))
 
     def _eval_step(self, batch, in_replica=True):
-        inputs, labels = batch
         if in_replica:
-            self.strategy.run(self._replica_eval_step, args=(inputs, labels))
+            self.strategy.run(self._replica_eval_step, args=(batch,))
         else:  # here, reading the variables wherever they live
-            self._replica_eval_step(inputs, labels)
+            self._replica_eval_step(batch)
 
     def evaluate(self, dataset, in_replica: bool = True) -> dict[str, float]:
         """The task's metrics over the whole evaluation set: distributed over
         the replicas, or (``in_replica=False``) computed in this process."""
-        self._eval_stats.assign(tf.zeros([self.task.num_stats]))
+        self._eval_stats.assign(tf.zeros([self.scorer.num_stats]))
         for batch in dataset:
             self._eval_fn(batch, in_replica)
-        return self.task.summarise(self._eval_stats.read_value().numpy())
+        return self.scorer.summarise(self._eval_stats.read_value().numpy())

@@ -40,9 +40,9 @@ class Placement:
         return self.strategy.num_replicas_in_sync
 
 
-# make_dataset(num_shards, shard_index) -> tf.data.Dataset of that shard of
-# every global batch (num_shards=1: the global batches).
-DatasetFn = Callable[[int, int], object]
+# make_dataset(context) -> the tf.data.Dataset of one input pipeline, batched
+# per replica (tf.distribute.InputContext; None: one pipeline, one replica).
+DatasetFn = Callable[[object], object]
 
 
 class ParallelMode:
@@ -124,13 +124,17 @@ class ParallelMode:
 
     # -- data --------------------------------------------------------------
 
+    # Whether the training iterator's position can be saved in a checkpoint
+    # (TensorFlow cannot save a coordinator's per-worker iterators).
+    saves_input_position = True
+
     def distribute_train(self, make_dataset: DatasetFn):
         """An iterator of the training batches, as the strategy's replicas take them."""
-        return iter(self.strategy.experimental_distribute_dataset(make_dataset(1, 0)))
+        return iter(self.strategy.distribute_datasets_from_function(make_dataset))
 
-    def distribute_eval(self, dataset):
+    def distribute_eval(self, make_dataset: DatasetFn):
         """The evaluation set, as ``Trainer.evaluate`` takes it (iterable)."""
-        return self.strategy.experimental_distribute_dataset(dataset)
+        return self.strategy.distribute_datasets_from_function(make_dataset)
 
     # -- dispatch ----------------------------------------------------------
 

@@ -410,6 +410,13 @@ def check_train_argv(train_argv: list[str], spec: dict[str, list[str]]):
 
     values = flags.FlagValues()
     cli.define_train_flags(values)
+    loaded = None
+    named = cli._experiment_in(train_argv)
+    if named:  # its options are flags too
+        from tftrain import registry
+
+        loaded = registry.get(named)
+        cli.define_option_flags(loaded, values, key_flags=False)
     try:
         rest = values(["tftrain train", *train_argv], known_only=True)[1:]
     except flags.Error as e:
@@ -422,7 +429,7 @@ def check_train_argv(train_argv: list[str], spec: dict[str, list[str]]):
             raise ConfigError(
                 f"unknown training flag or argument {arg!r} (tftrain train --help lists them)."
             )
-    config = cli.config_from_flags(values)
+    config = cli.config_from_flags(values, loaded)
     for task_type, index in tasks_of(spec):
         document = {"cluster": spec, "task": {"type": task_type, "index": index}}
         cluster = cluster_lib.parse_tf_config(json.dumps(document))
@@ -430,6 +437,18 @@ def check_train_argv(train_argv: list[str], spec: dict[str, list[str]]):
             continue  # they run what the training tasks checked
         base.mode_for(config.replace(restart=False), cluster)
     return config
+
+
+def with_absolute_experiment(train_argv: list[str]) -> list[str]:
+    """``train_argv`` with an experiment file's path made absolute."""
+    from tftrain import registry
+
+    out = []
+    for arg in train_argv:
+        if arg.startswith("--experiment="):
+            arg = "--experiment=" + registry.absolute(arg.split("=", 1)[1])
+        out.append(arg)
+    return out
 
 
 def main(argv: list[str]) -> None:
@@ -453,14 +472,23 @@ def main(argv: list[str]) -> None:
     spec = cluster_spec(
         fv.num_workers, fv.num_ps, range(1, 100), host="host", evaluator=fv.evaluator
     )
+    from tftrain.errors import UserCodeError
+
     try:
         config = check_train_argv(train_argv, spec)
         if fv.emit == "tfjob":
             from tftrain.distribute.tfjob import check_for_kubernetes
 
             check_for_kubernetes(config, fv.job_name, fv.task_cpu, fv.task_memory)
+    except UserCodeError as e:
+        from tftrain.cli import _user_code_failed
+
+        _user_code_failed(e)
     except ConfigError as e:
         _fail(str(e))
+    if fv.emit != "tfjob":
+        # Every task gets the same experiment, wherever it starts.
+        train_argv = with_absolute_experiment(train_argv)
     if fv.emit == "tfjob":
         from tftrain.distribute.tfjob import tfjob_manifest
 

@@ -98,20 +98,6 @@ class MultiWorkerMirrored(ParallelMode):
             )
         return Placement(strategy, cluster.is_chief, cluster.num_workers, rank, reducer)
 
-    def distribute_train(self, make_dataset):
-        strategy = self.strategy
-        if self._multi and strategy.num_replicas_in_sync == self.placement.num_workers:
-            # One replica per worker: each worker builds the stream of its own
-            # slice of every global batch, and gathers only those examples.
-            return iter(
-                strategy.distribute_datasets_from_function(
-                    lambda context: make_dataset(
-                        context.num_input_pipelines, context.input_pipeline_id
-                    )
-                )
-            )
-        return super().distribute_train(make_dataset)
-
     def explain(self, error: BaseException) -> str | None:
         reducer = self.placement.gradient_reducer if self.placement else None
         failure = getattr(reducer, "failure", None)

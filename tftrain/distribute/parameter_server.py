@@ -80,19 +80,22 @@ class ParameterServer(ParallelMode):
         self.coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
         return Placement(strategy, True, self.num_workers, 0)
 
+    saves_input_position = False  # a coordinator's per-worker iterators cannot be saved
+
     def distribute_train(self, make_dataset):
         import tensorflow as tf
 
         workers = self.num_workers
 
         def per_worker():
+            # Every worker builds the whole stream and takes every W-th batch.
             index = tf.distribute.coordinator.experimental_get_current_worker_index()
-            return make_dataset(1, 0).shard(workers, index)
+            return make_dataset(None).shard(workers, index)
 
         return iter(self.coordinator.create_per_worker_dataset(per_worker))
 
-    def distribute_eval(self, dataset):
-        return dataset  # evaluated on the coordinator, reading the ps variables
+    def distribute_eval(self, make_dataset):
+        return make_dataset(None)  # evaluated on the coordinator, reading the ps variables
 
     def evaluate(self, trainer, eval_data):
         return trainer.evaluate(eval_data, in_replica=False)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
+from tftrain import registry
 from tftrain.config import ConfigError
 from tftrain.resources import cluster_inter_op_threads
 
@@ -40,6 +42,19 @@ def check_for_kubernetes(
             f"--model_dir={config.model_dir} is relative: every pod needs the same "
             "absolute path on a volume they share (e.g. /mnt/runs/NAME), or a URL "
             "(gs://...)."
+        )
+    where = registry.split_spec(config.experiment or "")[0]
+    if config.experiment and where not in registry.names() and registry.is_file_spec(where):
+        if not os.path.isabs(where):
+            raise ConfigError(
+                f"--experiment={config.experiment}: a relative path, which pods would look "
+                "for in the image's working folder: give the file's absolute path inside "
+                "the image (COPY it in: see the README), e.g. --experiment=/app/my_exp.py."
+            )
+        print(
+            f"[launch] note: every pod runs --experiment={config.experiment}: the image "
+            f"must hold {where} (a file on this machine is not in the pods).",
+            file=sys.stderr,
         )
     for name, value in (("task_cpu", cpu), ("task_memory", memory)):
         if not _QUANTITY.match(value):

@@ -1,0 +1,269 @@
+"""A user's own experiment (tests/data/user_exp.py, copied to a folder outside
+the repository): their models, custom layers, losses, metrics and files,
+under every mode, from the command line and from Python."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import ROOT, run_tftrain, start_tftrain
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def exp(tmp_path_factory):
+    """The experiment file, in a folder of its own with its data beside it."""
+    folder = tmp_path_factory.mktemp("user_project")
+    assert not str(folder).startswith(ROOT)
+    path = str(folder / "user_exp.py")
+    shutil.copy(os.path.join(HERE, "data", "user_exp.py"), path)
+    code = f"import sys; sys.path.insert(0, {str(folder)!r}); import user_exp; "
+    code += f"user_exp.write_data({str(folder / 'data')!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+    return path
+
+
+def metrics(model_dir):
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+def train(exp, variant, model_dir, *flags, check=True):
+    spec = exp + (f":{variant}" if variant else "")
+    return run_tftrain(
+        "train", f"--experiment={spec}", f"--model_dir={model_dir}", *flags, check=check
+    )
+
+
+def scalar_tags(folder):
+    tags = set()
+    for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+def test_a_user_experiment_from_a_file_trains_with_its_options_recorded(exp, tmp_path):
+    model_dir = str(tmp_path / "run")
+    result = train(exp, None, model_dir, "--batchnorm=true", "--train_steps=16")
+    got = metrics(model_dir)
+    assert got["global_step"] == 16 and got["model"] == "residual_convnet"
+    assert 0 <= got["eval_accuracy"] <= 1 and "eval_loss" in got
+    assert "Training residual_convnet" in result.stdout
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    assert config["experiment_source"] == exp
+    assert config["task"] == "tftrain_experiment_user_exp:ConvTask"
+    assert config["options"]["batchnorm"] is True  # set on the command line
+    assert "model" not in config and "dataset" not in config  # the built-in task's, not this
+    # Two batch norms' moving means and variances: the option reached build_model.
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
+    state = [n for n in reader.get_variable_to_shape_map() if n.startswith("model_state/")]
+    assert len(state) == 4
+    assert os.path.exists(os.path.join(model_dir, "model.keras"))
+
+
+def test_an_option_of_the_wrong_type_is_one_line(exp, tmp_path):
+    result = train(exp, None, str(tmp_path / "run"), "--width=wide", check=False)
+    assert result.returncode != 0
+    assert "width" in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_mirrored_two_replicas_end_as_one_device_on_a_transformer(exp, tmp_path):
+    one = str(tmp_path / "one")
+    two = str(tmp_path / "two")
+    train(exp, "text", one)
+    train(exp, "text", two, "--strategy=mirrored", "--num_replicas=2")
+    a, b = metrics(one), metrics(two)
+    assert b["num_replicas"] == 2
+    assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
+    assert a["eval_accuracy"] == pytest.approx(b["eval_accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_two_launched_workers_end_as_one_device_with_example_shards(exp, tmp_path):
+    one = str(tmp_path / "one")
+    both = str(tmp_path / "both")
+    train(exp, None, one, "--shard=example")
+    result = run_tftrain(
+        "launch",
+        "--num_workers=2",
+        "--",
+        f"--experiment={exp}",
+        "--strategy=multi_worker_mirrored",
+        "--shard=example",
+        f"--model_dir={both}",
+        timeout=600,
+    )
+    assert result.stdout.count("Final weights sha256") == 2
+    a, b = metrics(one), metrics(both)
+    assert b["num_workers"] == 2
+    assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_parameter_servers_train_a_user_experiment(exp, tmp_path):
+    model_dir = str(tmp_path / "ps")
+    run_tftrain(
+        "launch",
+        "--num_workers=2",
+        "--num_ps=1",
+        "--",
+        f"--experiment={exp}:text",
+        "--strategy=parameter_server",
+        f"--model_dir={model_dir}",
+        timeout=600,
+    )
+    got = metrics(model_dir)
+    assert got["num_ps"] == 1 and got["global_step"] == 48
+    assert got["staleness"]["updates"] == 48
+
+
+@pytest.mark.slow
+def test_model_parallel_cuts_a_transformer_with_an_embedding(exp, tmp_path):
+    model_dir = str(tmp_path / "mp")
+    result = train(exp, "text", model_dir, "--strategy=model_parallel", "--num_stages=2")
+    got = metrics(model_dir)
+    assert got["num_stages"] == 2 and got["global_step"] == 48
+    assert "stage 1" in result.stdout
+
+
+def test_tftrain_train_from_python_returns_the_metrics(exp, tmp_path):
+    import tftrain
+
+    model_dir = str(tmp_path / "py")
+    got = tftrain.train(f"{exp}:regression", model_dir=model_dir, train_steps=8, width=8)
+    assert got == metrics(model_dir)
+    assert got["global_step"] == 8 and "eval_mae" in got and "eval_accuracy" not in got
+    with pytest.raises(tftrain.ConfigError, match="neither a field"):
+        tftrain.train(f"{exp}:regression", model_dir=model_dir, no_such_option=1)
+
+
+@pytest.mark.parametrize(
+    "variant,names",
+    [("regression", ["mae"]), ("multilabel", ["hamming", "auc"])],
+)
+def test_metrics_keep_their_own_names_everywhere(exp, tmp_path, variant, names):
+    model_dir = str(tmp_path / variant)
+    result = train(exp, variant, model_dir, "--train_steps=16")
+    got = metrics(model_dir)
+    for name in names:
+        assert f"eval_{name}" in got and f"eval {name}" in result.stdout
+    assert not any("accuracy" in k for k in got)
+    assert "accuracy" not in result.stdout
+    train_tags = scalar_tags(os.path.join(model_dir, "train"))
+    eval_tags = scalar_tags(os.path.join(model_dir, "eval"))
+    assert {"loss", *names} <= train_tags and {"loss", *names} <= eval_tags
+    assert "accuracy" not in train_tags | eval_tags
+
+
+def test_the_export_of_a_two_input_model_serves_its_own_inputs(exp, tmp_path):
+    import keras
+
+    model_dir = str(tmp_path / "two")
+    train(exp, "two_inputs", model_dir, "--train_steps=16")
+    served = tf.saved_model.load(os.path.join(model_dir, "export"))
+    signature = served.signatures["serving_default"]
+    inputs = signature.structured_input_signature[1]
+    assert {k: v.dtype for k, v in inputs.items()} == {
+        "measurements": tf.float32,
+        "category": tf.int32,
+    }
+    rng = np.random.default_rng(0)
+    batch = {
+        "measurements": rng.normal(size=(5, 6)).astype(np.float32),
+        "category": rng.integers(0, 10, (5, 2)).astype(np.int32),
+    }
+    (out,) = signature(**{k: tf.constant(v) for k, v in batch.items()}).values()
+    model = keras.models.load_model(os.path.join(model_dir, "model.keras"))
+    np.testing.assert_allclose(out.numpy(), model.predict(batch, verbose=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant,said",
+    [
+        ("broken_softmax", "ends in a softmax but the loss"),
+        ("broken_model", "returned str: expected a keras.Model"),
+        ("broken_elements", "expected (features, labels)"),
+        ("broken_labels", "a label is 1"),
+        ("broken_raises", "RaisesInBuild.build_model raised AttributeError"),
+    ],
+)
+def test_a_users_mistake_is_one_line_and_exit_2_before_anything_is_written(
+    exp, tmp_path, variant, said
+):
+    model_dir = tmp_path / variant
+    result = train(exp, variant, str(model_dir), check=False)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tftrain: error:") and said in last
+    if variant == "broken_raises":  # their own bug: their traceback, from their file
+        assert "Traceback" in result.stderr and "user_exp.py" in result.stderr
+        assert "tftrain/controller.py" not in result.stderr
+    else:
+        assert "Traceback" not in result.stderr
+    assert not model_dir.exists()
+
+
+def test_a_missing_experiment_file_or_one_without_get_config_is_one_line(tmp_path):
+    missing = run_tftrain(
+        "train", f"--experiment={tmp_path}/nope.py", f"--model_dir={tmp_path}/r", check=False
+    )
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    result = run_tftrain("train", f"--experiment={empty}", f"--model_dir={tmp_path}/r", check=False)
+    assert result.returncode == 2 and "has no get_config" in result.stderr
+    module = run_tftrain(
+        "train", "--experiment=no_such_package.exp", f"--model_dir={tmp_path}/r", check=False
+    )
+    assert module.returncode == 2 and "importable module" in module.stderr
+    assert "Traceback" not in missing.stderr + result.stderr + module.stderr
+
+
+@pytest.mark.slow
+def test_a_resume_over_tfrecords_sees_the_batches_an_uninterrupted_run_would(exp, tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    flags = ["--checkpoint_interval=10", "--steps_per_loop=5"]
+    train(exp, "text", straight, "--train_steps=40", *flags)
+    train(exp, "text", resumed, "--train_steps=30", *flags)  # stops mid-epoch 2
+    result = train(exp, "text", resumed, "--train_steps=40", *flags)
+    assert "Resumed from" in result.stdout and "ckpt-30" in result.stdout
+    assert metrics(resumed)["weights_sha256"] == metrics(straight)["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_the_same_command_ends_as_an_uninterrupted_run(exp, tmp_path):
+    flags = ["--train_steps=600", "--checkpoint_interval=50", "--steps_per_loop=10"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    train(exp, "text", straight, *flags)
+    process = start_tftrain(
+        "train",
+        f"--experiment={exp}:text",
+        f"--model_dir={killed}",
+        *flags,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(f"{killed}/checkpoints/ckpt-100.index"):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert not os.path.exists(os.path.join(killed, "metrics.json")), "killed too late"
+    train(exp, "text", killed, *flags)
+    assert metrics(killed)["weights_sha256"] == metrics(straight)["weights_sha256"]

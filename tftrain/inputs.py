@@ -1,0 +1,142 @@
+"""From a task's ``build_inputs`` to the streams a parallel mode distributes.
+
+A mode calls the function :func:`stream` returns with TensorFlow's
+``InputContext`` for each input pipeline (or none: one pipeline, one
+replica). The task sees tftrain's context: TensorFlow's, plus
+``start_step``, the step a resumed run starts from (only a stream that is a
+function of the step needs it; every other stream's position is restored
+from the checkpoint). Training streams are repeated epoch by epoch and
+marked endless.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tftrain.errors import DataError
+from tftrain.tasks import call_user
+
+
+@functools.cache
+def _context_class():
+    import tensorflow as tf
+
+    class InputContext(tf.distribute.InputContext):
+        """TensorFlow's InputContext, and the step a resumed run starts from."""
+
+        def __init__(
+            self, num_input_pipelines, input_pipeline_id, num_replicas_in_sync, start_step
+        ):
+            super().__init__(num_input_pipelines, input_pipeline_id, num_replicas_in_sync)
+            self.start_step = start_step
+
+    return InputContext
+
+
+def input_context(
+    num_input_pipelines: int = 1,
+    input_pipeline_id: int = 0,
+    num_replicas_in_sync: int = 1,
+    start_step: int = 0,
+):
+    """TensorFlow's ``InputContext`` with ``start_step`` added."""
+    return _context_class()(
+        num_input_pipelines, input_pipeline_id, num_replicas_in_sync, start_step
+    )
+
+
+def build(task, config, context, training: bool):
+    """The task's dataset for ``context``, checked: ``(features, labels[, weights])``."""
+    import tensorflow as tf
+
+    name = f"{type(task).__name__}.build_inputs"
+    ds = call_user(name, task.build_inputs, config, context, training)
+    if not isinstance(ds, tf.data.Dataset):
+        raise DataError(
+            f"{name}(training={training}) returned {type(ds).__name__}: expected a "
+            "tf.data.Dataset of (features, labels) or (features, labels, sample_weights) batches."
+        )
+    spec = ds.element_spec
+    if not isinstance(spec, tuple) or len(spec) not in (2, 3):
+        raise DataError(
+            f"{name}(training={training}) gives elements of {_describe(spec)}: expected "
+            "(features, labels) or (features, labels, sample_weights) batches."
+        )
+    for part, what in zip(spec[1:], ("labels", "sample weights")):
+        if not isinstance(part, tf.TensorSpec):
+            raise DataError(
+                f"{name}(training={training}) gives {what} of {_describe(part)}: expected "
+                "one tensor per batch (tftrain trains models with one output)."
+            )
+    return ds
+
+
+def _describe(spec) -> str:
+    import tensorflow as tf
+
+    if isinstance(spec, tf.TensorSpec):
+        return f"one tensor {spec.dtype.name}{list(spec.shape)}"
+    if isinstance(spec, tuple):
+        return f"a tuple of {len(spec)}"
+    return type(spec).__name__
+
+
+def stream(task, config, training: bool, start_step: int = 0):
+    """``make(context=None) -> tf.data.Dataset``: the task's batches for one
+    input pipeline, endless for training."""
+
+    def make(context=None):
+        import tensorflow as tf
+
+        ours = input_context(
+            getattr(context, "num_input_pipelines", 1),
+            getattr(context, "input_pipeline_id", 0),
+            getattr(context, "num_replicas_in_sync", 1),
+            start_step,
+        )
+        ds = build(task, config, ours, training)
+        if training:
+            if ds.cardinality() != tf.data.INFINITE_CARDINALITY:
+                ds = ds.repeat()
+            # Said, not guessed: for a stream of unknown length a multi-worker
+            # strategy asks every worker "still data?" before every step.
+            ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+        return ds
+
+    return make
+
+
+def first_batch(task, config, training: bool = True):
+    """The first batch of one pipeline holding every replica's examples
+    (the global batch), for checks before training; DataError if there is none."""
+    ds = build(task, config, input_context(), training)
+    for batch in ds.take(1):
+        return batch
+    raise DataError(
+        f"{type(task).__name__}.build_inputs(training={training}) gives no batch: the "
+        + ("training" if training else "evaluation")
+        + " data are empty (or hold fewer examples than one batch)."
+    )
+
+
+def steps_per_epoch(task, config) -> int | None:
+    """Training steps in one pass: the task's own count, the config's, or the
+    training dataset's length; None when unknown."""
+    import tensorflow as tf
+
+    if config.steps_per_epoch:
+        return config.steps_per_epoch
+    own = getattr(task, "steps_per_epoch", None)
+    if callable(own):
+        counted = call_user(f"{type(task).__name__}.steps_per_epoch", own, config)
+        if counted is not None:
+            return int(counted)
+    n = int(build(task, config, input_context(), True).cardinality())
+    if n == tf.data.UNKNOWN_CARDINALITY or n == tf.data.INFINITE_CARDINALITY:
+        return None
+    if n == 0:
+        raise DataError(
+            f"{type(task).__name__}.build_inputs(training=True) gives no batch of "
+            f"--batch_size={config.batch_size}: the training data hold fewer examples."
+        )
+    return n
