@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tests.conftest import ROOT
@@ -125,3 +126,20 @@ def test_compiled_metrics_are_read_back_as_given():
     assert _internal.compiled_metrics(model) == ["accuracy", mae, "mse"], (
         "Keras no longer keeps compile()'s metrics in model._compile_config.config"
     )
+
+
+def test_a_keras_variable_moves_to_another_device_as_the_same_object():
+    layer = keras.layers.Dense(3)
+    layer.build((None, 2))
+    kernel = layer.kernel
+    before = kernel.numpy()
+    _internal.move_variable(kernel, "/cpu:1")
+    assert layer.kernel is kernel, "the layer still holds the same Keras variable"
+    assert kernel.value.device.endswith("CPU:1"), (
+        "Keras's TensorFlow Variable no longer reads its storage from _value"
+    )
+    assert kernel.handle.device.endswith("CPU:1")
+    np.testing.assert_array_equal(kernel.numpy(), before)
+    kernel.assign(before + 1)
+    np.testing.assert_array_equal(layer(np.ones((1, 2), "float32")).numpy().shape, (1, 3))
+    np.testing.assert_array_equal(kernel.numpy(), before + 1)

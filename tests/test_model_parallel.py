@@ -85,13 +85,41 @@ def test_the_partition_minimises_the_slowest_stage():
         assert worst == pytest.approx(_brute_force(costs, K))
 
 
-def test_a_branching_model_is_refused_with_the_layer_named():
+def test_a_model_is_cut_only_where_one_tensor_crosses():
     inputs = keras.Input((4,))
-    a = keras.layers.Dense(3, name="left")(inputs)
-    b = keras.layers.Dense(3, name="right")(inputs)
-    model = keras.Model(inputs, keras.layers.Add(name="join")([a, b]))
-    with pytest.raises(ConfigError, match="chain.*'right'"):
-        pipeline.chain_layers(model)
+    x = keras.layers.Dense(4, name="first")(inputs)
+    a = keras.layers.Dense(4, name="left")(x)
+    b = keras.layers.Dense(4, name="right")(x)
+    joined = keras.layers.Add(name="join")([a, b])
+    skip = keras.layers.Add(name="skip")([joined, x])  # a residual around the branch
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(skip))
+    pieces = pipeline.segments(model)
+    assert [p.name for p in pieces] == ["first", "left_to_skip", "head"]
+    x0 = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
+    y = x0
+    for piece in pieces:
+        y = piece(y)
+    np.testing.assert_allclose(y, model(x0), rtol=1e-6)  # the same function, piece by piece
+    only_branch = keras.Model(inputs, keras.layers.Add()([a, b]))
+    assert len(pipeline.segments(only_branch)) == 2  # first, then the branch and its join
+
+
+def test_models_that_cannot_be_cut_are_refused_with_the_reason():
+    class Subclassed(keras.Model):
+        def call(self, x):
+            return x
+
+    with pytest.raises(ConfigError, match="subclassed"):
+        pipeline.segments(Subclassed())
+    a, b = keras.Input((2,)), keras.Input((2,))
+    two = keras.Model([a, b], keras.layers.Add()([a, b]))
+    with pytest.raises(ConfigError, match="2 input"):
+        pipeline.segments(two)
+    shared = keras.layers.Dense(2, name="shared")
+    inputs = keras.Input((2,))
+    twice = keras.Model(inputs, shared(shared(inputs)))
+    with pytest.raises(ConfigError, match="used more than once"):
+        pipeline.segments(twice)
 
 
 # -- training -----------------------------------------------------------------
@@ -273,7 +301,7 @@ def test_the_cli_refuses_more_stages_than_layers_in_one_line(tmp_path):
         check=False,
     )
     assert result.returncode == 2
-    assert "more stages than softmax has layers" in result.stderr
+    assert "softmax can be cut into at most 3 piece(s)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -317,3 +345,85 @@ def test_two_stages_in_two_launched_processes_train_as_the_whole_model(tmp_path)
     metrics = json.loads((launched / "metrics.json").read_text())
     assert metrics["global_step"] == 60 and metrics["num_workers"] == 2
     assert metrics["eval_loss"] == pytest.approx(whole["eval_loss"], abs=TOLERANCE)
+
+
+# -- users' models: Sequential, embeddings, residual blocks ---------------------
+
+
+def _arrays_task(build):
+    import tftrain
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(384, 8)).astype("float32")
+    ids = rng.integers(0, 20, size=(384, 8)).astype("int32")
+    y = (x[:, 0] > 0).astype("int32") + (ids[:, 0] % 2)
+
+    class Task(tftrain.Task):
+        def build_model(self, config):
+            return build()
+
+        def build_inputs(self, config, context, training):
+            features = ids if build is _embedding_model else x
+            return tftrain.data.from_arrays(
+                features, y, config=config, context=context, training=training
+            )
+
+        def build_loss(self, config):
+            return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    return Task
+
+
+def _residual_model():
+    inputs = keras.Input((8,))
+    x = keras.layers.Dense(16, activation="relu", name="stem")(inputs)
+    for i in range(2):
+        y = keras.layers.Dense(16, activation="relu", name=f"block{i}_a")(x)
+        y = keras.layers.Dense(16, name=f"block{i}_b")(y)
+        x = keras.layers.Add(name=f"block{i}_add")([x, y])
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x), name="residual")
+
+
+def _embedding_model():
+    return keras.Sequential(
+        [
+            keras.Input((8,), dtype="int32"),
+            keras.layers.Embedding(20, 6),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(3),
+        ],
+        name="bag",
+    )
+
+
+@pytest.mark.parametrize("build", [_residual_model, _embedding_model])
+def test_a_users_residual_or_sequential_embedding_model_is_cut_and_trains_as_one_device(
+    tmp_path, build
+):
+    def cfg(name, **changes):
+        return ExperimentConfig(
+            task=_arrays_task(build),
+            optimizer="adam",
+            learning_rate=0.01,
+            batch_size=32,
+            train_steps=24,
+            steps_per_loop=8,
+            num_microbatches=4,
+            export=False,
+            model_dir=str(tmp_path / name),
+            **changes,
+        ).validate()
+
+    piped, mode = train(
+        cfg("piped", strategy="model_parallel", num_stages=2, pipeline_balance="params")
+    )
+    whole, _ = train(cfg("whole"))
+    names = [la.name for stage in mode.stages for la in stage.layers]
+    if build is _residual_model:  # blocks stay whole: cut only between them
+        assert names == ["stem", "block0_a_to_block0_add", "block1_a_to_block1_add", "head"]
+    for stage in mode.stages:
+        assert stage.variables and all(
+            v.value.device.endswith(stage.device[-5:].upper()) for v in stage.variables
+        )
+    assert piped["global_step"] == whole["global_step"] == 24
+    assert piped["eval_loss"] == pytest.approx(whole["eval_loss"], rel=TOLERANCE)

@@ -91,7 +91,7 @@ def test_hparams_table_holds_the_flags_and_final_metrics(board):
     (group,) = groups
     hparams = group["hparams"]
     assert hparams["optimizer"] == "adam" and hparams["learning_rate"] == pytest.approx(0.02)
-    assert hparams["experiment"] == "fashion_mnist_softmax" and hparams["batch_size"] == 100
+    assert hparams["experiment"] == "fashion_mnist_softmax:smoke" and hparams["batch_size"] == 100
     final = {(m["name"]["group"], m["name"]["tag"]): m["value"] for m in group["metricValues"]}
     assert final[("eval", "accuracy")] == pytest.approx(metrics["eval_accuracy"], rel=1e-6)
     assert final[("eval", "loss")] == pytest.approx(metrics["eval_loss"], rel=1e-6)

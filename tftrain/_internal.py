@@ -134,3 +134,25 @@ def compiled_metrics(model) -> list | None:
             return value
         given.extend(value or [])
     return given or None
+
+
+def move_variable(variable, device: str) -> None:
+    """Moves a Keras variable's storage to ``device``: a new ``tf.Variable``
+    there, holding its value, becomes the Keras variable's private
+    ``_value`` (what its ``value`` and ``handle`` read). The Keras variable
+    stays the same object, so the layer, the checkpoints and the export
+    see no change; a pipeline places any layer this way, without cloning it.
+    """
+    import tensorflow as tf
+
+    old = variable._value
+    with tf.init_scope(), tf.device(device):
+        moved = tf.Variable(
+            old.read_value(),
+            trainable=old.trainable,
+            name=old.name.split(":")[0],
+            dtype=old.dtype,
+            aggregation=old.aggregation,
+            synchronization=old.synchronization,
+        )
+    variable._value = moved

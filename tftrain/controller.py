@@ -194,6 +194,7 @@ class Controller:
             num_microbatches=config.microbatches,
             gradient_reducer=placement.gradient_reducer,
             skip_nonfinite=config.on_nan == "skip_step",
+            local_replicas=mode.local_replicas,
         )
         objects = {
             "model": self.model,

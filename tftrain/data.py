@@ -433,11 +433,18 @@ def batches(
     """Batches of a ``tf.data.Dataset`` of single examples, as build_inputs
     returns them.
 
+    In training the stream is endless: epoch ``e`` visits the examples in an
+    order drawn from ``(seed, e)`` alone (consecutive windows of
+    ``shuffle_buffer`` examples, each permuted statelessly), so that a
+    checkpointed input position resumes exactly, across epoch boundaries
+    too. (TensorFlow's reshuffling ``shuffle`` keeps a seed generator across
+    epochs that a restored iterator was measured not to follow.)
+
     Args:
       examples: one element per example (any structure).
       shard: "example" (see above), or "none" when the pipelines already hold
         their own examples (their files).
-      shuffle_buffer: examples shuffled at once in training (0: in order).
+      shuffle_buffer: examples shuffled together in training (0: in order).
       map_batch: a function applied to each batch (decoding), in parallel.
       cache: keep the examples in memory after the first pass.
     """
@@ -448,15 +455,57 @@ def batches(
         examples = examples.take(limit)
     if cache:
         examples = examples.cache()
-    if training and shuffle_buffer:
-        # The same seed on every pipeline: one shuffled stream, then sharded.
-        examples = examples.shuffle(shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
-    if shard == "example" and context.num_input_pipelines > 1:
-        examples = examples.shard(context.num_input_pipelines, context.input_pipeline_id)
-    ds = examples.batch(_per_replica(config, context, training), drop_remainder=training)
-    if map_batch is not None:
-        ds = ds.map(map_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _plain_options(ds.prefetch(tf.data.AUTOTUNE))
+    per_replica = _per_replica(config, context, training)
+    pipelines, index = context.num_input_pipelines, context.input_pipeline_id
+
+    def one_pass(epoch):
+        ex = examples
+        if training and shuffle_buffer:
+            # The same order on every pipeline: one shuffled stream, then sharded.
+            ex = _window_shuffle(ex, shuffle_buffer, config.seed, epoch)
+        if shard == "example" and pipelines > 1:
+            ex = ex.shard(pipelines, index)
+        ds = ex.batch(per_replica, drop_remainder=training)
+        if map_batch is not None:
+            ds = ds.map(map_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds
+
+    first = one_pass(tf.constant(0, tf.int64))
+    if not training:
+        return _plain_options(first.prefetch(tf.data.AUTOTUNE))
+    # (Inside a traced function, as a coordinator builds each worker's
+    # stream, the checks were made when the same data were read eagerly.)
+    eager = tf.executing_eagerly()
+    batches_per_pass = int(first.cardinality()) if eager else -1
+    if eager and (
+        batches_per_pass == 0 or (batches_per_pass < 0 and not any(True for _ in first.take(1)))
+    ):
+        # An endless stream of empty passes would never yield a batch.
+        raise DataError(
+            f"the training data give no batch of {per_replica} example(s) "
+            f"(input pipeline {index} of {pipelines}): they are empty or too few."
+        )
+    ds = tf.data.Dataset.counter().flat_map(one_pass)
+    ds = _plain_options(ds.prefetch(tf.data.AUTOTUNE))
+    # Read by tftrain for the length of an epoch (an endless stream has none):
+    # each step takes one batch per replica of the pipeline.
+    local = max(1, context.num_replicas_in_sync // pipelines)
+    ds.tftrain_steps_per_epoch = batches_per_pass // local if batches_per_pass > 0 else None
+    return ds
+
+
+def _window_shuffle(examples, window: int, seed: int, epoch):
+    """``examples`` with each run of ``window`` examples permuted by a
+    stateless permutation of ``(seed, epoch, window number)``."""
+    import tensorflow as tf
+
+    def permute(i, block):
+        n = tf.shape(tf.nest.flatten(block)[0])[0]
+        key = tf.stack([tf.constant(seed, tf.int64), epoch * 1_000_003 + i])
+        order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=key)
+        return tf.nest.map_structure(lambda t: tf.gather(t, order), block)
+
+    return examples.batch(window).enumerate().map(permute).unbatch()
 
 
 def _plain_options(ds):
@@ -472,9 +521,9 @@ def _plain_options(ds):
 def from_arrays(features, labels, sample_weights=None, *, config, context, training, **kwargs):
     """Batches of NumPy arrays (or nested dicts/tuples of them) held in memory.
 
-    Training visits a new permutation of the examples each epoch, drawn from
-    the run's seed; the permutation is of indices, so the arrays are not copied
-    into a shuffle buffer. Other arguments: as :func:`batches`.
+    Training visits a new permutation of all the examples each epoch, drawn
+    from ``(seed, epoch)``; the permutation is of indices, so the arrays are
+    not copied into a shuffle buffer. Other arguments: as :func:`batches`.
     """
     import tensorflow as tf
 
@@ -492,8 +541,7 @@ def from_arrays(features, labels, sample_weights=None, *, config, context, train
     limit = config.max_train_examples if training else config.max_eval_examples
     n = min(n, limit) if limit else n
     indices = tf.data.Dataset.range(n)
-    if training and kwargs.pop("shuffle_buffer", n):
-        indices = indices.shuffle(n, seed=config.seed, reshuffle_each_iteration=True)
+    shuffle = kwargs.pop("shuffle_buffer", n)
     kwargs.pop("map_batch", None)
     config = config.replace(max_train_examples=None, max_eval_examples=None)
     return batches(
@@ -501,7 +549,7 @@ def from_arrays(features, labels, sample_weights=None, *, config, context, train
         config=config,
         context=context,
         training=training,
-        shuffle_buffer=0,
+        shuffle_buffer=n if shuffle else 0,  # a permutation of the indices: no copies
         map_batch=lambda idx: tf.nest.map_structure(lambda t: tf.gather(t, idx), tensors),
         **kwargs,
     )
@@ -525,7 +573,7 @@ def _files(patterns, what: str) -> list[str]:
     return files
 
 
-def _file_shards(files, context, shard: str, training: bool, seed: int):
+def _file_shards(files, context, shard: str):
     """The files this pipeline reads, and whether it still has to shard by example."""
     import tensorflow as tf
 
@@ -539,10 +587,11 @@ def _file_shards(files, context, shard: str, training: bool, seed: int):
                 f"file(s) for {n} pipelines (use shard='example')."
             )
         files = files[context.input_pipeline_id :: n]
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if training and len(files) > 1:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    return ds, ("none" if by_file else "example")
+    # The files keep their order: the examples are shuffled after they are
+    # read. (A second reshuffling dataset, of the file names, under the
+    # examples' shuffle was measured here not to resume exactly from an
+    # iterator checkpoint once the run crosses an epoch boundary.)
+    return tf.data.Dataset.from_tensor_slices(files), ("none" if by_file else "example")
 
 
 def tfrecords(
@@ -577,7 +626,7 @@ def tfrecords(
     import tensorflow as tf
 
     files = _files(patterns, "tfrecords")
-    names, shard_by = _file_shards(files, context, shard, training, config.seed)
+    names, shard_by = _file_shards(files, context, shard)
     records = names.interleave(
         lambda f: tf.data.TFRecordDataset(f, compression_type=compression, buffer_size=1 << 20),
         cycle_length=min(len(files), 8),
@@ -647,7 +696,7 @@ def csv(
     defaults = defaults or [0.0] * len(header)
     if len(defaults) != len(header):
         raise DataError(f"csv: {len(defaults)} defaults for {len(header)} columns.")
-    names, shard_by = _file_shards(files, context, shard, training, config.seed)
+    names, shard_by = _file_shards(files, context, shard)
     lines = names.interleave(
         lambda f: tf.data.TextLineDataset(f).skip(1),
         cycle_length=min(len(files), 8),

@@ -94,6 +94,8 @@ def stream(task, config, training: bool, start_step: int = 0):
             getattr(context, "num_replicas_in_sync", 1),
             start_step,
         )
+        if training and ours.num_replicas_in_sync % ours.num_input_pipelines:
+            raise DataError("the replicas do not split evenly over the input pipelines.")
         ds = build(task, config, ours, training)
         if training:
             if ds.cardinality() != tf.data.INFINITE_CARDINALITY:
@@ -131,7 +133,11 @@ def steps_per_epoch(task, config) -> int | None:
         counted = call_user(f"{type(task).__name__}.steps_per_epoch", own, config)
         if counted is not None:
             return int(counted)
-    n = int(build(task, config, input_context(), True).cardinality())
+    ds = build(task, config, input_context(), True)
+    marked = getattr(ds, "tftrain_steps_per_epoch", None)  # tftrain.data's endless streams
+    if marked:
+        return int(marked)
+    n = int(ds.cardinality())
     if n == tf.data.UNKNOWN_CARDINALITY or n == tf.data.INFINITE_CARDINALITY:
         return None
     if n == 0:

@@ -9,9 +9,10 @@ Three parts, each usable alone:
   holds the activations of all M micro-batches. ``1f1b`` (PipeDream-Flush,
   Narayanan et al. 2021) starts backward passes as soon as the last stage
   can: stage k holds at most K - k micro-batches' activations.
-- **Partition** (:func:`partition`, :func:`layer_costs`): consecutive layers
-  per stage, balanced by each layer's measured forward+backward time (or its
-  parameter count).
+- **Partition** (:func:`segments`, :func:`partition`, :func:`layer_costs`):
+  the model cut where one tensor crosses (between layers of a chain, between
+  residual or Transformer blocks), consecutive pieces per stage, balanced by
+  each piece's measured forward+backward time (or its parameter count).
 - **The step** (:class:`PipelineTrainer`): one ``tf.function`` graph in
   which each stage's ops are placed on its device and ordered by the
   schedule with control dependencies; the dataflow executor then runs the
@@ -102,28 +103,78 @@ def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
 # -- partition ----------------------------------------------------------------
 
 
-def chain_layers(model) -> list:
-    """The model's layers after its input, in order, if each takes the output
-    of the one before (a chain); else ConfigError."""
+def segments(model) -> list:
+    """The pieces the model can be cut into, in order: the points of its
+    graph where a single tensor crosses from what came before to what comes
+    after. A piece is a layer (in a chain, every layer is one), or, where a
+    piece holds a branch and its join (a residual block, a Transformer
+    block), a Keras model of that part of the graph sharing its layers.
+
+    Raises:
+      ConfigError: for a model without a known graph (a subclassed model),
+        with several inputs or outputs, or a layer called more than once.
+    """
     import keras
 
+    name = getattr(model, "name", type(model).__name__)
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        inputs = outputs = None
+    if not inputs or not outputs:
+        raise ConfigError(
+            f"--strategy=model_parallel cuts Sequential and functional models; {name} is a "
+            "subclassed model, whose graph is not known before it runs: build it with "
+            "keras.Input (functional) to cut it into stages."
+        )
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ConfigError(
+            f"--strategy=model_parallel: {name} has {len(inputs)} input(s) and "
+            f"{len(outputs)} output(s); a pipeline cuts models with one of each."
+        )
     layers = [la for la in model.layers if not isinstance(la, keras.layers.InputLayer)]
-    previous = model.inputs[0] if len(model.inputs) == 1 else None
-    for layer in layers:
+    produced = {id(inputs[0]): (-1, inputs[0])}
+    last_use = {id(outputs[0]): len(layers)}
+    for i, layer in enumerate(layers):
         try:
-            takes = layer.input
+            taken, given = keras.tree.flatten(layer.input), keras.tree.flatten(layer.output)
         except (AttributeError, ValueError):
-            takes = None
-        if previous is None or takes is not previous:
             raise ConfigError(
-                f"--strategy=model_parallel cuts models whose layers form a chain; "
-                f"{model.name}'s layer {layer.name!r} does not take the output of the "
-                "layer before it."
-            )
-        previous = layer.output
-    if len(model.outputs) != 1 or model.outputs[0] is not previous:
-        raise ConfigError(f"--strategy=model_parallel: {model.name} has more than one output.")
-    return layers
+                f"--strategy=model_parallel: {name}'s layer {layer.name!r} is used more than "
+                "once in the model (a shared layer), so the model cannot be cut around it."
+            ) from None
+        for t in taken:
+            last_use[id(t)] = max(last_use.get(id(t), -1), i)
+        for t in given:
+            produced[id(t)] = (i, t)
+    # A tensor no layer's ``output`` names comes from a second call of a layer.
+    for layer in layers:
+        for t in keras.tree.flatten(layer.input):
+            if id(t) not in produced:
+                raise ConfigError(
+                    f"--strategy=model_parallel: {name}'s layer {layer.name!r} takes the output "
+                    "of a layer used more than once in the model (a shared layer), so the "
+                    "model cannot be cut around it."
+                )
+    if id(outputs[0]) not in produced:
+        raise ConfigError(
+            f"--strategy=model_parallel: {name}'s output comes from a layer used more than "
+            "once in the model (a shared layer), so the model cannot be cut around it."
+        )
+    cuts = [(-1, inputs[0])]
+    for i in range(len(layers) - 1):
+        live = [t for key, (at, t) in produced.items() if at <= i < last_use.get(key, -1)]
+        if len(live) == 1:
+            cuts.append((i, live[0]))
+    cuts.append((len(layers) - 1, outputs[0]))
+    pieces = []
+    for (a, before), (b, after) in zip(cuts, cuts[1:]):
+        chunk = layers[a + 1 : b + 1]
+        if len(chunk) == 1 and keras.tree.flatten(chunk[0].input) == [before]:
+            pieces.append(chunk[0])
+        else:
+            pieces.append(keras.Model(before, after, name=f"{chunk[0].name}_to_{chunk[-1].name}"))
+    return pieces
 
 
 def partition(costs: Sequence[float], num_stages: int) -> list[int]:
@@ -251,32 +302,21 @@ class Stage:
 
 
 def place(model, devices: Sequence[str], bounds: Sequence[int], costs: Sequence[float]):
-    """A copy of ``model`` (same weights, same layer names: the same
-    checkpoints and export) whose stage k's variables live on ``devices[k]``,
-    and its stages."""
-    import keras
-    import tensorflow as tf
+    """``model`` with the variables of stage k's pieces moved to ``devices[k]``
+    (the same layers and variables: the same checkpoints and export), and its
+    stages. Nothing is cloned, so any layer, custom or not, can be placed."""
+    from tftrain import _internal
 
-    layers = chain_layers(model)
-    where = {}
-    for k in range(len(bounds) - 1):
-        for layer in layers[bounds[k] : bounds[k + 1]]:
-            where[layer.name] = devices[k]
-
-    def call_placed(layer, *args, **kwargs):
-        with tf.device(where.get(layer.name, devices[0])):
-            return layer(*args, **kwargs)
-
-    with tf.device(devices[0]):
-        placed = keras.models.clone_model(model, call_function=call_placed)
-    placed.set_weights(model.get_weights())
-    placed_layers = chain_layers(placed)
+    pieces = segments(model)
     stages = []
     for k in range(len(bounds) - 1):
-        chunk = placed_layers[bounds[k] : bounds[k + 1]]
-        values = sum(_size(_activation_shape(la)) for la in chunk)
+        chunk = pieces[bounds[k] : bounds[k + 1]]
+        for piece in chunk:
+            for variable in piece.weights:
+                _internal.move_variable(variable, devices[k])
+        values = sum(_size(_activation_shape(p)) for p in chunk)
         stages.append(Stage(k, devices[k], chunk, sum(costs[bounds[k] : bounds[k + 1]]), values))
-    return placed, stages
+    return model, stages
 
 
 def _size(shape) -> int:

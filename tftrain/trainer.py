@@ -79,6 +79,8 @@ class Trainer:
       gradient_reducer: sums the gradients across workers instead of the
         strategy (tftrain.distribute.ring.RingAllReduce); needs one of
         tftrain's optimizers.
+      local_replicas: the replicas of this process, whose per-replica
+        batches each training element stacks (1: one batch, not stacked).
       skip_nonfinite: skip an update whose gradients hold a NaN or infinity
         instead of applying it (and leave a batch whose loss is not finite
         out of the loss and accuracy). Either way such updates are counted
@@ -101,6 +103,7 @@ class Trainer:
         num_microbatches: int = 1,
         gradient_reducer=None,
         skip_nonfinite: bool = False,
+        local_replicas: int = 1,
     ):
         ours = hasattr(optimizer, "gradient_observer")
         if (gradient_reducer is not None or skip_nonfinite) and not ours:
@@ -114,6 +117,9 @@ class Trainer:
             optimizer.gradient_observer = self._watch_gradients
             optimizer.skip_nonfinite = bool(skip_nonfinite)
         self.skip_nonfinite = bool(skip_nonfinite)
+        # Training batches come stacked, one per replica of this process
+        # (ParallelMode.distribute_train), when it has several.
+        self.local_replicas = int(local_replicas)
         self.strategy, self.scorer = strategy, scorer
         self.model, self.optimizer = model, optimizer
         self.global_batch_size = int(global_batch_size)
@@ -203,10 +209,17 @@ class Trainer:
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         self.add_train_stats(stats)
 
+    def _replica_batch_step(self, batch):
+        if self.local_replicas > 1:  # this replica's slice of the stacked batches
+            context = tf.distribute.get_replica_context()
+            index = context.replica_id_in_sync_group % self.local_replicas
+            batch = tf.nest.map_structure(lambda t: t[index], batch)
+        return self._replica_train_step(batch)
+
     def _train_loop(self, iterator, num_steps):
         done = tf.constant(0, tf.int64)
         for _ in tf.range(num_steps):
-            self.strategy.run(self._replica_train_step, args=(next(iterator),))
+            self.strategy.run(self._replica_batch_step, args=(next(iterator),))
             done += 1
         # ``done`` leaves the loop only when its steps have run: the step
         # count cannot run ahead of the updates, even where the variables

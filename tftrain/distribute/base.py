@@ -128,9 +128,33 @@ class ParallelMode:
     # (TensorFlow cannot save a coordinator's per-worker iterators).
     saves_input_position = True
 
+    def input_pipeline(self) -> tuple[int, int]:
+        """(input pipelines, this process's pipeline): one per worker that trains."""
+        return 1, 0
+
+    @property
+    def local_replicas(self) -> int:
+        """Replicas of the strategy in this process (each takes one per-replica batch)."""
+        return max(1, self.strategy.num_replicas_in_sync // self.input_pipeline()[0])
+
     def distribute_train(self, make_dataset: DatasetFn):
-        """An iterator of the training batches, as the strategy's replicas take them."""
-        return iter(self.strategy.distribute_datasets_from_function(make_dataset))
+        """An iterator of the training batches, as the trainer takes them.
+
+        One plain tf.data iterator per process, so that its position can be
+        saved in a checkpoint (TensorFlow's distributed iterators cannot be):
+        each element holds the per-replica batches of this process's
+        replicas, stacked when there are several (``Trainer`` hands replica i
+        its slice), as ``distribute_datasets_from_function`` would hand them out.
+        """
+        from tftrain import inputs
+
+        pipelines, index = self.input_pipeline()
+        local = self.local_replicas
+        context = inputs.input_context(pipelines, index, self.strategy.num_replicas_in_sync)
+        ds = make_dataset(context)
+        if local > 1:
+            ds = ds.batch(local, drop_remainder=True)
+        return iter(ds)
 
     def distribute_eval(self, make_dataset: DatasetFn):
         """The evaluation set, as ``Trainer.evaluate`` takes it (iterable)."""

@@ -119,13 +119,14 @@ class ModelParallel(ParallelMode):
         from tftrain import pipeline
 
         config = self.config
-        layers = pipeline.chain_layers(model)
+        layers = pipeline.segments(model)
         K = config.stages
         if K > len(layers):
             raise ConfigError(
-                f"--num_stages={K} is more stages than {model.name} has layers "
-                f"({len(layers)}: {', '.join(la.name for la in layers)}): expected at most "
-                f"{len(layers)}."
+                f"--num_stages={K}: {model.name} can be cut into at most {len(layers)} "
+                f"piece(s) ({', '.join(la.name for la in layers)}): a cut needs a point "
+                "where a single tensor crosses between the layers before and after it. "
+                f"Expected --num_stages of at most {len(layers)}."
             )
         micro_batch = config.batch_size // config.microbatches
         self.balance, costs = pipeline.layer_costs(

@@ -98,6 +98,9 @@ class MultiWorkerMirrored(ParallelMode):
             )
         return Placement(strategy, cluster.is_chief, cluster.num_workers, rank, reducer)
 
+    def input_pipeline(self) -> tuple[int, int]:
+        return self.placement.num_workers, self.placement.worker_index
+
     def explain(self, error: BaseException) -> str | None:
         reducer = self.placement.gradient_reducer if self.placement else None
         failure = getattr(reducer, "failure", None)

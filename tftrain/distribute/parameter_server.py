@@ -81,6 +81,7 @@ class ParameterServer(ParallelMode):
         return Placement(strategy, True, self.num_workers, 0)
 
     saves_input_position = False  # a coordinator's per-worker iterators cannot be saved
+    local_replicas = 1  # each worker's step takes a whole batch
 
     def distribute_train(self, make_dataset):
         import tensorflow as tf
