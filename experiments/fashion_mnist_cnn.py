@@ -5,11 +5,11 @@ Adam at 1e-3 with cosine decay over 12 epochs; dropout 0.4 on the dense
 layer, as in that tutorial.
 """
 
-from tftrain.config import ExperimentConfig
+import tftrain
 
 
-def get_config(variant: str | None = None) -> ExperimentConfig:
-    config = ExperimentConfig(
+def get_config(variant: str | None = None) -> tftrain.ExperimentConfig:
+    config = tftrain.ExperimentConfig(
         experiment="fashion_mnist_cnn",
         dataset="fashion_mnist",
         model="cnn",

@@ -5,11 +5,11 @@ The Fashion-MNIST benchmark table lists an MLP 256-128-100 at 0.883. Adam at
 instead of bouncing around the minimum at the peak rate.
 """
 
-from tftrain.config import ExperimentConfig
+import tftrain
 
 
-def get_config(variant: str | None = None) -> ExperimentConfig:
-    config = ExperimentConfig(
+def get_config(variant: str | None = None) -> tftrain.ExperimentConfig:
+    config = tftrain.ExperimentConfig(
         experiment="fashion_mnist_mlp",
         dataset="fashion_mnist",
         model="mlp",

@@ -5,11 +5,11 @@ at 0.01 is noisy for this convex model: Keras's model.fit with the same
 settings ended at 0.815-0.833 test accuracy over four seeds.
 """
 
-from tftrain.config import ExperimentConfig
+import tftrain
 
 
-def get_config(variant: str | None = None) -> ExperimentConfig:
-    config = ExperimentConfig(
+def get_config(variant: str | None = None) -> tftrain.ExperimentConfig:
+    config = tftrain.ExperimentConfig(
         experiment="fashion_mnist_softmax",
         dataset="fashion_mnist",
         model="softmax",

@@ -170,7 +170,7 @@ BAD_INPUT = [
     (["--strategy=pipeline"], "--strategy=pipeline: expected one of one_device"),
     (["--strategy=model_parallel", "--num_stages=0"], "--num_stages=0: expected a positive"),
     (["--num_stages=2"], "--num_stages applies to --strategy=model_parallel only"),
-    (["--strategy=model_parallel", "--num_stages=9"], "more stages than softmax has layers"),
+    (["--strategy=model_parallel", "--num_stages=9"], "softmax can be cut into at most 3 piece(s)"),
     (["--optimizer=adam", "--momentum=0.9"], "--momentum applies to --optimizer=sgd"),
     (["--seed=-1"], "--seed=-1: expected an integer in 0-4294967295"),
     (["--inter_op_threads=100000"], "--inter_op_threads=100000: expected 0"),

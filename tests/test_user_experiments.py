@@ -267,3 +267,42 @@ def test_sigkill_mid_run_then_the_same_command_ends_as_an_uninterrupted_run(exp,
     assert not os.path.exists(os.path.join(killed, "metrics.json")), "killed too late"
     train(exp, "text", killed, *flags)
     assert metrics(killed)["weights_sha256"] == metrics(straight)["weights_sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_a_killed_worker_of_two_then_the_same_launch_ends_as_an_uninterrupted_one(exp, tmp_path):
+    flags = [
+        f"--experiment={exp}:text",
+        "--strategy=multi_worker_mirrored",
+        "--train_steps=400",
+        "--checkpoint_interval=40",
+        "--steps_per_loop=10",
+    ]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    run_tftrain("launch", "--num_workers=2", "--", *flags, f"--model_dir={straight}")
+    proc = start_tftrain(
+        "launch",
+        "--num_workers=2",
+        "--",
+        *flags,
+        f"--model_dir={killed}",
+        stderr=subprocess.STDOUT,
+    )
+    deadline, pid = time.time() + 180, None
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if "started worker:1 (pid" in line:
+            pid = int(line.split("(pid ")[1].split(")")[0])
+        if pid and glob.glob(f"{killed}/checkpoints/ckpt-120.index"):
+            break
+    assert pid, "the launcher never started worker:1"
+    os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not os.path.exists(os.path.join(killed, "metrics.json")), "killed too late"
+    result = run_tftrain("launch", "--num_workers=2", "--", *flags, f"--model_dir={killed}")
+    assert "Resumed from" in result.stdout
+    assert metrics(killed)["weights_sha256"] == metrics(straight)["weights_sha256"]

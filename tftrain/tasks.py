@@ -435,15 +435,18 @@ class Classification(Task):
 
     def check_data(self, config) -> None:
         """The model fits the data and the machine's memory."""
-        from tftrain import models, resources
+        from tftrain import models, plugins, resources
 
         dataset = self.dataset(config)
         models.check_fits(config.model, dataset)
         models.check_memory(
             config.model,
             OPTIMIZER_SLOTS.get(config.optimizer, 2),
-            # Parameter servers hold the variables on other machines.
-            None if config.strategy == "parameter_server" else resources.available_memory(),
+            # A mode whose variables live on other machines (parameter servers)
+            # is not bound by this one's memory.
+            resources.available_memory()
+            if plugins.STRATEGIES.get(config.strategy).holds_variables
+            else None,
             input_shape=dataset.image_shape,
             num_classes=dataset.num_classes,
             hidden_units=config.mlp_hidden_units,

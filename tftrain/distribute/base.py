@@ -60,6 +60,8 @@ class ParallelMode:
     serving_roles: frozenset[str] = frozenset()
     # Whether an ``evaluator`` task may evaluate this mode's checkpoints beside it.
     takes_evaluator = False
+    # Whether this process holds the model's variables (not parameter servers).
+    holds_variables = True
 
     def __init__(self, config, cluster=None):
         self.config, self.cluster = config, cluster

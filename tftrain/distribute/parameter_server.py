@@ -29,6 +29,7 @@ class ParameterServer(ParallelMode):
     training_roles = frozenset({"chief"})
     serving_roles = frozenset({"worker", "ps"})
     takes_evaluator = True
+    holds_variables = False
 
     @classmethod
     def check(cls, config, cluster) -> None:
