@@ -306,3 +306,31 @@ def test_a_killed_worker_of_two_then_the_same_launch_ends_as_an_uninterrupted_on
     result = run_tftrain("launch", "--num_workers=2", "--", *flags, f"--model_dir={killed}")
     assert "Resumed from" in result.stdout
     assert metrics(killed)["weights_sha256"] == metrics(straight)["weights_sha256"]
+
+
+def test_a_plain_tf_data_stream_resumes_from_the_iterator_saved_in_the_checkpoint(tmp_path):
+    import keras
+
+    import tftrain
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(200, 4)).astype("float32")
+    y = (x.sum(1) > 0).astype("int32")
+
+    class Plain(tftrain.Task):  # its own tf.data pipeline: no tftrain.data helper
+        def build_model(self, config):
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+            model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            return model
+
+        def build_inputs(self, config, context, training):
+            ds = tf.data.Dataset.from_tensor_slices((x, y))
+            return ds.batch(context.get_per_replica_batch_size(config.batch_size), True)
+
+    config = tftrain.ExperimentConfig(task=Plain, batch_size=32, steps_per_loop=3, export=False)
+    straight = tftrain.train(config, model_dir=str(tmp_path / "a"), train_steps=15)
+    tftrain.train(config, model_dir=str(tmp_path / "b"), train_steps=9)  # 6 batches an epoch
+    reader = tf.train.load_checkpoint(str(tmp_path / "b" / "checkpoints"))
+    assert any(n.startswith("input/") for n in reader.get_variable_to_shape_map())
+    resumed = tftrain.train(config, model_dir=str(tmp_path / "b"), train_steps=15)
+    assert resumed["weights_sha256"] == straight["weights_sha256"]

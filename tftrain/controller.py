@@ -206,11 +206,12 @@ class Controller:
             "global_step": self.trainer.global_step,
             "untrained_eval": self.untrained_eval,
         }
-        # The input position: the iterator's own state, saved in each
-        # checkpoint where the mode can save it; a stream that is a function
-        # of the step is instead built at the step restored.
+        # The input position: a stream that is a function of the step (the
+        # built-in one, tftrain.data's) is built at the step restored, on
+        # every worker; any other's iterator state is saved in each
+        # checkpoint, where the mode can save it.
         self.iterator = None
-        if mode.saves_input_position and not self.task._positions_by_step:
+        if mode.saves_input_position and not inputs.positioned(self.task, config):
             self.iterator = self._train_iterator(0)
             objects["input"] = self.iterator
         self.checkpoints = Checkpoints(

@@ -435,10 +435,12 @@ def batches(
 
     In training the stream is endless: epoch ``e`` visits the examples in an
     order drawn from ``(seed, e)`` alone (consecutive windows of
-    ``shuffle_buffer`` examples, each permuted statelessly), so that a
-    checkpointed input position resumes exactly, across epoch boundaries
-    too. (TensorFlow's reshuffling ``shuffle`` keeps a seed generator across
-    epochs that a restored iterator was measured not to follow.)
+    ``shuffle_buffer`` examples, each permuted statelessly), so the stream is
+    a function of the step: a resumed run builds it at ``context.start_step``
+    and every worker is where the uninterrupted run would be, with no input
+    state in the checkpoint. (TensorFlow's reshuffling ``shuffle`` keeps a
+    seed generator across epochs that a restored iterator was measured not to
+    follow; and a worker's buffered batches are its own.)
 
     Args:
       examples: one element per example (any structure).
@@ -458,7 +460,7 @@ def batches(
     per_replica = _per_replica(config, context, training)
     pipelines, index = context.num_input_pipelines, context.input_pipeline_id
 
-    def one_pass(epoch):
+    def one_pass(epoch, mapped=True):
         ex = examples
         if training and shuffle_buffer:
             # The same order on every pipeline: one shuffled stream, then sharded.
@@ -466,31 +468,47 @@ def batches(
         if shard == "example" and pipelines > 1:
             ex = ex.shard(pipelines, index)
         ds = ex.batch(per_replica, drop_remainder=training)
-        if map_batch is not None:
+        if mapped and map_batch is not None:
             ds = ds.map(map_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds
 
-    first = one_pass(tf.constant(0, tf.int64))
     if not training:
-        return _plain_options(first.prefetch(tf.data.AUTOTUNE))
+        return _plain_options(one_pass(tf.constant(0, tf.int64)).prefetch(tf.data.AUTOTUNE))
+    raw = one_pass(tf.constant(0, tf.int64), mapped=False)
     # (Inside a traced function, as a coordinator builds each worker's
     # stream, the checks were made when the same data were read eagerly.)
     eager = tf.executing_eagerly()
-    batches_per_pass = int(first.cardinality()) if eager else -1
+    batches_per_pass = int(raw.cardinality()) if eager else -1
     if eager and (
-        batches_per_pass == 0 or (batches_per_pass < 0 and not any(True for _ in first.take(1)))
+        batches_per_pass == 0 or (batches_per_pass < 0 and not any(True for _ in raw.take(1)))
     ):
         # An endless stream of empty passes would never yield a batch.
         raise DataError(
             f"the training data give no batch of {per_replica} example(s) "
             f"(input pipeline {index} of {pipelines}): they are empty or too few."
         )
-    ds = tf.data.Dataset.counter().flat_map(one_pass)
-    ds = _plain_options(ds.prefetch(tf.data.AUTOTUNE))
-    # Read by tftrain for the length of an epoch (an endless stream has none):
-    # each step takes one batch per replica of the pipeline.
+    # Each step takes one batch per replica of the pipeline.
     local = max(1, context.num_replicas_in_sync // pipelines)
+    start = getattr(context, "start_step", 0) * local  # batches this pipeline has taken
+    if start:
+        # The stream is a function of (seed, epoch): a resumed run starts it
+        # where the uninterrupted run is, reading (not decoding) the batches
+        # of the current epoch before that point.
+        per_pass = tf.cast(raw.cardinality(), tf.int64)
+        if batches_per_pass < 0:
+            per_pass = raw.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)
+        epoch, offset = start // per_pass, start % per_pass
+        ds = tf.data.Dataset.counter(epoch).flat_map(lambda e: one_pass(e, mapped=False))
+        ds = ds.skip(offset)
+    else:
+        ds = tf.data.Dataset.counter().flat_map(lambda e: one_pass(e, mapped=False))
+    if map_batch is not None:
+        ds = ds.map(map_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = _plain_options(ds.prefetch(tf.data.AUTOTUNE))
+    # Read by tftrain: the length of an epoch (an endless stream has none),
+    # and that the stream is positioned by context.start_step.
     ds.tftrain_steps_per_epoch = batches_per_pass // local if batches_per_pass > 0 else None
+    ds.tftrain_positioned = True
     return ds
 
 

@@ -108,6 +108,14 @@ def stream(task, config, training: bool, start_step: int = 0):
     return make
 
 
+def positioned(task, config) -> bool:
+    """Whether the task's training stream is a function of the step (built at
+    the step a run resumes from), rather than restored from the checkpoint."""
+    if task._positions_by_step:
+        return True
+    return bool(getattr(build(task, config, input_context(), True), "tftrain_positioned", False))
+
+
 def first_batch(task, config, training: bool = True):
     """The first batch of one pipeline holding every replica's examples
     (the global batch), for checks before training; DataError if there is none."""
