@@ -126,7 +126,7 @@ def pipeline_rate(folder: str, batches: int) -> float:
     config = module.get_config().replace(data_dir=folder, model_dir=folder)
     ds = inputs.stream(module.Records(), config, training=True)(None)
     it = iter(ds)
-    for _ in range(20):  # warm up the readers
+    for _ in range(100):  # warm up the readers (and tf.data's autotuning)
         next(it)
     start = time.perf_counter()
     for _ in range(batches):

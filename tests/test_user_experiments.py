@@ -334,3 +334,60 @@ def test_a_plain_tf_data_stream_resumes_from_the_iterator_saved_in_the_checkpoin
     assert any(n.startswith("input/") for n in reader.get_variable_to_shape_map())
     resumed = tftrain.train(config, model_dir=str(tmp_path / "b"), train_steps=15)
     assert resumed["weights_sha256"] == straight["weights_sha256"]
+
+
+def test_the_tfds_helper_streams_a_dataset_prepared_in_a_local_folder(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from tftrain import inputs
+    from tftrain.config import ExperimentConfig
+    from tftrain.errors import DataError
+
+    class TinyShapes(tfds.core.GeneratorBasedBuilder):  # TFDS's own builder, no download
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(8, 8, 1)),
+                        "label": tfds.features.ClassLabel(num_classes=2),
+                    }
+                ),
+                supervised_keys=("image", "label"),
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate(0, 96), "test": self._generate(1, 40)}
+
+        def _generate(self, seed, n):
+            rng = np.random.default_rng(seed)
+            for i in range(n):
+                label = int(rng.integers(0, 2))
+                image = np.full((8, 8, 1), 200 * label, np.uint8)
+                yield i, {"image": image, "label": label}
+
+    data_dir = str(tmp_path / "tfds")
+    config = ExperimentConfig(batch_size=16, seed=3, data_dir=data_dir, model_dir="unused")
+    with pytest.raises(DataError, match="not prepared"):
+        tftrain_tfds(config, inputs.input_context(), True)
+    TinyShapes(data_dir=data_dir).download_and_prepare()
+    stream = tftrain_tfds(config, inputs.input_context(), True)
+    assert stream.tftrain_steps_per_epoch == 6  # 96 examples in batches of 16
+    batches = [b for _, b in zip(range(12), stream)]
+    assert all(x.shape == (16, 8, 8, 1) and x.dtype == tf.uint8 for x, _ in batches)
+    first, second = (
+        np.sort(np.concatenate([y for _, y in batches[e * 6 : e * 6 + 6]])) for e in (0, 1)
+    )
+    np.testing.assert_array_equal(first, second)  # each epoch: every example once
+    halves = [tftrain_tfds(config, inputs.input_context(2, i, 2), True) for i in (0, 1)]
+    assert [next(iter(h))[0].shape[0] for h in halves] == [8, 8]  # per replica
+
+
+def tftrain_tfds(config, context, training):
+    import tftrain
+
+    return tftrain.data.tfds(
+        "tiny_shapes", "train", config=config, context=context, training=training, shard="example"
+    )

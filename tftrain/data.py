@@ -461,13 +461,23 @@ def batches(
     pipelines, index = context.num_input_pipelines, context.input_pipeline_id
 
     def one_pass(epoch, mapped=True):
-        ex = examples
         if training and shuffle_buffer:
             # The same order on every pipeline: one shuffled stream, then sharded.
-            ex = _window_shuffle(ex, shuffle_buffer, config.seed, epoch)
-        if shard == "example" and pipelines > 1:
-            ex = ex.shard(pipelines, index)
-        ds = ex.batch(per_replica, drop_remainder=training)
+            ds = _shuffled_batches(
+                examples,
+                shuffle_buffer,
+                config.batch_size,
+                config.seed,
+                epoch,
+                pipelines if shard == "example" else 1,
+                index if shard == "example" else 0,
+                per_replica,
+            )
+        else:
+            ex = examples
+            if shard == "example" and pipelines > 1:
+                ex = ex.shard(pipelines, index)
+            ds = ex.batch(per_replica, drop_remainder=training)
         if mapped and map_batch is not None:
             ds = ds.map(map_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds
@@ -479,6 +489,14 @@ def batches(
     # stream, the checks were made when the same data were read eagerly.)
     eager = tf.executing_eagerly()
     batches_per_pass = int(raw.cardinality()) if eager else -1
+    known = int(examples.cardinality()) if eager else -1
+    if batches_per_pass < 0 and known >= 0 and shuffle_buffer:  # windows of a known count
+        window = -(-shuffle_buffer // config.batch_size) * config.batch_size
+        p, i = (pipelines, index) if shard == "example" else (1, 0)
+        full, rest = divmod(known, window)
+        batches_per_pass = (
+            full * (window // p // per_replica) + len(range(i, rest, p)) // per_replica
+        )
     if eager and (
         batches_per_pass == 0 or (batches_per_pass < 0 and not any(True for _ in raw.take(1)))
     ):
@@ -494,8 +512,9 @@ def batches(
         # The stream is a function of (seed, epoch): a resumed run starts it
         # where the uninterrupted run is, reading (not decoding) the batches
         # of the current epoch before that point.
-        per_pass = tf.cast(raw.cardinality(), tf.int64)
-        if batches_per_pass < 0:
+        if batches_per_pass > 0:
+            per_pass = tf.constant(batches_per_pass, tf.int64)
+        else:  # files of unknown length: counted, reading the records once
             per_pass = raw.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)
         epoch, offset = start // per_pass, start % per_pass
         ds = tf.data.Dataset.counter(epoch).flat_map(lambda e: one_pass(e, mapped=False))
@@ -512,18 +531,34 @@ def batches(
     return ds
 
 
-def _window_shuffle(examples, window: int, seed: int, epoch):
-    """``examples`` with each run of ``window`` examples permuted by a
-    stateless permutation of ``(seed, epoch, window number)``."""
+def _shuffled_batches(
+    examples, buffer: int, global_batch: int, seed: int, epoch, pipelines, index, batch: int
+):
+    """Batches of ``batch`` examples of one pass, shuffled: consecutive
+    windows of about ``buffer`` examples (a multiple of the global batch, so
+    that every pipeline and replica count cuts the same windows), each
+    permuted by a stateless permutation of ``(seed, epoch, window)``, then
+    shard ``index`` of ``pipelines`` of each window (every ``pipelines``-th
+    example, as a shard of the whole stream), cut into batches. A window is
+    cut into batches as a whole (no example at a time through tf.data); the
+    rest of the last window, less than a batch, is dropped, as
+    ``drop_remainder`` would."""
     import tensorflow as tf
 
-    def permute(i, block):
+    window = -(-buffer // global_batch) * global_batch
+
+    def permuted(i, block):
         n = tf.shape(tf.nest.flatten(block)[0])[0]
         key = tf.stack([tf.constant(seed, tf.int64), epoch * 1_000_003 + i])
         order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=key)
-        return tf.nest.map_structure(lambda t: tf.gather(t, order), block)
+        order = order[index::pipelines]
+        order = order[: tf.size(order) // batch * batch]
+        rows = tf.reshape(order, [-1, batch])
+        return tf.data.Dataset.from_tensor_slices(
+            tf.nest.map_structure(lambda t: tf.gather(t, rows), block)
+        )
 
-    return examples.batch(window).enumerate().map(permute).unbatch()
+    return examples.batch(window).enumerate().flat_map(permuted)
 
 
 def _plain_options(ds):
