@@ -359,9 +359,9 @@ def test_the_tfds_helper_streams_a_dataset_prepared_in_a_local_folder(tmp_path):
             )
 
         def _split_generators(self, dl_manager):
-            return {"train": self._generate(0, 96), "test": self._generate(1, 40)}
+            return {"train": self._generate_examples(0, 96), "test": self._generate_examples(1, 40)}
 
-        def _generate(self, seed, n):
+        def _generate_examples(self, seed, n):
             rng = np.random.default_rng(seed)
             for i in range(n):
                 label = int(rng.integers(0, 2))
