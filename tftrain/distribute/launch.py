@@ -403,20 +403,20 @@ def check_train_argv(train_argv: list[str], spec: dict[str, list[str]]):
     """
     from absl import flags
 
-    from tftrain import cli
+    from tftrain import flagset
     from tftrain.config import ConfigError
     from tftrain.distribute import base
     from tftrain.distribute import cluster as cluster_lib
 
     values = flags.FlagValues()
-    cli.define_train_flags(values)
+    flagset.define_train_flags(values)
     loaded = None
-    named = cli._experiment_in(train_argv)
+    named = flagset.experiment_in(train_argv)
     if named:  # its options are flags too
         from tftrain import registry
 
         loaded = registry.get(named)
-        cli.define_option_flags(loaded, values, key_flags=False)
+        flagset.define_option_flags(loaded, values, key_flags=False)
     try:
         rest = values(["tftrain train", *train_argv], known_only=True)[1:]
     except flags.Error as e:
@@ -429,7 +429,7 @@ def check_train_argv(train_argv: list[str], spec: dict[str, list[str]]):
             raise ConfigError(
                 f"unknown training flag or argument {arg!r} (tftrain train --help lists them)."
             )
-    config = cli.config_from_flags(values, loaded)
+    config = flagset.config_from_flags(values, loaded)
     for task_type, index in tasks_of(spec):
         document = {"cluster": spec, "task": {"type": task_type, "index": index}}
         cluster = cluster_lib.parse_tf_config(json.dumps(document))
@@ -454,8 +454,8 @@ def with_absolute_experiment(train_argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     from absl import flags
 
-    from tftrain.cli import _fail
     from tftrain.config import ConfigError
+    from tftrain.flagset import fail as _fail
 
     fv = flags.FLAGS
     train_argv = list(argv[1:])
@@ -481,9 +481,9 @@ def main(argv: list[str]) -> None:
 
             check_for_kubernetes(config, fv.job_name, fv.task_cpu, fv.task_memory)
     except UserCodeError as e:
-        from tftrain.cli import _user_code_failed
+        from tftrain.flagset import user_code_failed
 
-        _user_code_failed(e)
+        user_code_failed(e)
     except ConfigError as e:
         _fail(str(e))
     if fv.emit != "tfjob":
