@@ -38,10 +38,14 @@ def _leave(code: int) -> None:
     os._exit(code)
 
 
+_QUIETED: list = []
+
+
 def _quiet_tensorflow(verbose: bool = False) -> None:
     # TensorFlow's C++ start-up lines are noise to a person watching a run.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if not verbose:
+    if not verbose and not _QUIETED:  # once: one filter of file descriptor 2
+        _QUIETED.append(True)
         from tftrain import quiet
 
         quiet.filter_native_stderr()
@@ -211,6 +215,10 @@ def _run_absl(main, define, command: str, argv: list[str]) -> None:
     known = set(flags.FLAGS)
     define(flags.FLAGS)
     if command == "train":
+        # An experiment file imports TensorFlow as it loads: quiet it first.
+        own = argv[: argv.index("--")] if "--" in argv else argv
+        if not any(a.startswith(("--verbosity", "-v")) for a in own):
+            _quiet_tensorflow()
         _load_experiment(argv, flags.FLAGS)
     # --helpshort lists the main module's key flags: make the command's flags so.
     for name in sorted(set(flags.FLAGS) - known):

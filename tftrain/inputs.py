@@ -62,6 +62,12 @@ def build(task, config, context, training: bool):
             f"{name}(training={training}) gives elements of {_describe(spec)}: expected "
             "(features, labels) or (features, labels, sample_weights) batches."
         )
+    if isinstance(spec[1], tf.TensorSpec) and spec[1].shape.rank == 0:
+        raise DataError(
+            f"{name}(training={training}) gives one example at a time (its labels have "
+            "no batch dimension): batch the dataset, to "
+            "context.get_per_replica_batch_size(config.batch_size) for training."
+        )
     for part, what in zip(spec[1:], ("labels", "sample weights")):
         if not isinstance(part, tf.TensorSpec):
             raise DataError(

@@ -115,10 +115,13 @@ def resolve_loss(task, config, model):
             f"{type(task).__name__} has no loss: compile the model with one "
             "(model.compile(loss=...)) or define build_loss(self, config)."
         )
-    if isinstance(loss, (dict, list, tuple)):
+    if isinstance(loss, (dict, list, tuple)) or (
+        not isinstance(loss, (str, keras.losses.Loss)) and hasattr(loss, "__len__")
+    ):
         raise ConfigError(
-            f"{source} is a {type(loss).__name__} of losses: tftrain trains with one loss "
-            "over one output; combine them in build_loss."
+            f"{source} holds several losses (one per output): tftrain trains models with "
+            "one output and one loss; give the model a single output (concatenate the "
+            "heads) and one loss for it."
         )
     if isinstance(loss, str):
         try:
