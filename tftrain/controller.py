@@ -88,11 +88,8 @@ class Plan:
         return self.steps_per_epoch or self.total_steps
 
     @classmethod
-    def make(cls, config: ExperimentConfig, task) -> Plan:
-        check_data = getattr(task, "check_data", None)
-        if callable(check_data):
-            check_data(config)
-        per_epoch = inputs.steps_per_epoch(task, config)
+    def make(cls, config: ExperimentConfig, task, probe: inputs.Probe) -> Plan:
+        per_epoch = probe.steps_per_epoch
         if per_epoch is None and not config.train_steps:
             raise ConfigError(
                 f"the length of {type(task).__name__}'s training data is unknown (files "
@@ -122,10 +119,12 @@ class Controller:
     Args:
       config: the validated config.
       mode: the parallel mode, set up (``mode.setup()``).
-      plan: the data and the length of the run.
+      plan: the length of the run.
       out: where this task writes.
       log: prints a line for the person watching.
       watchdog: told what the run does next, before each stage that can block.
+      task: the run's Task (tasks.from_config).
+      probe: its training data, built once (inputs.probe).
       actions: what runs between loops (default: progress, evaluation, checkpoints).
       stop: says when a signal asked the run to stop (stopping.StopRequest).
     """
@@ -139,7 +138,8 @@ class Controller:
         out,
         log,
         watchdog,
-        task=None,
+        task,
+        probe: inputs.Probe,
         actions=None,
         stop=None,
     ):
@@ -150,10 +150,10 @@ class Controller:
         self.chief_log = log if mode.placement.is_chief else (lambda line: None)
         self.stop = stop or NeverStop()
         placement = mode.placement
-        self.task = task if task is not None else tasks.from_config(config)
-        # One global batch, read here: the checks of the model against the
+        self.task = task
+        # One global batch, read once: the checks of the model against the
         # loss, the shape of the export and of the graph, the histograms.
-        self.sample_batch = inputs.first_batch(self.task, config)
+        self.sample_batch = probe.first_batch
         name = type(self.task).__name__
         watchdog.kick("creating the model's variables (all workers must join)")
         set_precision(config.precision)
@@ -211,7 +211,7 @@ class Controller:
         # every worker; any other's iterator state is saved in each
         # checkpoint, where the mode can save it.
         self.iterator = None
-        if mode.saves_input_position and not inputs.positioned(self.task, config):
+        if mode.saves_input_position and not probe.positioned:
             self.iterator = self._train_iterator(0)
             objects["input"] = self.iterator
         self.checkpoints = Checkpoints(
@@ -469,7 +469,11 @@ def run(
     """
     keras.utils.set_random_seed(config.seed)
     task = tasks.from_config(config)
-    plan = Plan.make(config, task)
+    check_data = getattr(task, "check_data", None)  # the built-in task's own checks
+    if callable(check_data):
+        check_data(config)
+    probe = inputs.probe(task, config)
+    plan = Plan.make(config, task, probe)
     placement = mode.placement
     with _Output(config.model_dir, placement.is_chief, placement.worker_index) as out:
         controller = Controller(
@@ -481,6 +485,7 @@ def run(
             watchdog=watchdog or NoWatchdog(),
             stop=stop,
             task=task,
+            probe=probe,
         )
         # Only now: a task, model or data that does not fit is refused before
         # anything is written.

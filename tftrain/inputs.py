@@ -11,6 +11,7 @@ marked endless.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from tftrain.errors import DataError
@@ -114,18 +115,34 @@ def stream(task, config, training: bool, start_step: int = 0):
     return make
 
 
-def positioned(task, config) -> bool:
-    """Whether the task's training stream is a function of the step (built at
-    the step a run resumes from), rather than restored from the checkpoint."""
-    if task._positions_by_step:
-        return True
-    return bool(getattr(build(task, config, input_context(), True), "tftrain_positioned", False))
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What one local build of the training data tells before training:
+    built once, so the data are not opened (or copied into constants) again
+    for each question."""
+
+    first_batch: tuple  # one global batch: the checks, the export's shapes, histograms
+    steps_per_epoch: int | None  # None: unknown
+    positioned: bool  # a function of the step (built at the restored step)
+
+
+def probe(task, config) -> Probe:
+    """The training data, built once with one pipeline holding every replica."""
+    ds = build(task, config, input_context(), True)
+    return Probe(
+        first_batch=_first(ds, task, True),
+        steps_per_epoch=_steps_per_epoch(task, config, ds),
+        positioned=task._positions_by_step or bool(getattr(ds, "tftrain_positioned", False)),
+    )
 
 
 def first_batch(task, config, training: bool = True):
     """The first batch of one pipeline holding every replica's examples
     (the global batch), for checks before training; DataError if there is none."""
-    ds = build(task, config, input_context(), training)
+    return _first(build(task, config, input_context(), training), task, training)
+
+
+def _first(ds, task, training: bool):
     for batch in ds.take(1):
         return batch
     raise DataError(
@@ -135,9 +152,9 @@ def first_batch(task, config, training: bool = True):
     )
 
 
-def steps_per_epoch(task, config) -> int | None:
-    """Training steps in one pass: the task's own count, the config's, or the
-    training dataset's length; None when unknown."""
+def _steps_per_epoch(task, config, ds) -> int | None:
+    """Training steps in one pass: the config's, the task's own count, or the
+    training dataset's length (``ds``); None when unknown."""
     import tensorflow as tf
 
     if config.steps_per_epoch:
@@ -147,7 +164,6 @@ def steps_per_epoch(task, config) -> int | None:
         counted = call_user(f"{type(task).__name__}.steps_per_epoch", own, config)
         if counted is not None:
             return int(counted)
-    ds = build(task, config, input_context(), True)
     marked = getattr(ds, "tftrain_steps_per_epoch", None)  # tftrain.data's endless streams
     if marked:
         return int(marked)
