@@ -62,3 +62,20 @@ def test_collective_pack_bytes_must_not_be_negative():
     with pytest.raises(ConfigError, match="--collective_pack_bytes=-1"):
         valid(collective_pack_bytes=-1).validate()
     assert valid(collective_pack_bytes=0).validate().collective_pack_bytes == 0
+
+
+def test_every_flag_has_its_help_beside_its_field():
+    import dataclasses
+
+    from tftrain import flagset
+    from tftrain.config import ExperimentConfig, field_help
+
+    flags_ = [f for f in dataclasses.fields(ExperimentConfig) if f.metadata.get("flag", True)]
+    missing = [f.name for f in flags_ if not f.metadata.get("help")]
+    assert not missing, f"fields without help beside them: {missing}"
+    helps = flagset._help()
+    assert set(helps) == {f.name for f in flags_}
+    # The choices come from the registries as they are now.
+    assert "model_parallel" in field_help(
+        next(f for f in flags_ if f.name == "strategy")
+    ) and "{" not in "".join(helps.values())

@@ -147,3 +147,50 @@ def test_bfloat16_computes_in_bfloat16_keeps_float32_variables_and_learns(tmp_pa
     serve = tf.saved_model.load(os.path.join(bf16.model_dir, "export"))
     (logits,) = serve.signatures["serving_default"](images=tf.zeros([2, 28, 28, 1])).values()
     assert logits.dtype == tf.float32 and np.all(np.isfinite(logits.numpy()))
+
+
+def test_actions_see_outputs_and_none_is_load_bearing(tmp_path):
+    """The controller hands each stretch's and evaluation's outputs to the
+    actions it is given; with none of the default ones, the run still
+    evaluates, checkpoints and writes the speed and metrics to metrics.json."""
+    import json
+    import os
+
+    from tftrain import actions
+    from tftrain.distribute.base import mode_for
+
+    class Record(actions.Action):
+        def __init__(self, interval=None):
+            self.interval, self.seen = interval, []
+
+        def __call__(self, output):
+            self.seen.append(output)
+
+    config = ExperimentConfig(
+        dataset="synthetic",
+        model="softmax",
+        train_steps=40,
+        steps_per_loop=10,
+        eval_interval=20,
+        checkpoint_interval=20,
+        export=False,
+        model_dir=str(tmp_path / "run"),
+    ).validate()
+    every_15, evals = Record(15), Record()
+    mode = mode_for(config)
+    mode.setup()
+    result = controller.run(config, mode, train_actions=[every_15], eval_actions=[evals])
+    # Stretches end where the action is due (15, 30) as well as at the loops' ends.
+    assert [o.step for o in every_15.seen] == [15, 30, 40]
+    assert all(isinstance(o, actions.TrainOutput) for o in every_15.seen)
+    assert {"loss", "accuracy"} <= set(every_15.seen[-1].metrics)
+    assert every_15.seen[-1].steady_speed and every_15.seen[-1].last
+    assert [o.step for o in evals.seen] == [0, 20, 40]
+    assert evals.seen[-1].metrics["loss"] == pytest.approx(result["eval_loss"])
+    with open(os.path.join(config.model_dir, "metrics.json")) as f:
+        written = json.load(f)
+    assert written["examples_per_second"] > 0 and written["global_step"] == 40
+    assert sorted(os.listdir(os.path.join(config.model_dir, "checkpoints"))) == [
+        "checkpoint",
+        *sorted(f"ckpt-{s}.{ext}" for s in (20, 40) for ext in ("data-00000-of-00001", "index")),
+    ]

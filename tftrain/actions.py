@@ -1,14 +1,23 @@
-"""What the controller does between loops of steps: progress, evaluation,
-checkpoints. Each action says when it is due; the controller ends each
-stretch of steps at the next step an action is due, then runs the due ones
-in order. A new action is a class here (or the caller's) with ``interval``
-and ``__call__``.
+"""What happens after a stretch of training steps or an evaluation: the
+progress line, TensorBoard scalars and histograms, the divergence checks, a
+profile. Each action is built with the components it needs and is then
+called with an output only (:class:`TrainOutput` after each stretch of
+steps, :class:`EvalOutput` after each evaluation); it never sees the
+controller, and the controller never looks for one: any of them can be left
+out, replaced or joined by the caller's own.
+
+A train action says when it is due (``interval``, or ``steps_until_due`` and
+``due`` for irregular steps); the controller ends each stretch at the next
+step an action is due and calls the due ones in order. Eval actions run
+after every evaluation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from collections.abc import Callable
 
 from tftrain.errors import DivergedError
 
@@ -17,6 +26,53 @@ def format_duration(seconds: float) -> str:
     seconds = int(round(max(seconds, 0)))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOutput:
+    """One stretch of training steps, as the controller measured it."""
+
+    step: int  # the global step after the stretch
+    total_steps: int
+    steps_per_epoch: int | None  # None: the data's length is unknown
+    steps: int  # steps in the stretch
+    seconds: float  # its wall time
+    global_batch_size: int
+    # The task's loss and metrics over the stretch, by their own names
+    # (empty where every update was skipped under --on_nan=skip_step).
+    metrics: dict
+    learning_rate: float
+    # What the trainer adds: gradient_norm, the trainer's own scalars
+    # ("staleness/mean"), and the updates skipped (non-finite).
+    extra: dict
+    nonfinite_steps: int
+    histograms: dict  # the trainer's own (staleness), tag -> array
+    # The run's speed so far in examples/s, leaving out the first stretch
+    # (which traces the graph) unless it is the only one; None until then.
+    steady_speed: float | None
+    started: float  # time.time() when the run began here
+
+    @property
+    def last(self) -> bool:
+        return self.step >= self.total_steps
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.steps * self.global_batch_size / max(self.seconds, 1e-9)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOutput:
+    """One evaluation of the test split."""
+
+    step: int
+    total_steps: int
+    metrics: dict  # the task's loss and metrics, "examples" too
+
+    @property
+    def scores(self) -> dict:
+        """The loss and metrics by name, without the count of examples."""
+        return {k: v for k, v in self.metrics.items() if k != "examples"}
 
 
 class Action:
@@ -31,163 +87,262 @@ class Action:
     def due(self, step: int, last: bool) -> bool:
         return last or self.interval is None or step % self.interval == 0
 
-    def __call__(self, run, step: int, seconds: float, steps: int) -> None:
-        """``seconds``: how long the ``steps`` steps just finished took."""
-        raise NotImplementedError
-
-    def begin(self, run, step: int) -> None:
+    def begin(self, step: int) -> None:
         """Called once before the first stretch, at the step the run starts from."""
 
+    def __call__(self, output) -> None:
+        raise NotImplementedError
 
-class Progress(Action):
-    """Training metrics: TensorBoard train scalars and the console's progress line.
 
-    The steady speed leaves out the first stretch, which traces the graph,
-    unless it is the only one.
+class StopOnNonFinite(Action):
+    """Under --on_nan=stop: a non-finite training loss or gradient norm ends
+    the run, naming the steps and the last good checkpoint.
+
+    Args:
+      last_checkpoint: returns the newest checkpoint's path, or None.
     """
 
-    def __init__(self, interval: int | None = None):
-        self.interval = interval  # None: after every stretch of steps
-        self.seconds, self.examples, self.stretches = 0.0, 0, 0
-        self.started, self.last_line = time.time(), 0.0
-        self.skipped = 0  # updates skipped under --on_nan=skip_step
+    def __init__(self, last_checkpoint: Callable[[], str | None]):
+        self.last_checkpoint = last_checkpoint
 
-    def steady_speed(self) -> tuple[float, float]:
-        return (self.examples / self.seconds if self.seconds else 0.0), self.seconds
-
-    @staticmethod
-    def _check_finite(run, metrics, step, steps) -> None:
-        """Under --on_nan=stop, a non-finite loss or gradient norm ends the run."""
-        nonfinite = metrics.get("nonfinite_steps", 0)
-        if run.config.on_nan != "stop" or (math.isfinite(metrics["loss"]) and not nonfinite):
+    def __call__(self, output: TrainOutput) -> None:
+        loss = output.metrics.get("loss", 0.0)
+        if math.isfinite(loss) and not output.nonfinite_steps:
             return
+        first = output.step - output.steps + 1
         what = (
-            f"the training loss became {metrics['loss']}"
-            if not math.isfinite(metrics["loss"])
-            else f"the gradients' norm became NaN or infinite in {nonfinite} step(s)"
+            f"the training loss became {loss}"
+            if not math.isfinite(loss)
+            else f"the gradients' norm became NaN or infinite in {output.nonfinite_steps} step(s)"
         )
+        saved = self.last_checkpoint()
         raise DivergedError(
-            f"{what} in steps {step - steps + 1}-{step}: the run diverged and was stopped. "
+            f"{what} in steps {first}-{output.step}: the run diverged and was stopped. "
             + (
-                f"The last good checkpoint is {run.checkpoints.last_saved}. "
-                if run.checkpoints.last_saved
+                f"The last good checkpoint is {saved}. "
+                if saved
                 else "No checkpoint was saved before it. "
             )
             + "Try a lower --learning_rate (or a warm-up, --warmup_epochs), or "
             "--on_nan=skip_step to skip such updates; nothing was exported."
         )
 
-    def __call__(self, run, step, seconds, steps) -> None:
-        config, plan = run.config, run.plan
-        metrics = run.trainer.take_train_metrics()
-        self._check_finite(run, metrics, step, steps)
-        skipped = metrics.pop("nonfinite_steps", 0)
-        self.skipped += skipped
+
+class TrainSummaries(Action):
+    """TensorBoard's train scalars (the task's loss and metrics, the learning
+    rate, the gradients' norm, the speed) and the trainer's histograms.
+
+    Args:
+      summaries: a summaries.Summaries.
+      count_skipped: record train/skipped_steps (--on_nan=skip_step).
+    """
+
+    def __init__(self, summaries, interval: int | None = None, count_skipped: bool = False):
+        self.summaries, self.interval, self.count_skipped = summaries, interval, count_skipped
+        self.stretches = 0
+
+    def __call__(self, output: TrainOutput) -> None:
         self.stretches += 1
-        if self.stretches > 1 or step == plan.total_steps:
-            self.seconds += seconds
-            self.examples += steps * config.batch_size
-        speed = (
-            self.examples / self.seconds
-            if self.seconds
-            else steps * config.batch_size / max(seconds, 1e-9)
-        )
-        lr = run.learning_rate()
-        extra = {k: v for k, v in metrics.items() if "/" in k}  # a trainer's own (staleness/...)
-        scalars = {"learning_rate": lr, **extra}
-        scores = {k: metrics[k] for k in ["loss", *run.scorer.metric_names] if k in metrics}
-        if metrics["examples"]:  # (every batch can be skipped under --on_nan=skip_step)
-            scalars.update(scores)
-        if "gradient_norm" in metrics and math.isfinite(metrics["gradient_norm"]):
-            scalars["gradient_norm"] = metrics["gradient_norm"]
-        if config.on_nan == "skip_step":
-            scalars["skipped_steps"] = skipped
-        # The speed of the interval just finished, not a running average; the
-        # first interval traces the graph, so its speed is left out (unless it
+        scalars = {"learning_rate": output.learning_rate, **output.metrics}
+        scalars.update({k: v for k, v in output.extra.items() if k != "gradient_norm"})
+        norm = output.extra.get("gradient_norm")
+        if norm is not None and math.isfinite(norm):
+            scalars["gradient_norm"] = norm
+        if self.count_skipped:
+            scalars["skipped_steps"] = output.nonfinite_steps
+        # The speed of the stretch just finished, not a running average; the
+        # first stretch traces the graph, so its speed is left out (unless it
         # is the whole run).
-        if self.stretches > 1 or step == plan.total_steps:
-            scalars["examples_per_second"] = steps * config.batch_size / max(seconds, 1e-9)
-            scalars["steps_per_second"] = steps / max(seconds, 1e-9)
-        run.summaries.scalars("train", step, scalars)
-        run.summaries.histograms("train", step, run.trainer.histograms())
+        if self.stretches > 1 or output.last:
+            scalars["examples_per_second"] = output.examples_per_second
+            scalars["steps_per_second"] = output.steps / max(output.seconds, 1e-9)
+        self.summaries.scalars("train", output.step, scalars)
+        self.summaries.histograms("train", output.step, output.histograms)
+
+
+class ProgressLine(Action):
+    """The console's progress line, at most every ``log_interval_secs``
+    seconds and at every epoch's end and the run's.
+
+    Args:
+      log: prints a line (the chief's).
+    """
+
+    def __init__(self, log, log_interval_secs: float, interval: int | None = None):
+        self.log, self.log_interval_secs, self.interval = log, log_interval_secs, interval
+        self.last_line, self.skipped = 0.0, 0
+
+    def __call__(self, output: TrainOutput) -> None:
+        self.skipped += output.nonfinite_steps
         now = time.time()
-        boundary = step % plan.epoch_steps == 0 or step == plan.total_steps
-        if now - self.last_line < config.log_interval_secs and not boundary:
+        per_epoch, total = output.steps_per_epoch, output.total_steps
+        boundary = output.step % (per_epoch or total) == 0 or output.last
+        if now - self.last_line < self.log_interval_secs and not boundary:
             return
         self.last_line = now
-        # Until a loop after the first has run, the only speed includes the
+        # Until a stretch after the first has run, the only speed includes the
         # graph's tracing: no speed or ETA is made up from it.
-        steady = self.seconds > 0
-        eta = (plan.total_steps - step) * config.batch_size / max(speed, 1e-9)
-        eta_text = format_duration(eta) if steady else "after the first loop"
-        pace = f"{speed:,.0f} examples/s" if steady else "tracing the step"
+        speed = output.steady_speed
+        if speed:
+            eta = format_duration((total - output.step) * output.global_batch_size / speed)
+            pace = f"{speed:,.0f} examples/s"
+        else:
+            eta, pace = "after the first loop", "tracing the step"
         epoch = (
-            f"epoch {step / plan.steps_per_epoch:.2f}/"
-            f"{math.ceil(plan.total_steps / plan.steps_per_epoch)}  "
-            if plan.steps_per_epoch
+            f"epoch {output.step / per_epoch:.2f}/{math.ceil(total / per_epoch)}  "
+            if per_epoch
             else ""
         )
+        extra = output.extra
         stale = (
             f"staleness {extra['staleness/mean']:.2f} (max {extra['staleness/max']:.0f})  "
             if "staleness/mean" in extra
             else ""
         )
         skips = f"skipped {self.skipped} update(s) so far (non-finite)  " if self.skipped else ""
-        run.chief_log(
-            f"step {step}/{plan.total_steps}  {epoch}"
-            + (
-                "".join(f"{k} {v:.4f}  " for k, v in scores.items())
-                if metrics["examples"]
-                else "".join(f"{k} -  " for k in scores) + "(no finite batch)  "
-            )
-            + f"lr {lr:.3g}  {pace}  {stale}{skips}"
-            f"elapsed {format_duration(now - self.started)}  ETA {eta_text}"
+        scores = (
+            "".join(f"{k} {v:.4f}  " for k, v in output.metrics.items())
+            if output.metrics
+            else "(no finite batch)  "
+        )
+        self.log(
+            f"step {output.step}/{total}  {epoch}{scores}"
+            f"lr {output.learning_rate:.3g}  {pace}  {stale}{skips}"
+            f"elapsed {format_duration(now - output.started)}  ETA {eta}"
         )
 
 
-class Evaluate(Action):
-    """Evaluates on the test split: TensorBoard eval scalars and a console line."""
+class Timings(Action):
+    """The trainer's timings of the step's parts (``Trainer.timings``; a
+    pipeline's stages) as TensorBoard train scalars, when it has any."""
 
-    def __init__(self, interval: int):
-        self.interval = interval
+    def __init__(self, timings: Callable[[], dict], summaries, interval: int):
+        self.timings, self.summaries, self.interval = timings, summaries, interval
 
-    def __call__(self, run, step, seconds=0.0, steps=0) -> None:
-        run.watchdog.kick(f"evaluating at step {step}")
-        metrics = run.mode.evaluate(run.trainer, run.eval_data)
+    def __call__(self, output: TrainOutput) -> None:
+        values = self.timings()
+        if values:
+            self.summaries.scalars("train", output.step, values)
+
+
+class Histograms(Action):
+    """Histograms of every weight and of one training batch's gradients at
+    the current weights (the first ``batch_size`` training examples, computed
+    on the chief, not applied): TensorBoard's Histograms and Distributions tabs.
+
+    Args:
+      variables: the trainable variables.
+      probe_gradients: their gradients on one batch, not applied.
+    """
+
+    def __init__(self, variables, probe_gradients: Callable[[], list], summaries, interval: int):
+        self.variables, self.probe_gradients = variables, probe_gradients
+        self.summaries, self.interval = summaries, interval
+
+    def __call__(self, output: TrainOutput) -> None:
+        from tftrain.trainer import gradient_tensor
+
+        values = {}
+        for variable, gradient in zip(self.variables, self.probe_gradients()):
+            values[f"weights/{variable.path}"] = variable.numpy()
+            if gradient is not None:
+                values[f"gradients/{variable.path}"] = gradient_tensor(gradient).numpy()
+        self.summaries.histograms("train", output.step, values)
+
+
+class Profile(Action):
+    """A profiler trace of steps START+1..END (``--profile_steps``) in
+    ``folder``/plugins/profile, for TensorBoard's Profile tab: this process's
+    ops."""
+
+    def __init__(self, start: int, end: int, folder: str, log):
+        self.start, self.end, self.folder, self.log = start, end, folder, log
+        self.tracing = False
+
+    def steps_until_due(self, step: int) -> int | None:
+        ahead = [s - step for s in (self.start, self.end) if s > step]
+        return min(ahead) if ahead else None
+
+    def due(self, step: int, last: bool) -> bool:
+        return step in (self.start, self.end) or (last and self.tracing)
+
+    def begin(self, step: int) -> None:
+        if step == self.start:
+            self._toggle(step)
+
+    def __call__(self, output: TrainOutput) -> None:
+        if (output.step == self.start and not self.tracing) or self.tracing:
+            self._toggle(output.step)
+
+    def _toggle(self, step: int) -> None:
+        import os
+
+        import tensorflow as tf
+
+        if not self.tracing:
+            tf.profiler.experimental.start(self.folder)
+            self.tracing = True
+            return
+        tf.profiler.experimental.stop()
+        self.tracing = False
+        self.log(
+            f"profiled steps {self.start + 1}-{step}: TensorBoard's Profile tab "
+            f"(trace in {os.path.join(self.folder, 'plugins', 'profile')})."
+        )
+
+
+# -- after each evaluation ----------------------------------------------------
+
+
+class EvalSummaries:
+    """TensorBoard's eval scalars and the console's evaluation line."""
+
+    def __init__(self, summaries, log):
+        self.summaries, self.log = summaries, log
+
+    def __call__(self, output: EvalOutput) -> None:
+        scores = output.scores
+        self.summaries.scalars("eval", output.step, scores)
+        self.summaries.flush()
+        self.log(
+            f"eval at step {output.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        )
+
+
+class StopIfDiverged:
+    """A non-finite evaluation loss ends the run; so does a finished run
+    whose model has more than twice the untrained model's test loss and no
+    clearly better accuracy than it (or than chance, when it scored below),
+    even where every number stayed finite. Overfitting raises the loss, not
+    the accuracy, back to there; a run too short to learn keeps about the
+    same loss.
+
+    Args:
+      untrained: returns the untrained model's (loss, accuracy), NaN where
+        unknown (a run resumed from a checkpoint written before tftrain kept it).
+      num_classes: the classes where the task has an accuracy; else None.
+    """
+
+    def __init__(self, untrained: Callable[[], tuple[float, float]], num_classes: int | None):
+        self.untrained, self.num_classes = untrained, num_classes
+
+    def __call__(self, output: EvalOutput) -> None:
+        metrics, step = output.metrics, output.step
         if not math.isfinite(metrics["loss"]):
             raise DivergedError(
                 f"the evaluation loss at step {step} is {metrics['loss']}: the model "
                 "outputs NaN or infinite values, so it was not exported. Try a lower "
                 "--learning_rate."
             )
-        scores = {k: metrics[k] for k in ["loss", *run.scorer.metric_names] if k in metrics}
-        run.summaries.scalars("eval", step, scores)
-        run.summaries.flush()
-        run.chief_log(
-            f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
-        )
-        if step == 0:
-            run.untrained_eval.assign([metrics["loss"], metrics.get("accuracy", float("nan"))])
-        elif step == run.plan.total_steps:
-            self._check_better_than_untrained(run, step, metrics)
-        run.last_eval = metrics
-
-    @staticmethod
-    def _check_better_than_untrained(run, step, metrics) -> None:
-        """A finished run whose model has more than twice the untrained
-        model's test loss and no clearly better accuracy than it (or than
-        chance, when it scored below) diverged, even where every number
-        stayed finite. Overfitting raises the loss, not the accuracy, back
-        to there; a run too short to learn keeps about the same loss."""
-        loss, accuracy = (float(v) for v in run.untrained_eval.numpy())
-        if not math.isfinite(loss):  # no step-0 evaluation (an older checkpoint)
+        if step < output.total_steps or step == 0:
             return
-        if metrics["loss"] <= 2 * loss:
+        loss, accuracy = self.untrained()
+        if not math.isfinite(loss) or metrics["loss"] <= 2 * loss:
             return
         # Overfitting can raise a classifier's loss that far, but not take its
         # accuracy back to chance: a task with an accuracy is judged by both.
-        if "accuracy" in metrics and run.num_classes and math.isfinite(accuracy):
-            chance = 1.0 / max(run.num_classes, 2)
+        if "accuracy" in metrics and self.num_classes and math.isfinite(accuracy):
+            chance = 1.0 / max(self.num_classes, 2)
             if metrics["accuracy"] > max(accuracy, chance) + 0.05:
                 return
             now = f"loss {metrics['loss']:.4g}, accuracy {metrics['accuracy']:.4f}"
@@ -202,104 +357,38 @@ class Evaluate(Action):
         )
 
 
-class Timings(Action):
-    """The trainer's timings of the step's parts (``Trainer.timings``; a
-    pipeline's stages) as TensorBoard train scalars, when it has any."""
+def default_actions(config, plan, parts, *, out, log, is_chief: bool):
+    """``(train_actions, eval_actions)`` of a run: the non-finite check,
+    TensorBoard's train scalars and the progress line after every stretch
+    (or every --summary_every steps); stage timings at each evaluation;
+    histograms and a profile when asked for (on the chief). After each
+    evaluation: its scalars and line, and the divergence check.
 
-    def __init__(self, interval: int):
-        self.interval = interval
-
-    def __call__(self, run, step, seconds=0.0, steps=0) -> None:
-        values = run.trainer.timings()
-        if values:
-            run.summaries.scalars("train", step, values)
-            run.last_timings = values
-
-
-class Histograms(Action):
-    """Histograms of every weight and of one training batch's gradients at
-    the current weights (the first ``batch_size`` training examples, computed
-    on the chief, not applied): TensorBoard's Histograms and Distributions tabs."""
-
-    def __init__(self, interval: int):
-        self.interval = interval
-
-    def __call__(self, run, step, seconds=0.0, steps=0) -> None:
-        from tftrain.trainer import gradient_tensor
-
-        if not run.mode.placement.is_chief:
-            return
-        variables = run.model.trainable_variables
-        gradients = run.trainer.probe_gradients(run.sample_batch)
-        values = {}
-        for variable, gradient in zip(variables, gradients):
-            values[f"weights/{variable.path}"] = variable.numpy()
-            if gradient is not None:
-                values[f"gradients/{variable.path}"] = gradient_tensor(gradient).numpy()
-        run.summaries.histograms("train", step, values)
-
-
-class Profile(Action):
-    """A profiler trace of steps START+1..END (``--profile_steps``) in
-    model_dir/plugins/profile, for TensorBoard's Profile tab: this process's
-    ops (on a cluster, the chief's)."""
-
-    def __init__(self, start: int, end: int):
-        self.start, self.end = start, end
-        self.tracing = False
-
-    def steps_until_due(self, step: int) -> int | None:
-        ahead = [s - step for s in (self.start, self.end) if s > step]
-        return min(ahead) if ahead else None
-
-    def due(self, step: int, last: bool) -> bool:
-        return step in (self.start, self.end) or (last and self.tracing)
-
-    def begin(self, run, step: int) -> None:
-        if step == self.start:
-            self._toggle(run, step)
-
-    def __call__(self, run, step, seconds=0.0, steps=0) -> None:
-        if (step == self.start and not self.tracing) or self.tracing:
-            self._toggle(run, step)
-
-    def _toggle(self, run, step: int) -> None:
-        import tensorflow as tf
-
-        if not run.mode.placement.is_chief:
-            return
-        if not self.tracing:
-            tf.profiler.experimental.start(run.out.path(""))
-            self.tracing = True
-            return
-        tf.profiler.experimental.stop()
-        self.tracing = False
-        run.chief_log(
-            f"profiled steps {self.start + 1}-{step}: TensorBoard's Profile tab "
-            f"(trace in {run.out.path('plugins', 'profile')})."
-        )
-
-
-class SaveCheckpoint(Action):
-    def __init__(self, interval: int):
-        self.interval = interval
-
-    def __call__(self, run, step, seconds=0.0, steps=0) -> None:
-        run.watchdog.kick(f"saving the checkpoint of step {step}")
-        run.checkpoints.save(step)
-
-
-def default_actions(config, plan) -> list[Action]:
-    """Progress after every stretch (or every --summary_every steps);
-    evaluation and a checkpoint once an epoch (or every --eval_interval /
-    --checkpoint_interval steps); histograms and a profile when asked for."""
-    actions = [
-        Progress(config.summary_every),
-        Evaluate(config.eval_interval or plan.epoch_steps),
-        Timings(config.eval_interval or plan.epoch_steps),
+    Args:
+      parts: the run's components (controller.Components).
+      out: where this task writes (``out.path(...)``).
+      log: the chief's console (a no-op on other tasks).
+    """
+    every = config.summary_every
+    train = []
+    if config.on_nan == "stop":
+        train.append(StopOnNonFinite(lambda: parts.checkpoints.last_saved))
+    train += [
+        TrainSummaries(parts.summaries, every, count_skipped=config.on_nan == "skip_step"),
+        ProgressLine(log, config.log_interval_secs, every),
+        Timings(parts.trainer.timings, parts.summaries, config.eval_interval or plan.epoch_steps),
     ]
-    if config.histogram_every:
-        actions.append(Histograms(config.histogram_every))
-    if config.profile_steps:
-        actions.append(Profile(*config.profile_steps))
-    return actions + [SaveCheckpoint(config.checkpoint_interval or plan.epoch_steps)]
+    if is_chief and config.histogram_every:
+        train.append(
+            Histograms(
+                parts.model.trainable_variables,
+                lambda: parts.trainer.probe_gradients(parts.sample_batch),
+                parts.summaries,
+                config.histogram_every,
+            )
+        )
+    if is_chief and config.profile_steps:
+        train.append(Profile(*config.profile_steps, folder=out.path(""), log=log))
+    untrained = lambda: tuple(float(v) for v in parts.untrained_eval.numpy())
+    evals = [EvalSummaries(parts.summaries, log), StopIfDiverged(untrained, parts.num_classes)]
+    return train, evals

@@ -34,6 +34,40 @@ BUILTIN_TASK_FIELDS = ("dataset", "model", "hidden_units", "embedding_shards")
 DEFAULT_HIDDEN_UNITS = (256, 128)
 
 
+def _flag(default, help: str):
+    """A field that is a flag of the same name; ``help`` is its help, where
+    ``{name}`` lists the choices of :func:`_choices`."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("a flag's default must be immutable")
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _choices() -> dict[str, str]:
+    """The choices a field's help may name: the registries' current names
+    (a strategy registered later is listed too) and the closed lists here."""
+    return {
+        name: ", ".join(values)
+        for name, values in {
+            "datasets": DATASETS_BUILTIN,
+            "models": plugins.MODELS.names(),
+            "optimizers": plugins.OPTIMIZERS.names(),
+            "strategies": plugins.STRATEGIES.names(),
+            "precisions": PRECISIONS,
+            "lr_schedules": LR_SCHEDULES,
+            "on_nan": ON_NAN,
+            "all_reduce": ALL_REDUCE,
+            "collectives": COLLECTIVES,
+            "pipeline_schedules": PIPELINE_SCHEDULES,
+            "pipeline_balances": PIPELINE_BALANCES,
+        }.items()
+    }
+
+
+def field_help(field: dataclasses.Field) -> str:
+    """A field's flag help, its choices filled in."""
+    return field.metadata.get("help", field.name).format(**_choices())
+
+
 @dataclasses.dataclass
 class ExperimentConfig:
     """Everything a training run needs to know.
@@ -42,89 +76,156 @@ class ExperimentConfig:
     words, so one idea has one name everywhere.
     """
 
-    experiment: str | None = None
+    experiment: str | None = _flag(
+        None,
+        "an experiment: NAME[:VARIANT] from experiments/, a file (path/to/exp.py[:VARIANT]) "
+        "or a module (package.module[:VARIANT]) with get_config(variant); it sets the "
+        "defaults of every other flag, and its own options are flags too",
+    )
     # Where the experiment came from (a file's absolute path, or a module's
     # name): recorded in config.json; set when the experiment is loaded.
     experiment_source: str | None = dataclasses.field(default=None, metadata={"flag": False})
     # The user's own options (name -> default): each is a flag of its own
     # (--name=value), recorded in config.json, read as config.name.
     options: dict = dataclasses.field(default_factory=dict, metadata={"flag": False})
-    # Data and task.
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    max_train_examples: int | None = None  # a subset, for smoke runs
-    max_eval_examples: int | None = None
+    # -- data and task
+    dataset: str = _flag("fashion_mnist", "the built-in task's data: {datasets}, or any TFDS name")
+    data_dir: str | None = _flag(None, "where local data lives (IDX files, or TFDS's data folder)")
+    max_train_examples: int | None = _flag(None, "use only the first N training examples")
+    max_eval_examples: int | None = _flag(None, "use only the first N test examples")
     # A tftrain.Task subclass, or the name of a registered one.
     task: Any = dataclasses.field(default="classification", metadata={"flag": False})
-    # Model and optimizer.
-    model: str = "softmax"
-    hidden_units: tuple[int, ...] | None = None  # mlp only; None: 256,128
-    embedding_shards: int | None = None  # embedding_bag only; None: 1 (one variable)
-    # bfloat16: layers compute in bfloat16, variables and updates stay float32.
-    precision: str = "float32"
-    optimizer: str = "adam"
-    learning_rate: float = 0.001
-    momentum: float | None = None  # sgd/momentum only; None: 0.9 for momentum, 0 for sgd
-    lr_schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    lr_decay_epochs: tuple[float, ...] = ()  # boundaries for the step schedule
-    lr_decay_rate: float = 0.1
-    scale_lr_with_batch: bool = False  # linear scaling rule (Goyal et al.)
-    base_batch_size: int = 256  # the batch the learning rate is quoted for
-    # Schedule of the run.
-    batch_size: int = 100  # global: all replicas together
-    # Slices of each replica's batch whose gradients are summed into one update
-    # (None: 1; under model_parallel, the micro-batches of the pipeline: see
-    # ``microbatches``).
-    num_microbatches: int | None = None
-    eval_batch_size: int = 1000
-    epochs: int = 1
-    train_steps: int | None = None  # wins over epochs when given
-    steps_per_epoch: int | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "training steps in one pass over the data (default: the training "
-            "dataset's length when it is known)"
-        },
+    # -- model and optimizer
+    model: str = _flag("softmax", "the built-in task's model: {models}")
+    hidden_units: tuple[int, ...] | None = _flag(
+        None, "the mlp's hidden layer widths (default 256,128)"
     )
-    steps_per_loop: int = 100
-    checkpoint_interval: int | None = None  # steps; None: once an epoch
-    eval_interval: int | None = None  # steps; None: once an epoch
-    keep_checkpoints: int = 3
-    log_interval_secs: float = 5.0
-    # TensorBoard: train scalars every N steps (None: after every loop of
-    # steps), weight and gradient histograms every N steps (None: none), and
-    # a profiler trace of steps START+1..END (empty: none).
-    summary_every: int | None = None
-    histogram_every: int | None = None
-    profile_steps: tuple[int, ...] = ()
-    # A NaN or infinite loss or gradient norm: stop the run, or skip the update.
-    on_nan: str = "stop"
-    # Distribution.
-    strategy: str = "one_device"
-    num_replicas: int = 1
-    all_reduce: str = "auto"
-    collective: str = "auto"
-    collective_timeout_secs: float = 300.0
-    ring_port: int = 0  # tftrain's TCP ring's port on each worker; 0: a free one
-    # Gradients all-reduced in packs of this many bytes by TensorFlow's
-    # collectives: ~2x faster on 256 KiB packs than on one 0.9 MB message
-    # (benchmarks/allreduce.py); 0 sends one pack.
-    collective_pack_bytes: int = 256 * 1024
-    # Pipeline model parallelism (model_parallel only; None: 2, gpipe, time).
-    num_stages: int | None = None
-    pipeline_schedule: str | None = None
-    pipeline_balance: str | None = None
-    # This process's threads (0: the mode's default).
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
-    thread_spinning: bool = True
-    # Output and reproducibility.
-    model_dir: str | None = None
-    # Set the files of an earlier run in model_dir aside and start from step 0.
-    restart: bool = False
-    seed: int = 0
-    export: bool = True
+    embedding_shards: int | None = _flag(
+        None,
+        "embedding_bag: keep the table as this many variables of consecutive rows, which "
+        "parameter servers share out (default 1)",
+    )
+    precision: str = _flag(
+        "float32",
+        "{precisions}: bfloat16 computes the layers in bfloat16 (Keras's mixed_bfloat16 "
+        "policy) and keeps the variables, gradients' updates and the loss in float32",
+    )
+    optimizer: str = _flag("adam", "{optimizers} (tftrain's own classes)")
+    learning_rate: float = _flag(0.001, "the (peak) learning rate, > 0")
+    momentum: float | None = _flag(
+        None, "momentum for sgd/momentum (default 0.9 for momentum, 0 for sgd)"
+    )
+    lr_schedule: str = _flag("constant", "{lr_schedules} (after any warm-up)")
+    warmup_epochs: float = _flag(0.0, "epochs of linear learning-rate warm-up")
+    lr_decay_epochs: tuple[float, ...] = _flag(
+        (), "epochs where the step schedule decays, e.g. 30,60"
+    )
+    lr_decay_rate: float = _flag(0.1, "the step schedule's factor")
+    scale_lr_with_batch: bool = _flag(
+        False, "linear scaling rule: learning_rate * batch_size / base_batch_size"
+    )
+    base_batch_size: int = _flag(
+        256, "the batch size --learning_rate is quoted for (with --scale_lr_with_batch)"
+    )
+    # -- the schedule of the run
+    batch_size: int = _flag(100, "the global batch size, all replicas together")
+    num_microbatches: int | None = _flag(
+        None,
+        "gradient accumulation: each replica's batch is cut into this many slices, whose "
+        "gradients are summed before one update (default 1; under model_parallel, the "
+        "pipeline's micro-batches: 4 per stage where the batch splits so)",
+    )
+    eval_batch_size: int = _flag(1000, "the global evaluation batch size")
+    epochs: int = _flag(1, "epochs to train")
+    train_steps: int | None = _flag(None, "steps to train; wins over --epochs")
+    steps_per_epoch: int | None = _flag(
+        None,
+        "training steps in one pass over the data (default: the training dataset's "
+        "length when it is known)",
+    )
+    steps_per_loop: int = _flag(100, "training steps run inside one tf.function call")
+    checkpoint_interval: int | None = _flag(None, "steps between checkpoints (default: one epoch)")
+    eval_interval: int | None = _flag(None, "steps between evaluations (default: one epoch)")
+    keep_checkpoints: int = _flag(3, "checkpoints kept in model_dir/checkpoints")
+    log_interval_secs: float = _flag(5.0, "seconds between progress lines")
+    summary_every: int | None = _flag(
+        None,
+        "steps between TensorBoard train scalars and progress checks (default: after "
+        "every --steps_per_loop steps)",
+    )
+    histogram_every: int | None = _flag(
+        None,
+        "steps between histograms of the weights and of one training batch's gradients "
+        "(default: none)",
+    )
+    profile_steps: tuple[int, ...] = _flag(
+        (),
+        "START,END: a profiler trace of steps START+1 to END, for TensorBoard's Profile "
+        "tab (default: none)",
+    )
+    on_nan: str = _flag(
+        "stop",
+        "{on_nan}: when the loss or the gradients' norm is NaN or infinite, stop the run "
+        "(naming the steps and the last good checkpoint, exporting nothing) or skip that "
+        "update (counted as train/skipped_steps)",
+    )
+    # -- distribution
+    strategy: str = _flag("one_device", "{strategies}")
+    num_replicas: int = _flag(1, "local replicas for mirrored: GPUs, or logical CPU devices")
+    all_reduce: str = _flag("auto", "mirrored's cross-device reduction: {all_reduce}")
+    collective: str = _flag(
+        "auto",
+        "multi_worker_mirrored's gradient all-reduce: {collectives} (auto: tcp on CPU "
+        "workers, TensorFlow's choice on GPUs; tcp: tftrain's ring over TCP; grpc: "
+        "TensorFlow's ring over gRPC)",
+    )
+    collective_timeout_secs: float = _flag(
+        300.0,
+        "a multi-worker run that makes no progress for this long fails with a message (a "
+        "worker that died or never started)",
+    )
+    ring_port: int = _flag(
+        0,
+        "multi_worker_mirrored with the tcp collective: the port tftrain's gradient ring "
+        "listens on, on each worker's TF_CONFIG host (0: a free port)",
+    )
+    # ~2x faster on 256 KiB packs than on one 0.9 MB message (benchmarks/allreduce.py).
+    collective_pack_bytes: int = _flag(
+        256 * 1024,
+        "grpc/nccl collectives: all-reduce gradients in packs of this many bytes (0: one pack)",
+    )
+    num_stages: int | None = _flag(
+        None,
+        "model_parallel: pipeline stages, each a run of consecutive layers on its own "
+        "device (default 2)",
+    )
+    pipeline_schedule: str | None = _flag(
+        None,
+        "model_parallel: {pipeline_schedules} (default gpipe; 1f1b holds fewer "
+        "micro-batches' activations)",
+    )
+    pipeline_balance: str | None = _flag(
+        None,
+        "model_parallel: balance stages by {pipeline_balances} (default time: each layer's "
+        "measured forward+backward time; params: parameter count)",
+    )
+    # -- this process
+    intra_op_threads: int = _flag(0, "threads inside one op (0: the strategy's default)")
+    inter_op_threads: int = _flag(0, "ops run at once (0: the strategy's default)")
+    thread_spinning: bool = _flag(
+        True, "let idle TensorFlow threads spin for work (off when tasks share cores)"
+    )
+    # -- output and reproducibility
+    model_dir: str | None = _flag(
+        None, "the run's folder; a run resumes from the latest checkpoint there"
+    )
+    restart: bool = _flag(
+        False,
+        "start from step 0: the earlier run's files in --model_dir are moved into "
+        "model_dir/previous/N/ first (nothing is deleted)",
+    )
+    seed: int = _flag(0, "the same seed and flags give the same run")
+    export: bool = _flag(True, "write a SavedModel to model_dir/export at the end")
 
     def __getattr__(self, name: str) -> Any:
         # Only called for names that are not fields: the user's options.

@@ -32,7 +32,7 @@ from tftrain.errors import RunError
 from tftrain.stopping import NeverStop, Stopped
 from tftrain.summaries import Summaries, hparams_of
 
-__all__ = ["Controller", "Plan", "RunError", "run"]
+__all__ = ["Components", "Controller", "Plan", "RunError", "build_components", "run"]
 
 
 def _strict(value):
@@ -113,19 +113,147 @@ def set_precision(precision: str) -> None:
     )
 
 
+@dataclasses.dataclass
+class Components:
+    """What one run trains with, built before the controller and handed to it.
+
+    Attributes:
+      task: the run's Task.
+      model: the model to train (placed by the mode).
+      optimizer: its optimizer.
+      trainer: runs the steps and evaluations (the mode's Trainer).
+      scorer: the task's loss and metrics.
+      checkpoints: saves and restores the run (checkpoints.Checkpoints).
+      summaries: TensorBoard's writers (summaries.Summaries).
+      sample_batch: one global training batch (the export's and graph's shapes).
+      untrained_eval: the untrained model's test (loss, accuracy), a
+        checkpointed variable (NaN until the step-0 evaluation).
+      num_classes: the classes where the task has an accuracy; else None.
+      train_iterator: the training iterator whose position is checkpointed,
+        or None where the stream is built at the restored step.
+    """
+
+    task: object
+    model: keras.Model
+    optimizer: object
+    trainer: object
+    scorer: tasks.Scorer
+    checkpoints: Checkpoints
+    summaries: Summaries
+    sample_batch: tuple
+    untrained_eval: tf.Variable
+    num_classes: int | None
+    train_iterator: object = None
+
+
+def build_components(
+    config, mode: ParallelMode, plan: Plan, task, probe: inputs.Probe, out, log, watchdog
+) -> Components:
+    """The model (under the strategy's scope, placed by the mode), its
+    optimizer, trainer, scorer, checkpoints and summaries."""
+    placement = mode.placement
+    # One global batch, read once: the checks of the model against the loss,
+    # the shape of the export and of the graph, the histograms.
+    sample_batch = probe.first_batch
+    name = type(task).__name__
+    watchdog.kick("creating the model's variables (all workers must join)")
+    set_precision(config.precision)
+    with placement.strategy.scope():
+        model = tasks.call_user(f"{name}.build_model", task.build_model, config)
+        if not isinstance(model, keras.Model):
+            raise ConfigError(
+                f"{name}.build_model returned {type(model).__name__}: expected a "
+                "keras.Model (Sequential, functional or a subclass)."
+            )
+        if not model.built or not model.weights:  # a subclassed model: built by a call
+            tasks.call_user(f"{name}: the model's call", model, sample_batch[0])
+        model = mode.place_model(model)
+        optimizer = optimizers.from_config(config, plan.epoch_steps, plan.total_steps)
+        optimizer.build(model.trainable_variables)
+        # Checkpointed, so that a resumed run can still tell a diverged model
+        # from a trained one.
+        untrained_eval = tf.Variable(
+            [float("nan")] * 2,
+            trainable=False,
+            name="untrained_eval",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+    scorer = tasks.build_scorer(task, config, model, sample_batch)
+    # Classes, where the model has an accuracy to compare with chance.
+    num_classes = (
+        int(model(sample_batch[0]).shape[-1]) if "accuracy" in scorer.metric_names else None
+    )
+    trainer = mode.make_trainer(
+        strategy=placement.strategy,
+        scorer=scorer,
+        model=model,
+        optimizer=optimizer,
+        global_batch_size=config.batch_size,
+        num_microbatches=config.microbatches,
+        gradient_reducer=placement.gradient_reducer,
+        skip_nonfinite=config.on_nan == "skip_step",
+        local_replicas=mode.local_replicas,
+    )
+    objects = {
+        "model": model,
+        # Keras's checkpoint graph of a model leaves out some of its state,
+        # such as a dropout layer's seed generator; without it a resumed run
+        # would draw other dropout masks.
+        "model_state": list(model.non_trainable_variables),
+        "optimizer": optimizer,
+        "global_step": trainer.global_step,
+        "untrained_eval": untrained_eval,
+    }
+    # The input position: a stream that is a function of the step (the
+    # built-in one, tftrain.data's) is built at the step restored, on every
+    # worker; any other's iterator state is saved in each checkpoint, where
+    # the mode can save it.
+    iterator = None
+    if mode.saves_input_position and not probe.positioned:
+        iterator = mode.distribute_train(inputs.stream(task, config, training=True))
+        objects["input"] = iterator
+    checkpoints = Checkpoints(
+        model_dir=config.model_dir,
+        out=out,
+        objects=objects,
+        step_counter=trainer.global_step,
+        keep=config.keep_checkpoints,
+        is_chief=placement.is_chief,
+        log=log,
+    )
+    return Components(
+        task=task,
+        model=model,
+        optimizer=optimizer,
+        trainer=trainer,
+        scorer=scorer,
+        checkpoints=checkpoints,
+        summaries=Summaries(out, placement.is_chief),
+        sample_batch=sample_batch,
+        untrained_eval=untrained_eval,
+        num_classes=num_classes,
+        train_iterator=iterator,
+    )
+
+
 class Controller:
     """One run's outer loop, in the order ``restore``, ``train``, ``finish``.
+
+    It runs stretches of steps through the mode, evaluates and checkpoints at
+    their intervals, and hands each stretch's and evaluation's outputs to the
+    actions; it keeps what metrics.json needs (the last evaluation, the
+    speed) itself.
 
     Args:
       config: the validated config.
       mode: the parallel mode, set up (``mode.setup()``).
       plan: the length of the run.
+      parts: the run's components (:func:`build_components`).
       out: where this task writes.
       log: prints a line for the person watching.
       watchdog: told what the run does next, before each stage that can block.
-      task: the run's Task (tasks.from_config).
-      probe: its training data, built once (inputs.probe).
-      actions: what runs between loops (default: progress, evaluation, checkpoints).
+      train_actions, eval_actions: called with each TrainOutput / EvalOutput
+        (default: actions.default_actions).
       stop: says when a signal asked the run to stop (stopping.StopRequest).
     """
 
@@ -135,116 +263,47 @@ class Controller:
         config,
         mode: ParallelMode,
         plan: Plan,
+        parts: Components,
         out,
         log,
         watchdog,
-        task,
-        probe: inputs.Probe,
-        actions=None,
+        train_actions=None,
+        eval_actions=None,
         stop=None,
     ):
-        self.config, self.mode, self.plan = config, mode, plan
+        self.config, self.mode, self.plan, self.parts = config, mode, plan, parts
         self.out, self.log, self.watchdog = out, log, watchdog
         # Progress, evaluation and the plan are the chief's to say: in a cluster
         # every worker would print the same lines.
-        self.chief_log = log if mode.placement.is_chief else (lambda line: None)
+        is_chief = mode.placement.is_chief
+        self.chief_log = log if is_chief else (lambda line: None)
         self.stop = stop or NeverStop()
-        placement = mode.placement
-        self.task = task
-        # One global batch, read once: the checks of the model against the
-        # loss, the shape of the export and of the graph, the histograms.
-        self.sample_batch = probe.first_batch
-        name = type(self.task).__name__
-        watchdog.kick("creating the model's variables (all workers must join)")
-        set_precision(config.precision)
-        with placement.strategy.scope():
-            model = tasks.call_user(f"{name}.build_model", self.task.build_model, config)
-            if not isinstance(model, keras.Model):
-                raise ConfigError(
-                    f"{name}.build_model returned {type(model).__name__}: expected a "
-                    "keras.Model (Sequential, functional or a subclass)."
-                )
-            if not model.built or not model.weights:  # a subclassed model: built by a call
-                tasks.call_user(f"{name}: the model's call", model, self.sample_batch[0])
-            self.model = mode.place_model(model)
-            self.optimizer = optimizers.from_config(config, plan.epoch_steps, plan.total_steps)
-            self.optimizer.build(self.model.trainable_variables)
-            # The untrained model's test loss and accuracy (NaN until the
-            # step-0 evaluation): checkpointed, so that a resumed run can still
-            # tell a diverged model from a trained one.
-            self.untrained_eval = tf.Variable(
-                [float("nan")] * 2,
-                trainable=False,
-                name="untrained_eval",
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        if train_actions is None or eval_actions is None:
+            train, evals = actions_lib.default_actions(
+                config, plan, parts, out=out, log=self.chief_log, is_chief=is_chief
             )
-        self.scorer = tasks.build_scorer(self.task, config, self.model, self.sample_batch)
-        # Classes, where the model has an accuracy to compare with chance.
-        self.num_classes = (
-            int(self.model(self.sample_batch[0]).shape[-1])
-            if "accuracy" in self.scorer.metric_names
-            else None
-        )
-        self.trainer = mode.make_trainer(
-            strategy=placement.strategy,
-            scorer=self.scorer,
-            model=self.model,
-            optimizer=self.optimizer,
-            global_batch_size=config.batch_size,
-            num_microbatches=config.microbatches,
-            gradient_reducer=placement.gradient_reducer,
-            skip_nonfinite=config.on_nan == "skip_step",
-            local_replicas=mode.local_replicas,
-        )
-        objects = {
-            "model": self.model,
-            # Keras's checkpoint graph of a model leaves out some of its
-            # state, such as a dropout layer's seed generator; without it a
-            # resumed run would draw other dropout masks.
-            "model_state": list(self.model.non_trainable_variables),
-            "optimizer": self.optimizer,
-            "global_step": self.trainer.global_step,
-            "untrained_eval": self.untrained_eval,
-        }
-        # The input position: a stream that is a function of the step (the
-        # built-in one, tftrain.data's) is built at the step restored, on
-        # every worker; any other's iterator state is saved in each
-        # checkpoint, where the mode can save it.
-        self.iterator = None
-        if mode.saves_input_position and not probe.positioned:
-            self.iterator = self._train_iterator(0)
-            objects["input"] = self.iterator
-        self.checkpoints = Checkpoints(
-            model_dir=config.model_dir,
-            out=out,
-            objects=objects,
-            step_counter=self.trainer.global_step,
-            keep=config.keep_checkpoints,
-            is_chief=placement.is_chief,
-            log=log,
-        )
-        self.summaries = Summaries(out, placement.is_chief)
-        self.actions = actions if actions is not None else actions_lib.default_actions(config, plan)
+            train_actions = train if train_actions is None else train_actions
+            eval_actions = evals if eval_actions is None else eval_actions
+        self.train_actions, self.eval_actions = list(train_actions), list(eval_actions)
+        self.eval_interval = config.eval_interval or plan.epoch_steps
+        self.checkpoint_interval = config.checkpoint_interval or plan.epoch_steps
         self.last_eval: dict | None = None
-        self.last_timings: dict[str, float] = {}
-
-    def _train_iterator(self, start_step: int):
-        return self.mode.distribute_train(
-            inputs.stream(self.task, self.config, training=True, start_step=start_step)
-        )
+        # The steady speed: examples and seconds of every stretch after the
+        # first (which traces the graph), or of the first where it is the only one.
+        self.examples, self.seconds, self.stretches, self.skipped = 0, 0.0, 0, 0
 
     @property
     def step(self) -> int:
-        return int(self.trainer.global_step.numpy())
+        return int(self.parts.trainer.global_step.numpy())
 
     def learning_rate(self) -> float:
-        return float(tf.convert_to_tensor(self.optimizer.learning_rate).numpy())
+        return float(tf.convert_to_tensor(self.parts.optimizer.learning_rate).numpy())
 
     def restore(self) -> int:
         self.watchdog.kick("restoring the latest checkpoint")
-        if self.checkpoints.good:
+        if self.parts.checkpoints.good:
             self._check_same_optimizer()
-        latest = self.checkpoints.restore_latest()
+        latest = self.parts.checkpoints.restore_latest()
         if latest:
             self.log(f"Resumed from {latest} at step {self.step}.")
         return self.step
@@ -285,33 +344,48 @@ class Controller:
         )
         return metrics
 
+    # -- the loop --------------------------------------------------------
+
+    def _due_in(self, step: int) -> list[int]:
+        """Steps until each action, evaluation and checkpoint is next due."""
+        due = [a.steps_until_due(step) for a in self.train_actions]
+        due += [every - step % every for every in (self.eval_interval, self.checkpoint_interval)]
+        return [d for d in due if d]
+
     def train(self) -> dict:
         """Trains to the end of the plan; returns the last evaluation."""
-        config, plan, mode = self.config, self.plan, self.mode
+        config, plan, mode, parts = self.config, self.plan, self.mode, self.parts
         step = self.step
-        if self.iterator is None:
-            self.iterator = self._train_iterator(step)
-        iterator = self.iterator
-        self.eval_data = mode.distribute_eval(inputs.stream(self.task, config, training=False))
+        iterator = parts.train_iterator or mode.distribute_train(
+            inputs.stream(parts.task, config, training=True, start_step=step)
+        )
+        self.eval_data = mode.distribute_eval(inputs.stream(parts.task, config, training=False))
         self._announce()
+        self.started = time.time()
         if step == 0:  # the starting point, before any update
             self._begin_summaries()
-        for action in self.actions:
-            action.begin(self, step)
+        for action in self.train_actions:
+            action.begin(step)
         stretch = config.steps_per_loop * mode.loops_between_syncs
         while step < plan.total_steps:
-            due_in = (a.steps_until_due(step) for a in self.actions)
-            n = min(stretch, plan.total_steps - step, *(d for d in due_in if d))
+            n = min(stretch, plan.total_steps - step, *self._due_in(step))
             self.watchdog.kick(f"training steps {step + 1}-{step + n}")
             start = time.time()
             for first in range(0, n, config.steps_per_loop):
-                mode.run_loop(self.trainer, iterator, min(config.steps_per_loop, n - first))
+                mode.run_loop(parts.trainer, iterator, min(config.steps_per_loop, n - first))
             mode.sync()
             seconds, step = time.time() - start, step + n
-            for action in self.actions:
-                if action.due(step, last=step == plan.total_steps):
-                    action(self, step, seconds, n)
-            self.summaries.flush()
+            last = step == plan.total_steps
+            output = self._train_output(step, n, seconds)
+            for action in self.train_actions:
+                if action.due(step, last=last):
+                    action(output)
+            if last or step % self.eval_interval == 0:
+                self.evaluate(step)
+            if last or step % self.checkpoint_interval == 0:
+                self.watchdog.kick(f"saving the checkpoint of step {step}")
+                parts.checkpoints.save(step)
+            parts.summaries.flush()
             if step < plan.total_steps and mode.agree_to_stop(self.stop.requested):
                 self._stop_early(step)
         if self.stop.requested:
@@ -320,23 +394,77 @@ class Controller:
                 "finished them, so it ends as a finished run."
             )
         if self.last_eval is None:  # a finished run resumed: evaluate it
-            actions_lib.Evaluate(1)(self, step)
+            self.evaluate(step)
         return self.last_eval
+
+    def _train_output(self, step: int, steps: int, seconds: float) -> actions_lib.TrainOutput:
+        parts = self.parts
+        raw = parts.trainer.take_train_metrics()
+        nonfinite = int(raw.pop("nonfinite_steps", 0))
+        self.skipped += nonfinite
+        self.stretches += 1
+        if self.stretches > 1 or step == self.plan.total_steps:
+            self.seconds += seconds
+            self.examples += steps * self.config.batch_size
+        names = ["loss", *parts.scorer.metric_names]
+        # (Every batch of the stretch can be skipped under --on_nan=skip_step.)
+        metrics = {k: raw[k] for k in names if k in raw} if raw["examples"] else {}
+        extra = {k: v for k, v in raw.items() if "/" in k}  # a trainer's own (staleness/...)
+        if "gradient_norm" in raw:
+            extra["gradient_norm"] = raw["gradient_norm"]
+        return actions_lib.TrainOutput(
+            step=step,
+            total_steps=self.plan.total_steps,
+            steps_per_epoch=self.plan.steps_per_epoch,
+            steps=steps,
+            seconds=seconds,
+            global_batch_size=self.config.batch_size,
+            metrics=metrics,
+            learning_rate=self.learning_rate(),
+            extra=extra,
+            nonfinite_steps=nonfinite,
+            histograms=parts.trainer.histograms(),
+            steady_speed=self.examples / self.seconds if self.seconds else None,
+            started=self.started,
+        )
+
+    def evaluate(self, step: int) -> dict:
+        """Evaluates on the test split and hands the result to the eval actions."""
+        self.watchdog.kick(f"evaluating at step {step}")
+        metrics = self.mode.evaluate(self.parts.trainer, self.eval_data)
+        names = ["loss", *self.parts.scorer.metric_names]
+        scores = {k: metrics[k] for k in names if k in metrics}
+        output = actions_lib.EvalOutput(
+            step, self.plan.total_steps, {**scores, "examples": metrics["examples"]}
+        )
+        for action in self.eval_actions:
+            action(output)
+        if step == 0:
+            self.parts.untrained_eval.assign(
+                [metrics["loss"], metrics.get("accuracy", float("nan"))]
+            )
+        self.last_eval = metrics
+        return metrics
+
+    def steady_speed(self) -> tuple[float | None, float | None]:
+        """(examples/s, seconds) of the stretches trained here; None if none was."""
+        if not self.stretches:
+            return None, None
+        return (self.examples / self.seconds if self.seconds else 0.0), self.seconds
 
     def _begin_summaries(self) -> None:
         """Step 0 in TensorBoard: the learning rate, the untrained model's
         evaluation, the model's graph and the run's hyperparameters."""
-        self.summaries.scalars("train", 0, {"learning_rate": self.learning_rate()})
-        evaluate = next((a for a in self.actions if isinstance(a, actions_lib.Evaluate)), None)
-        if evaluate is not None:
-            evaluate(self, 0)
+        parts = self.parts
+        parts.summaries.scalars("train", 0, {"learning_rate": self.learning_rate()})
+        self.evaluate(0)
         if self.mode.placement.is_chief:
-            model = self.model
-            spec = export.batch_spec(self.sample_batch[0])
+            model = parts.model
+            spec = export.batch_spec(parts.sample_batch[0])
             forward = tf.function(lambda x: model(x, training=False))
-            self.summaries.graph("train", forward.get_concrete_function(spec).graph)
+            parts.summaries.graph("train", forward.get_concrete_function(spec).graph)
             placement = self.mode.placement
-            self.summaries.hparams(
+            parts.summaries.hparams(
                 hparams_of(
                     self.config,
                     num_microbatches=self.config.microbatches,
@@ -345,16 +473,17 @@ class Controller:
                     total_steps=self.plan.total_steps,
                 )
             )
-        self.summaries.flush()
+        parts.summaries.flush()
 
     def _stop_early(self, step: int) -> None:
         """Saves the step reached (unless just saved) and stops the run."""
-        saved = self.checkpoints.last_saved
+        checkpoints = self.parts.checkpoints
+        saved = checkpoints.last_saved
         if not saved or not saved.endswith(f"ckpt-{step}"):
             self.watchdog.kick(f"saving the checkpoint of step {step} before stopping")
-            saved = self.checkpoints.save(step)
+            saved = checkpoints.save(step)
         signum = self.stop.signum or 15
-        kept = os.path.join(self.checkpoints.folder, os.path.basename(saved))
+        kept = os.path.join(checkpoints.folder, os.path.basename(saved))
         self.log(
             f"Stopped at step {step}/{self.plan.total_steps} on request; checkpoint "
             f"{kept}. Run the same command again to resume from it."
@@ -367,11 +496,12 @@ class Controller:
         config, plan, placement = self.config, self.plan, self.mode.placement
         if placement.is_chief:
             write_json_atomically(os.path.join(config.model_dir, "config.json"), config.to_dict())
+        model = self.parts.model
         what = (
             f"{config.model} on {config.dataset}"
             if config.builtin_task
-            else f"{self.model.name} ({self.model.count_params():,} parameters) from "
-            f"{type(self.task).__name__}"
+            else f"{model.name} ({model.count_params():,} parameters) from "
+            f"{type(self.parts.task).__name__}"
         )
         epochs = (
             f"{plan.steps_per_epoch} per epoch"
@@ -389,17 +519,15 @@ class Controller:
 
     def finish(self, eval_metrics: dict) -> dict:
         """Exports the model and writes metrics.json; returns the metrics."""
-        config, placement = self.config, self.mode.placement
+        config, placement, parts = self.config, self.mode.placement, self.parts
         export_dir = None
         if config.export:
             self.watchdog.kick("exporting the SavedModel")
             export_dir = export.export_saved_model(
-                self.model, self.sample_batch[0], self.out.path("export"), log=self.chief_log
+                parts.model, parts.sample_batch[0], self.out.path("export"), log=self.chief_log
             )
-        progress = next((a for a in self.actions if isinstance(a, actions_lib.Progress)), None)
-        speed, seconds = progress.steady_speed() if progress else (0.0, 0.0)
-        if not progress or not progress.stretches:  # nothing trained here: not measured
-            speed = seconds = None
+        speed, seconds = self.steady_speed()
+        task = parts.task
         result = {
             **{
                 f"eval_{k}": v
@@ -412,21 +540,22 @@ class Controller:
             "training_seconds": seconds,
             "experiment": config.experiment,
             "task": config.task if config.builtin_task else tasks.task_name(config.task),
-            "model": self.model.name,
-            **tasks.call_user(f"{type(self.task).__name__}.describe", self.task.describe, config),
+            "model": parts.model.name,
+            **tasks.call_user(f"{type(task).__name__}.describe", task.describe, config),
             "optimizer": config.optimizer,
             "strategy": config.strategy,
             "num_replicas": placement.num_replicas,
             "num_workers": placement.num_workers,
             "batch_size": config.batch_size,
             "seed": config.seed,
-            "weights_sha256": export.weights_fingerprint(self.model),
+            "weights_sha256": export.weights_fingerprint(parts.model),
             **self.mode.describe(),
         }
-        if self.last_timings:
-            result["timings"] = self.last_timings
+        timings = parts.trainer.timings()
+        if timings:
+            result["timings"] = timings
         if config.on_nan == "skip_step":
-            result["skipped_steps"] = progress.skipped if progress else 0
+            result["skipped_steps"] = self.skipped
         self.log(
             f"Final weights sha256 {result['weights_sha256'][:16]} "
             f"(worker {placement.worker_index} of {placement.num_workers})."
@@ -436,7 +565,7 @@ class Controller:
             write_json_atomically(metrics_path, result)
             scores = ", ".join(
                 f"eval {k} {eval_metrics[k]:.4f}"
-                for k in [*self.scorer.metric_names, "loss"]
+                for k in [*parts.scorer.metric_names, "loss"]
                 if k in eval_metrics
             )
             self.log(
@@ -459,9 +588,14 @@ def run(
     log: Callable[[str], None] = print,
     watchdog=None,
     stop=None,
+    train_actions=None,
+    eval_actions=None,
 ) -> dict:
     """Trains, evaluates and exports one run under a set-up mode; returns
     what metrics.json holds.
+
+    ``train_actions``/``eval_actions``: in place of the default ones
+    (actions.default_actions), each called with every TrainOutput/EvalOutput.
 
     Raises:
       ConfigError, data_lib.DataError, RunError: for mistakes the user can fix.
@@ -476,16 +610,19 @@ def run(
     plan = Plan.make(config, task, probe)
     placement = mode.placement
     with _Output(config.model_dir, placement.is_chief, placement.worker_index) as out:
+        watchdog = watchdog or NoWatchdog()
+        parts = build_components(config, mode, plan, task, probe, out, log, watchdog)
         controller = Controller(
             config=config,
             mode=mode,
             plan=plan,
+            parts=parts,
             out=out,
             log=log,
-            watchdog=watchdog or NoWatchdog(),
+            watchdog=watchdog,
             stop=stop,
-            task=task,
-            probe=probe,
+            train_actions=train_actions,
+            eval_actions=eval_actions,
         )
         # Only now: a task, model or data that does not fit is refused before
         # anything is written.
