@@ -308,6 +308,39 @@ def test_a_killed_worker_of_two_then_the_same_launch_ends_as_an_uninterrupted_on
     assert metrics(killed)["weights_sha256"] == metrics(straight)["weights_sha256"]
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_each_worker_resumes_its_own_tf_data_pipeline_where_it_was(exp, tmp_path):
+    """Two launched workers, each with its own shard and shuffle buffer of a
+    plain tf.data pipeline: a run stopped at step 20 and resumed to 30 ends
+    with the weights of one that ran 30 steps straight (each worker restores
+    its own iterator's state, not the chief's)."""
+    flags = [
+        f"--experiment={exp}:plain",
+        "--strategy=multi_worker_mirrored",
+        "--steps_per_loop=5",
+        "--checkpoint_interval=10",
+        "--learning_rate=0.01",
+        "--export=false",
+    ]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run_tftrain(
+        "launch", "--num_workers=2", "--", *flags, "--train_steps=30", f"--model_dir={straight}"
+    )
+    run_tftrain(
+        "launch", "--num_workers=2", "--", *flags, "--train_steps=20", f"--model_dir={split}"
+    )
+    assert sorted(os.listdir(os.path.join(split, "checkpoints", "input"))) == [
+        "worker-0",
+        "worker-1",
+    ]
+    result = run_tftrain(
+        "launch", "--num_workers=2", "--", *flags, "--train_steps=30", f"--model_dir={split}"
+    )
+    assert "Resumed from" in result.stdout
+    assert metrics(split)["weights_sha256"] == metrics(straight)["weights_sha256"]
+
+
 def test_a_plain_tf_data_stream_resumes_from_the_iterator_saved_in_the_checkpoint(tmp_path):
     import keras
 

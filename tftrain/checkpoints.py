@@ -138,8 +138,29 @@ def _write_state(folder: str, newest_first: list[str]) -> None:
 
 
 class Checkpoints:
+    """Saves and restores a run's objects in ``model_dir/checkpoints``.
+
+    Args:
+      objects: name -> what each checkpoint holds.
+      own_input: ``(iterator, worker_index)`` in a cluster whose workers
+        each read their own input pipeline (a task's own tf.data stream):
+        each worker keeps its iterator's position beside the checkpoint, in
+        ``checkpoints/input/worker-I/ckpt-N`` (the one thing a worker other
+        than the chief writes into model_dir), and restores its own, not
+        the chief's.
+    """
+
     def __init__(
-        self, *, model_dir: str, out, objects: dict, step_counter, keep: int, is_chief: bool, log
+        self,
+        *,
+        model_dir: str,
+        out,
+        objects: dict,
+        step_counter,
+        keep: int,
+        is_chief: bool,
+        log,
+        own_input=None,
     ):
         self.model_dir, self.is_chief, self.log = model_dir, is_chief, log
         self.objects = objects
@@ -149,6 +170,13 @@ class Checkpoints:
             self.checkpoint, out.path("checkpoints"), max_to_keep=keep, step_counter=step_counter
         )
         self.last_saved: str | None = self.good[0] if self.good else None
+        self.input_manager = None
+        if own_input is not None:
+            iterator, index = own_input
+            self.input_folder = os.path.join(self.folder, "input", f"worker-{index}")
+            self.input_manager = tf.train.CheckpointManager(
+                tf.train.Checkpoint(input=iterator), self.input_folder, max_to_keep=keep
+            )
 
     @property
     def folder(self) -> str:
@@ -231,9 +259,32 @@ class Checkpoints:
                 f"({str(e).splitlines()[0]}). Expected the same --model/--optimizer "
                 "as the run that wrote it, --restart, or a new --model_dir. Nothing was changed."
             ) from None
+        if self.input_manager is not None:
+            self._restore_own_input(latest)
         return latest
 
+    def _restore_own_input(self, latest: str) -> None:
+        step = _NUMBERED.search(os.path.basename(latest)).group(1)
+        path = os.path.join(self.input_folder, f"ckpt-{step}")
+        if not tf.io.gfile.exists(path + ".index"):
+            self.log(
+                f"No input position of this worker was saved with {latest} ({path} is "
+                "missing): its input pipeline starts again from the beginning of its data, "
+                "so the run sees other batches than an uninterrupted one would."
+            )
+            return
+        try:
+            self.input_manager.checkpoint.restore(path).assert_consumed()
+        except (AssertionError, ValueError, tf.errors.OpError) as e:
+            raise RunError(
+                f"this worker's input position {path} does not fit its input pipeline "
+                f"({str(e).splitlines()[0]}): expected the same task and data as the run "
+                "that wrote it, --restart, or a new --model_dir."
+            ) from None
+
     def save(self, step: int) -> str:
+        if self.input_manager is not None:  # first: a checkpoint never lacks it
+            self.input_manager.save(checkpoint_number=step)
         saved = self.manager.save(checkpoint_number=step)
         if not self.is_chief:  # every worker saves; only the chief keeps it
             shutil.rmtree(os.path.dirname(saved), ignore_errors=True)

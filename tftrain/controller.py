@@ -208,11 +208,17 @@ def build_components(
     # built-in one, tftrain.data's) is built at the step restored, on every
     # worker; any other's iterator state is saved in each checkpoint, where
     # the mode can save it.
-    iterator = None
+    # In a cluster each worker keeps its own pipeline's position, beside the
+    # checkpoint (its shuffle buffer holds its own examples, not the chief's).
+    iterator, own_input = None, None
     if mode.saves_input_position and not probe.positioned:
         iterator = mode.distribute_train(inputs.stream(task, config, training=True))
-        objects["input"] = iterator
+        if placement.num_workers > 1:
+            own_input = (iterator, placement.worker_index)
+        else:
+            objects["input"] = iterator
     checkpoints = Checkpoints(
+        own_input=own_input,
         model_dir=config.model_dir,
         out=out,
         objects=objects,

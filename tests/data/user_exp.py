@@ -209,6 +209,31 @@ class ConvTask(tftrain.Task):
         )
 
 
+class PlainPipelineTask(ConvTask):
+    """The convnet over the user's own tf.data pipeline, no tftrain.data
+    helper: each input pipeline reads its own records, through a shuffle
+    buffer whose contents are that pipeline's own."""
+
+    def build_inputs(self, config, context, training):
+        files = sorted(tf.io.gfile.glob(_records(config, "train" if training else "test")))
+        ds = tf.data.TFRecordDataset(files)
+        ds = ds.shard(context.num_input_pipelines, context.input_pipeline_id)
+        if training:
+            ds = ds.shuffle(200, seed=config.seed, reshuffle_each_iteration=False)
+        features = {
+            "image": tf.io.FixedLenFeature([], tf.string),
+            "label": tf.io.FixedLenFeature([], tf.int64),
+        }
+
+        def decode(serialized):
+            parsed = tf.io.parse_example(serialized, features)
+            images = tf.io.decode_raw(parsed["image"], tf.uint8)
+            return tf.reshape(images, [-1, *IMAGE]), parsed["label"]
+
+        batch = context.get_per_replica_batch_size(config.batch_size) if training else 64
+        return ds.batch(batch, drop_remainder=training).map(decode)
+
+
 class TextTask(tftrain.Task):
     def build_model(self, config):
         ids = keras.Input((LENGTH,), dtype="int32", name="tokens")
@@ -335,6 +360,7 @@ TASKS = {
     "regression": RegressionTask,
     "multilabel": MultiLabelTask,
     "two_inputs": TwoInputTask,
+    "plain": PlainPipelineTask,
     "broken_softmax": SoftmaxUnderLogits,
     "broken_model": NotAModel,
     "broken_elements": BadElements,
