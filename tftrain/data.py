@@ -540,9 +540,10 @@ def _shuffled_batches(
     permuted by a stateless permutation of ``(seed, epoch, window)``, then
     shard ``index`` of ``pipelines`` of each window (every ``pipelines``-th
     example, as a shard of the whole stream), cut into batches. A window is
-    cut into batches as a whole (no example at a time through tf.data); the
-    rest of the last window, less than a batch, is dropped, as
-    ``drop_remainder`` would."""
+    cut into batches as a whole (no example at a time through tf.data), and
+    several windows are cut at once (a parallel map: the permutation and the
+    copy are most of the stream's work after reading); the rest of the last
+    window, less than a batch, is dropped, as ``drop_remainder`` would."""
     import tensorflow as tf
 
     window = -(-buffer // global_batch) * global_batch
@@ -554,11 +555,18 @@ def _shuffled_batches(
         order = order[index::pipelines]
         order = order[: tf.size(order) // batch * batch]
         rows = tf.reshape(order, [-1, batch])
-        return tf.data.Dataset.from_tensor_slices(
-            tf.nest.map_structure(lambda t: tf.gather(t, rows), block)
-        )
+        return tf.nest.map_structure(lambda t: tf.gather(t, rows), block)
 
-    return examples.batch(window).enumerate().flat_map(permuted)
+    def batches_of(*cut):
+        return tf.data.Dataset.from_tensor_slices(cut[0] if len(cut) == 1 else cut)
+
+    windows = examples.batch(window).enumerate()
+    cut = windows.map(
+        lambda i, *block: permuted(i, block[0] if len(block) == 1 else block),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    return cut.flat_map(batches_of)
 
 
 def _plain_options(ds):
