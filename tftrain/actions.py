@@ -8,8 +8,10 @@ out, replaced or joined by the caller's own.
 
 A train action says when it is due (``interval``, or ``steps_until_due`` and
 ``due`` for irregular steps); the controller ends each stretch at the next
-step an action is due and calls the due ones in order. Eval actions run
-after every evaluation.
+step an action is due and calls the due ones in order, with an output of
+the steps since the last one. Eval actions run after every evaluation.
+The checks that stop a diverged run (:func:`guards`) are the controller's
+own, run whatever actions it is given.
 """
 
 from __future__ import annotations
@@ -35,17 +37,20 @@ class TrainOutput:
     step: int  # the global step after the stretch
     total_steps: int
     steps_per_epoch: int | None  # None: the data's length is unknown
-    steps: int  # steps in the stretch
-    seconds: float  # its wall time
+    # Steps and wall time since the last output (one stretch or several:
+    # an output is made when an action is due).
+    steps: int
+    seconds: float
     global_batch_size: int
-    # The task's loss and metrics over the stretch, by their own names
+    # The task's loss and metrics over those steps, by their own names
     # (empty where every update was skipped under --on_nan=skip_step).
     metrics: dict
     learning_rate: float
     # What the trainer adds: gradient_norm, the trainer's own scalars
     # ("staleness/mean"), and the updates skipped (non-finite).
     extra: dict
-    nonfinite_steps: int
+    nonfinite_steps: int  # updates skipped in those steps
+    skipped_total: int  # and since the run began here
     histograms: dict  # the trainer's own (staleness), tag -> array
     # The run's speed so far in examples/s, leaving out the first stretch
     # (which traces the graph) unless it is the only one; None until then.
@@ -68,6 +73,9 @@ class EvalOutput:
     step: int
     total_steps: int
     metrics: dict  # the task's loss and metrics, "examples" too
+    # The trainer's timings of the step's parts, measured with the
+    # evaluation (a pipeline's stages; empty for most trainers).
+    timings: dict = dataclasses.field(default_factory=dict)
 
     @property
     def scores(self) -> dict:
@@ -150,9 +158,9 @@ class TrainSummaries(Action):
             scalars["gradient_norm"] = norm
         if self.count_skipped:
             scalars["skipped_steps"] = output.nonfinite_steps
-        # The speed of the stretch just finished, not a running average; the
-        # first stretch traces the graph, so its speed is left out (unless it
-        # is the whole run).
+        # The speed of the steps since the last output, not a running average;
+        # the first stretch traces the graph, so its speed is left out (unless
+        # it is the whole run).
         if self.stretches > 1 or output.last:
             scalars["examples_per_second"] = output.examples_per_second
             scalars["steps_per_second"] = output.steps / max(output.seconds, 1e-9)
@@ -170,10 +178,9 @@ class ProgressLine(Action):
 
     def __init__(self, log, log_interval_secs: float, interval: int | None = None):
         self.log, self.log_interval_secs, self.interval = log, log_interval_secs, interval
-        self.last_line, self.skipped = 0.0, 0
+        self.last_line = 0.0
 
     def __call__(self, output: TrainOutput) -> None:
-        self.skipped += output.nonfinite_steps
         now = time.time()
         per_epoch, total = output.steps_per_epoch, output.total_steps
         boundary = output.step % (per_epoch or total) == 0 or output.last
@@ -199,7 +206,8 @@ class ProgressLine(Action):
             if "staleness/mean" in extra
             else ""
         )
-        skips = f"skipped {self.skipped} update(s) so far (non-finite)  " if self.skipped else ""
+        skipped = output.skipped_total
+        skips = f"skipped {skipped} update(s) so far (non-finite)  " if skipped else ""
         scores = (
             "".join(f"{k} {v:.4f}  " for k, v in output.metrics.items())
             if output.metrics
@@ -212,19 +220,6 @@ class ProgressLine(Action):
         )
 
 
-class Timings(Action):
-    """The trainer's timings of the step's parts (``Trainer.timings``; a
-    pipeline's stages) as TensorBoard train scalars, when it has any."""
-
-    def __init__(self, timings: Callable[[], dict], summaries, interval: int):
-        self.timings, self.summaries, self.interval = timings, summaries, interval
-
-    def __call__(self, output: TrainOutput) -> None:
-        values = self.timings()
-        if values:
-            self.summaries.scalars("train", output.step, values)
-
-
 class Histograms(Action):
     """Histograms of every weight and of one training batch's gradients at
     the current weights (the first ``batch_size`` training examples, computed
@@ -235,13 +230,22 @@ class Histograms(Action):
       probe_gradients: their gradients on one batch, not applied.
     """
 
-    def __init__(self, variables, probe_gradients: Callable[[], list], summaries, interval: int):
+    def __init__(
+        self,
+        variables,
+        probe_gradients: Callable[[], list],
+        summaries,
+        interval: int,
+        is_chief: bool = True,
+    ):
         self.variables, self.probe_gradients = variables, probe_gradients
-        self.summaries, self.interval = summaries, interval
+        self.summaries, self.interval, self.is_chief = summaries, interval, is_chief
 
     def __call__(self, output: TrainOutput) -> None:
         from tftrain.trainer import gradient_tensor
 
+        if not self.is_chief:  # (due on every worker, so that all end stretches alike)
+            return
         values = {}
         for variable, gradient in zip(self.variables, self.probe_gradients()):
             values[f"weights/{variable.path}"] = variable.numpy()
@@ -253,10 +257,12 @@ class Histograms(Action):
 class Profile(Action):
     """A profiler trace of steps START+1..END (``--profile_steps``) in
     ``folder``/plugins/profile, for TensorBoard's Profile tab: this process's
-    ops."""
+    ops (the chief's, in a cluster: due on every worker, so that all end
+    their stretches at the same steps)."""
 
-    def __init__(self, start: int, end: int, folder: str, log):
+    def __init__(self, start: int, end: int, folder: str, log, is_chief: bool = True):
         self.start, self.end, self.folder, self.log = start, end, folder, log
+        self.is_chief = is_chief
         self.tracing = False
 
     def steps_until_due(self, step: int) -> int | None:
@@ -279,6 +285,8 @@ class Profile(Action):
 
         import tensorflow as tf
 
+        if not self.is_chief:
+            return
         if not self.tracing:
             tf.profiler.experimental.start(self.folder)
             self.tracing = True
@@ -292,6 +300,18 @@ class Profile(Action):
 
 
 # -- after each evaluation ----------------------------------------------------
+
+
+class TimingSummaries:
+    """The trainer's timings of the step's parts (a pipeline's stages),
+    measured with each evaluation, as TensorBoard train scalars."""
+
+    def __init__(self, summaries):
+        self.summaries = summaries
+
+    def __call__(self, output: EvalOutput) -> None:
+        if output.timings:
+            self.summaries.scalars("train", output.step, output.timings)
 
 
 class EvalSummaries:
@@ -358,11 +378,11 @@ class StopIfDiverged:
 
 
 def default_actions(config, plan, parts, *, out, log, is_chief: bool):
-    """``(train_actions, eval_actions)`` of a run: the non-finite check,
-    TensorBoard's train scalars and the progress line after every stretch
-    (or every --summary_every steps); stage timings at each evaluation;
-    histograms and a profile when asked for (on the chief). After each
-    evaluation: its scalars and line, and the divergence check.
+    """``(train_actions, eval_actions)`` of a run: TensorBoard's train
+    scalars and the progress line after every stretch (or every
+    --summary_every steps); histograms and a profile when asked for. After
+    each evaluation: its scalars and line, and the stage timings. (The
+    divergence checks are the controller's own: :func:`guards`.)
 
     Args:
       parts: the run's components (controller.Components).
@@ -370,25 +390,35 @@ def default_actions(config, plan, parts, *, out, log, is_chief: bool):
       log: the chief's console (a no-op on other tasks).
     """
     every = config.summary_every
-    train = []
-    if config.on_nan == "stop":
-        train.append(StopOnNonFinite(lambda: parts.checkpoints.last_saved))
-    train += [
+    train = [
         TrainSummaries(parts.summaries, every, count_skipped=config.on_nan == "skip_step"),
         ProgressLine(log, config.log_interval_secs, every),
-        Timings(parts.trainer.timings, parts.summaries, config.eval_interval or plan.epoch_steps),
     ]
-    if is_chief and config.histogram_every:
+    if config.histogram_every:
         train.append(
             Histograms(
                 parts.model.trainable_variables,
                 lambda: parts.trainer.probe_gradients(parts.sample_batch),
                 parts.summaries,
                 config.histogram_every,
+                is_chief=is_chief,
             )
         )
-    if is_chief and config.profile_steps:
-        train.append(Profile(*config.profile_steps, folder=out.path(""), log=log))
-    untrained = lambda: tuple(float(v) for v in parts.untrained_eval.numpy())
-    evals = [EvalSummaries(parts.summaries, log), StopIfDiverged(untrained, parts.num_classes)]
+    if config.profile_steps:
+        train.append(
+            Profile(*config.profile_steps, folder=out.path(""), log=log, is_chief=is_chief)
+        )
+    evals = [EvalSummaries(parts.summaries, log), TimingSummaries(parts.summaries)]
     return train, evals
+
+
+def guards(config, parts):
+    """``(train_guards, eval_guards)``: the checks that stop a diverged run,
+    which the controller runs whatever actions it is given (the non-finite
+    check under --on_nan=stop after each stretch; after each evaluation, a
+    non-finite loss and, at the end, a model worse than the untrained one)."""
+    train = []
+    if config.on_nan == "stop":
+        train.append(StopOnNonFinite(lambda: parts.checkpoints.last_saved))
+    untrained = lambda: tuple(float(v) for v in parts.untrained_eval.numpy())
+    return train, [StopIfDiverged(untrained, parts.num_classes)]

@@ -174,8 +174,11 @@ class Checkpoints:
         if own_input is not None:
             iterator, index = own_input
             self.input_folder = os.path.join(self.folder, "input", f"worker-{index}")
+            # One more than the checkpoints kept: a worker saves its position
+            # before the checkpoint of the same step, so a crash between the
+            # two still leaves the position of every checkpoint kept.
             self.input_manager = tf.train.CheckpointManager(
-                tf.train.Checkpoint(input=iterator), self.input_folder, max_to_keep=keep
+                tf.train.Checkpoint(input=iterator), self.input_folder, max_to_keep=keep + 1
             )
 
     @property
@@ -266,21 +269,20 @@ class Checkpoints:
     def _restore_own_input(self, latest: str) -> None:
         step = _NUMBERED.search(os.path.basename(latest)).group(1)
         path = os.path.join(self.input_folder, f"ckpt-{step}")
-        if not tf.io.gfile.exists(path + ".index"):
-            self.log(
-                f"No input position of this worker was saved with {latest} ({path} is "
-                "missing): its input pipeline starts again from the beginning of its data, "
-                "so the run sees other batches than an uninterrupted one would."
-            )
-            return
-        try:
-            self.input_manager.checkpoint.restore(path).assert_consumed()
-        except (AssertionError, ValueError, tf.errors.OpError) as e:
-            raise RunError(
-                f"this worker's input position {path} does not fit its input pipeline "
-                f"({str(e).splitlines()[0]}): expected the same task and data as the run "
-                "that wrote it, --restart, or a new --model_dir."
-            ) from None
+        why = "is missing" if not tf.io.gfile.exists(path + ".index") else None
+        if why is None:
+            try:
+                self.input_manager.checkpoint.restore(path).assert_consumed()
+                return
+            except (AssertionError, ValueError, tf.errors.OpError) as e:
+                why = f"cannot be restored: {str(e).splitlines()[0]}"
+        # The weights and the step are restored: only the order of the data
+        # differs from an uninterrupted run's, which is said.
+        self.log(
+            f"This worker's input position at {latest} ({path}) {why}: its input "
+            "pipeline starts again from the beginning of its data, so the run sees "
+            "other batches than an uninterrupted one would."
+        )
 
     def save(self, step: int) -> str:
         if self.input_manager is not None:  # first: a checkpoint never lacks it

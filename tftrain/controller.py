@@ -3,9 +3,10 @@ due after each, then finish (export and ``metrics.json``).
 
 Everything strategy-specific goes through the parallel mode
 (:mod:`tftrain.distribute.base`); everything task-specific through the task
-(:mod:`tftrain.tasks`); what happens between loops is an action
-(:mod:`tftrain.actions`). Only the chief writes into ``model_dir``; other
-workers write to a scratch folder that they delete.
+(:mod:`tftrain.tasks`); what is done with each stretch's and evaluation's
+outputs is an action (:mod:`tftrain.actions`). Only the chief writes into
+``model_dir`` (but for each worker's own input position, beside the
+checkpoints); other workers write to a scratch folder that they delete.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def build_components(
     iterator, own_input = None, None
     if mode.saves_input_position and not probe.positioned:
         iterator = mode.distribute_train(inputs.stream(task, config, training=True))
-        if placement.num_workers > 1:
+        if mode.input_pipeline()[0] > 1:  # a pipeline per worker
             own_input = (iterator, placement.worker_index)
         else:
             objects["input"] = iterator
@@ -291,12 +292,16 @@ class Controller:
             train_actions = train if train_actions is None else train_actions
             eval_actions = evals if eval_actions is None else eval_actions
         self.train_actions, self.eval_actions = list(train_actions), list(eval_actions)
+        self.train_guards, self.eval_guards = actions_lib.guards(config, parts)
         self.eval_interval = config.eval_interval or plan.epoch_steps
         self.checkpoint_interval = config.checkpoint_interval or plan.epoch_steps
         self.last_eval: dict | None = None
+        self.last_timings: dict = {}
         # The steady speed: examples and seconds of every stretch after the
         # first (which traces the graph), or of the first where it is the only one.
         self.examples, self.seconds, self.stretches, self.skipped = 0, 0.0, 0, 0
+        # Steps and seconds since the last TrainOutput.
+        self.window_steps, self.window_seconds = 0, 0.0
 
     @property
     def step(self) -> int:
@@ -382,12 +387,16 @@ class Controller:
             mode.sync()
             seconds, step = time.time() - start, step + n
             last = step == plan.total_steps
-            output = self._train_output(step, n, seconds)
-            for action in self.train_actions:
-                if action.due(step, last=last):
+            self._count(step, n, seconds)
+            due = [a for a in self.train_actions if a.due(step, last=last)]
+            # An output covers the steps since the last one: made when an
+            # action is due (every stretch where there is none).
+            if due or last or not self.train_actions:
+                output = self._train_output(step)
+                for action in [*self.train_guards, *due]:
                     action(output)
             if last or step % self.eval_interval == 0:
-                self.evaluate(step)
+                self.evaluate(step, timings=True)
             if last or step % self.checkpoint_interval == 0:
                 self.watchdog.kick(f"saving the checkpoint of step {step}")
                 parts.checkpoints.save(step)
@@ -403,47 +412,62 @@ class Controller:
             self.evaluate(step)
         return self.last_eval
 
-    def _train_output(self, step: int, steps: int, seconds: float) -> actions_lib.TrainOutput:
-        parts = self.parts
-        raw = parts.trainer.take_train_metrics()
-        nonfinite = int(raw.pop("nonfinite_steps", 0))
-        self.skipped += nonfinite
+    def _count(self, step: int, steps: int, seconds: float) -> None:
+        """Counts a stretch: in the window of the next output, and in the
+        steady speed unless it is the first (which traces the graph) of several."""
+        self.window_steps += steps
+        self.window_seconds += seconds
         self.stretches += 1
         if self.stretches > 1 or step == self.plan.total_steps:
             self.seconds += seconds
             self.examples += steps * self.config.batch_size
+
+    def _train_output(self, step: int) -> actions_lib.TrainOutput:
+        parts = self.parts
+        raw = parts.trainer.take_train_metrics()
+        nonfinite = int(raw.pop("nonfinite_steps", 0))
+        self.skipped += nonfinite
         names = ["loss", *parts.scorer.metric_names]
-        # (Every batch of the stretch can be skipped under --on_nan=skip_step.)
+        # (Every batch can be skipped under --on_nan=skip_step.)
         metrics = {k: raw[k] for k in names if k in raw} if raw["examples"] else {}
         extra = {k: v for k, v in raw.items() if "/" in k}  # a trainer's own (staleness/...)
         if "gradient_norm" in raw:
             extra["gradient_norm"] = raw["gradient_norm"]
-        return actions_lib.TrainOutput(
+        output = actions_lib.TrainOutput(
             step=step,
             total_steps=self.plan.total_steps,
             steps_per_epoch=self.plan.steps_per_epoch,
-            steps=steps,
-            seconds=seconds,
+            steps=self.window_steps,
+            seconds=self.window_seconds,
             global_batch_size=self.config.batch_size,
             metrics=metrics,
             learning_rate=self.learning_rate(),
             extra=extra,
             nonfinite_steps=nonfinite,
+            skipped_total=self.skipped,
             histograms=parts.trainer.histograms(),
             steady_speed=self.examples / self.seconds if self.seconds else None,
             started=self.started,
         )
+        self.window_steps, self.window_seconds = 0, 0.0
+        return output
 
-    def evaluate(self, step: int) -> dict:
-        """Evaluates on the test split and hands the result to the eval actions."""
+    def evaluate(self, step: int, timings: bool = False) -> dict:
+        """Evaluates on the test split (and, with ``timings``, measures the
+        trainer's timings) and hands the result to the eval actions."""
         self.watchdog.kick(f"evaluating at step {step}")
         metrics = self.mode.evaluate(self.parts.trainer, self.eval_data)
+        if timings:
+            self.last_timings = self.parts.trainer.timings()
         names = ["loss", *self.parts.scorer.metric_names]
         scores = {k: metrics[k] for k in names if k in metrics}
         output = actions_lib.EvalOutput(
-            step, self.plan.total_steps, {**scores, "examples": metrics["examples"]}
+            step,
+            self.plan.total_steps,
+            {**scores, "examples": metrics["examples"]},
+            self.last_timings if timings else {},
         )
-        for action in self.eval_actions:
+        for action in [*self.eval_actions, *self.eval_guards]:
             action(output)
         if step == 0:
             self.parts.untrained_eval.assign(
@@ -557,9 +581,8 @@ class Controller:
             "weights_sha256": export.weights_fingerprint(parts.model),
             **self.mode.describe(),
         }
-        timings = parts.trainer.timings()
-        if timings:
-            result["timings"] = timings
+        if self.last_timings:
+            result["timings"] = self.last_timings
         if config.on_nan == "skip_step":
             result["skipped_steps"] = self.skipped
         self.log(

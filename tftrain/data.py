@@ -557,16 +557,21 @@ def _shuffled_batches(
         rows = tf.reshape(order, [-1, batch])
         return tf.nest.map_structure(lambda t: tf.gather(t, rows), block)
 
-    def batches_of(*cut):
-        return tf.data.Dataset.from_tensor_slices(cut[0] if len(cut) == 1 else cut)
+    # (In a dict, so that tf.data hands the map and the flat_map each window
+    # as one structure, whatever the examples' own structure is.)
+    def named(i, block):
+        return {"i": i, "block": block}
 
-    windows = examples.batch(window).enumerate()
-    cut = windows.map(
-        lambda i, *block: permuted(i, block[0] if len(block) == 1 else block),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    return cut.flat_map(batches_of)
+    def cut_window(window):
+        return {"rows": permuted(window["i"], window["block"])}
+
+    def rows_of(cut):
+        return tf.data.Dataset.from_tensor_slices(cut["rows"])
+
+    windows = examples.batch(window).enumerate().map(named)
+    # Two windows at once: each is held whole, and its cut copy beside it.
+    cut = windows.map(cut_window, num_parallel_calls=2, deterministic=True)
+    return cut.flat_map(rows_of)
 
 
 def _plain_options(ds):
