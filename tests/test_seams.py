@@ -27,11 +27,10 @@ class DeferredOneDevice(ParallelMode):
     def create(self):
         return Placement(tf.distribute.OneDeviceStrategy("/cpu:0"))
 
-    def run_loop(self, trainer, iterator, num_steps):
-        self.sizes.append(num_steps)
-        self.queue.append(lambda: trainer.train(iterator, num_steps))
-
-    def sync(self):
+    def run_steps(self, trainer, iterator, loops):
+        for num_steps in loops:
+            self.sizes.append(num_steps)
+            self.queue.append(lambda n=num_steps: trainer.train(iterator, n))
         self.syncs += 1
         while self.queue:
             self.queue.pop(0)()

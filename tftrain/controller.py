@@ -370,7 +370,9 @@ class Controller:
         iterator = parts.train_iterator or mode.distribute_train(
             inputs.stream(parts.task, config, training=True, start_step=step)
         )
-        self.eval_data = mode.distribute_eval(inputs.stream(parts.task, config, training=False))
+        self.evaluator = mode.evaluator(
+            parts.trainer, inputs.stream(parts.task, config, training=False)
+        )
         self._announce()
         self.started = time.time()
         if step == 0:  # the starting point, before any update
@@ -382,9 +384,9 @@ class Controller:
             n = min(stretch, plan.total_steps - step, *self._due_in(step))
             self.watchdog.kick(f"training steps {step + 1}-{step + n}")
             start = time.time()
-            for first in range(0, n, config.steps_per_loop):
-                mode.run_loop(parts.trainer, iterator, min(config.steps_per_loop, n - first))
-            mode.sync()
+            per_loop = config.steps_per_loop
+            loops = [min(per_loop, n - first) for first in range(0, n, per_loop)]
+            mode.run_steps(parts.trainer, iterator, loops)
             seconds, step = time.time() - start, step + n
             last = step == plan.total_steps
             self._count(step, n, seconds)
@@ -456,7 +458,7 @@ class Controller:
         """Evaluates on the test split (and, with ``timings``, measures the
         trainer's timings) and hands the result to the eval actions."""
         self.watchdog.kick(f"evaluating at step {step}")
-        metrics = self.mode.evaluate(self.parts.trainer, self.eval_data)
+        metrics = self.evaluator()
         if timings:
             self.last_timings = self.parts.trainer.timings()
         names = ["loss", *self.parts.scorer.metric_names]

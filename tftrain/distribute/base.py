@@ -7,9 +7,10 @@ A parallel mode is one module under ``tftrain/distribute/`` with a
 - ``check``: what the config and ``TF_CONFIG`` must hold for it, before
   anything starts;
 - ``create``: the ``tf.distribute`` strategy and this task's place;
-- ``distribute_train`` / ``distribute_eval``: how datasets reach replicas;
-- ``run_loop`` / ``sync``: how a loop of steps is dispatched (a direct call,
-  or a coordinator's ``schedule``) and when its results can be read;
+- ``distribute_train`` / ``evaluator``: how datasets reach replicas, and
+  where the evaluation runs;
+- ``run_steps``: how a stretch of steps is dispatched (direct calls, or a
+  coordinator's ``schedule`` and ``join``);
 - ``finish``: what every task does before it leaves.
 
 The controller calls these and never branches on a mode's name.
@@ -158,26 +159,24 @@ class ParallelMode:
             ds = ds.batch(local, drop_remainder=True)
         return iter(ds)
 
-    def distribute_eval(self, make_dataset: DatasetFn):
-        """The evaluation set, as ``Trainer.evaluate`` takes it (iterable)."""
-        return self.strategy.distribute_datasets_from_function(make_dataset)
+    def evaluator(self, trainer, make_dataset: DatasetFn) -> Callable[[], dict]:
+        """A function that returns the task's metrics over the evaluation
+        set: distributed over the replicas here."""
+        data = self.strategy.distribute_datasets_from_function(make_dataset)
+        return lambda: trainer.evaluate(data)
 
     # -- dispatch ----------------------------------------------------------
 
-    # Loops dispatched between two reads of their results: 1 for modes whose
-    # loops run when called; more for one whose loops run asynchronously.
+    # Loops of steps in one stretch, between two reads of their results: 1
+    # for modes whose loops run when called; more for one whose loops run
+    # asynchronously (so that every worker has one queued).
     loops_between_syncs = 1
 
-    def run_loop(self, trainer, iterator, num_steps: int) -> None:
-        """Runs (or dispatches) ``num_steps`` training steps."""
-        trainer.train(iterator, num_steps)
-
-    def sync(self) -> None:
-        """Returns once every dispatched loop has finished."""
-
-    def evaluate(self, trainer, eval_data) -> dict:
-        """The task's metrics over ``eval_data`` (from ``distribute_eval``)."""
-        return trainer.evaluate(eval_data)
+    def run_steps(self, trainer, iterator, loops: list[int]) -> None:
+        """Runs a stretch of training steps, ``loops`` of them per graph
+        call, and returns once all have run (here: one call after another)."""
+        for num_steps in loops:
+            trainer.train(iterator, num_steps)
 
     def announce(self) -> list[str]:
         """Lines to show the person watching when training starts."""

@@ -96,18 +96,17 @@ class ParameterServer(ParallelMode):
 
         return iter(self.coordinator.create_per_worker_dataset(per_worker))
 
-    def distribute_eval(self, make_dataset):
-        return make_dataset(None)  # evaluated on the coordinator, reading the ps variables
+    def evaluator(self, trainer, make_dataset):
+        data = make_dataset(None)  # evaluated on the coordinator, reading the ps variables
+        return lambda: trainer.evaluate(data, in_replica=False)
 
-    def evaluate(self, trainer, eval_data):
-        return trainer.evaluate(eval_data, in_replica=False)
-
-    def run_loop(self, trainer, iterator, num_steps: int) -> None:
+    def run_steps(self, trainer, iterator, loops: list[int]) -> None:
         import tensorflow as tf
 
-        self.coordinator.schedule(trainer.loop, args=(iterator, tf.constant(num_steps, tf.int64)))
-
-    def sync(self) -> None:
+        for num_steps in loops:  # queued for whichever worker is free
+            self.coordinator.schedule(
+                trainer.loop, args=(iterator, tf.constant(num_steps, tf.int64))
+            )
         self.coordinator.join()
 
     def make_trainer(self, **kwargs):
