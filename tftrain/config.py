@@ -115,6 +115,23 @@ class ExperimentConfig:
     momentum: float | None = _flag(
         None, "momentum for sgd/momentum (default 0.9 for momentum, 0 for sgd)"
     )
+    weight_decay: float = _flag(
+        0.0,
+        "decoupled weight decay (AdamW with --optimizer=adam): each step every weight "
+        "w <- w - learning_rate * weight_decay * w, before the update; biases and "
+        "normalization layers' scales and offsets (variables of rank 0 or 1) are left "
+        "out, and so are those --weight_decay_exclude names (0: none)",
+    )
+    weight_decay_exclude: tuple[str, ...] = _flag(
+        (),
+        "regular expressions of variable paths (layer/name) also left out of "
+        "--weight_decay, e.g. embeddings",
+    )
+    clip_norm: float | None = _flag(
+        None,
+        "clip each update's gradients, summed over every replica and worker, to this "
+        "global norm (default: no clipping)",
+    )
     lr_schedule: str = _flag("constant", "{lr_schedules} (after any warm-up)")
     warmup_epochs: float = _flag(0.0, "epochs of linear learning-rate warm-up")
     lr_decay_epochs: tuple[float, ...] = _flag(
@@ -364,6 +381,22 @@ class ExperimentConfig:
                 raise ConfigError(
                     f"--{name}={value}: expected 0 (the default) to {limit} on this machine."
                 )
+        if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
+            raise ConfigError(f"--weight_decay={self.weight_decay}: expected a number >= 0.")
+        if self.clip_norm is not None and not (
+            math.isfinite(self.clip_norm) and self.clip_norm > 0
+        ):
+            raise ConfigError(f"--clip_norm={self.clip_norm}: expected a number > 0.")
+        if self.weight_decay_exclude:
+            import re
+
+            for pattern in self.weight_decay_exclude:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ConfigError(
+                        f"--weight_decay_exclude={pattern}: not a regular expression ({e})."
+                    ) from None
         if self.momentum is not None:
             if self.optimizer not in ("sgd", "momentum"):
                 raise ConfigError(

@@ -145,6 +145,7 @@ class Components:
     untrained_eval: tf.Variable
     num_classes: int | None
     train_iterator: object = None
+    decay_left_out: list = dataclasses.field(default_factory=list)  # under --weight_decay
 
 
 def build_components(
@@ -170,6 +171,11 @@ def build_components(
             tasks.call_user(f"{name}: the model's call", model, sample_batch[0])
         model = mode.place_model(model)
         optimizer = optimizers.from_config(config, plan.epoch_steps, plan.total_steps)
+        left_out = []
+        if config.weight_decay:
+            left_out = optimizers.exclude_from_decay(
+                optimizer, model.trainable_variables, config.weight_decay_exclude
+            )
         optimizer.build(model.trainable_variables)
         # Checkpointed, so that a resumed run can still tell a diverged model
         # from a trained one.
@@ -240,6 +246,7 @@ def build_components(
         untrained_eval=untrained_eval,
         num_classes=num_classes,
         train_iterator=iterator,
+        decay_left_out=left_out,
     )
 
 
@@ -546,6 +553,16 @@ class Controller:
             f"worker(s), global batch {config.batch_size}: {plan.total_steps} steps "
             f"({epochs})."
         )
+        if config.weight_decay:
+            left_out = self.parts.decay_left_out
+            decayed = len(model.trainable_variables) - len(left_out)
+            self.chief_log(
+                f"Weight decay {config.weight_decay:g} on {decayed} of "
+                f"{len(model.trainable_variables)} variables; left out: "
+                + (", ".join(v.path for v in left_out[:6]) or "none")
+                + (f" and {len(left_out) - 6} more" if len(left_out) > 6 else "")
+                + "."
+            )
         for line in self.mode.announce():
             self.chief_log(line)
 

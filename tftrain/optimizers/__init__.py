@@ -53,7 +53,26 @@ def from_config(config, steps_per_epoch: int, total_steps: int):
     kwargs = {"learning_rate": learning_rate}
     if config.momentum is not None:  # validated: sgd or momentum only
         kwargs["momentum"] = config.momentum
+    if config.weight_decay:
+        kwargs["weight_decay"] = config.weight_decay
+    if config.clip_norm:
+        kwargs["global_clipnorm"] = config.clip_norm
     return get(config.optimizer, **kwargs)
+
+
+def exclude_from_decay(optimizer, variables, patterns=()) -> list:
+    """Leaves out of the optimizer's weight decay every variable of rank 0
+    or 1 (biases, normalization layers' scales and offsets) and every
+    variable whose path (``layer/name``) matches one of ``patterns``
+    (regular expressions, e.g. ``embeddings``); returns those left out.
+    Call it before the optimizer is built."""
+    import re
+
+    left_out = [
+        v for v in variables if len(v.shape) <= 1 or any(re.search(p, v.path) for p in patterns)
+    ]
+    optimizer.exclude_from_weight_decay(var_list=left_out)
+    return left_out
 
 
 __all__ = [
@@ -62,6 +81,7 @@ __all__ = [
     "Adam",
     "WarmupDecay",
     "get",
+    "exclude_from_decay",
     "from_config",
     "scaled_learning_rate",
     "NAMES",

@@ -24,8 +24,16 @@ class Optimizer(keras.optimizers.Optimizer):
     schedule and the step stay aligned.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, global_clipnorm=None, **kwargs):
+        # Keras would clip each replica's share of the gradients by its own
+        # norm, before they are summed; tftrain clips the summed gradients
+        # of the update (``_sum_gradients``), so Keras never sees it.
         super().__init__(*args, **kwargs)
+        if global_clipnorm is not None and (self.clipnorm or self.clipvalue):
+            raise ValueError("only one of clipnorm, clipvalue and global_clipnorm can be set")
+        if global_clipnorm is not None and global_clipnorm <= 0:
+            raise ValueError(f"global_clipnorm={global_clipnorm}: expected a number > 0")
+        self.clip_norm = global_clipnorm
         _internal.make_iteration_count_atomic(self)
         # Set by the trainer when something other than the strategy sums the
         # gradients across workers (tftrain.distribute.ring.RingAllReduce).
@@ -37,6 +45,11 @@ class Optimizer(keras.optimizers.Optimizer):
         super().__init_subclass__(**kwargs)
         if "update_step" in cls.__dict__:
             cls.update_step = _skippable(cls.__dict__["update_step"])
+
+    def get_config(self):
+        config = super().get_config()
+        config["global_clipnorm"] = self.clip_norm
+        return config
 
     def _slot(self, slots, variable):
         """The tf.Variable behind the slot of ``variable`` (per device in an update)."""
@@ -76,7 +89,28 @@ def _sum_gradients(optimizer, grads_and_vars, keras_sum):
         pairs = keras_sum(grads_and_vars)
     if optimizer.gradient_observer is not None:
         pairs = optimizer.gradient_observer(list(pairs))
+    if optimizer.clip_norm is not None:
+        pairs = clip_by_global_norm(list(pairs), optimizer.clip_norm)
     return pairs
+
+
+def clip_by_global_norm(grads_and_vars, clip_norm: float):
+    """The gradients scaled by ``clip_norm / max(norm, clip_norm)``, with
+    ``norm`` the global norm of the update's gradients as dense ones would
+    be (a sparse gradient's rows that share an index are summed first), so
+    that a sparse and a dense gradient of the same update clip alike."""
+    pairs = [(g, v) for g, v in grads_and_vars if g is not None]
+    parts = [deduplicate(g)[0] if isinstance(g, tf.IndexedSlices) else g for g, _ in pairs]
+    norm = tf.linalg.global_norm([tf.cast(p, tf.float32) for p in parts])
+    limit = tf.constant(clip_norm, tf.float32)
+    scale = limit / tf.maximum(norm, limit)
+
+    def scaled(g):
+        if isinstance(g, tf.IndexedSlices):
+            return tf.IndexedSlices(g.values * tf.cast(scale, g.dtype), g.indices, g.dense_shape)
+        return g * tf.cast(scale, g.dtype)
+
+    return [(scaled(g), v) for g, v in pairs]
 
 
 _internal.install_gradient_sum_hook(Optimizer, _sum_gradients)
