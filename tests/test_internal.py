@@ -143,3 +143,25 @@ def test_a_keras_variable_moves_to_another_device_as_the_same_object():
     kernel.assign(before + 1)
     np.testing.assert_array_equal(layer(np.ones((1, 2), "float32")).numpy().shape, (1, 3))
     np.testing.assert_array_equal(kernel.numpy(), before + 1)
+
+
+def test_all_layers_finds_the_sublayers_of_custom_layers_and_nested_models():
+    import keras
+
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.norm = keras.layers.BatchNormalization()
+
+        def call(self, x):
+            return self.norm(x)
+
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, inner(Block()(inputs)))
+    norms = [
+        layer
+        for layer in _internal.all_layers(model)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert len(norms) == 2, "Keras's _flatten_layers no longer reaches nested layers"

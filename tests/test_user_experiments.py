@@ -92,6 +92,24 @@ def test_mirrored_two_replicas_end_as_one_device_on_a_transformer(exp, tmp_path)
     assert a["eval_accuracy"] == pytest.approx(b["eval_accuracy"], abs=1e-6)
 
 
+def test_sync_batchnorm_makes_two_replicas_normalize_as_one_device(exp, tmp_path):
+    """BatchNorm inside a custom residual block: with --sync_batchnorm two
+    mirrored replicas (each half of the same global batch) end as one device;
+    without it each replica normalizes with its own half's statistics."""
+    flags = ["--batchnorm=true", "--train_steps=48", "--epochs=1"]
+    mirrored = ["--strategy=mirrored", "--num_replicas=2"]
+    runs = {
+        "one": [],
+        "synced": [*mirrored, "--sync_batchnorm"],
+        "own": mirrored,
+    }
+    for name, extra in runs.items():
+        train(exp, None, str(tmp_path / name), *flags, *extra)
+    one, synced, own = (metrics(str(tmp_path / n))["eval_loss"] for n in runs)
+    assert synced == pytest.approx(one, rel=1e-4)
+    assert own != pytest.approx(one, rel=3e-4)  # (about 1e-3 apart here)
+
+
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_two_launched_workers_end_as_one_device_with_example_shards(exp, tmp_path):

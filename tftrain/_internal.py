@@ -156,3 +156,10 @@ def move_variable(variable, device: str) -> None:
             synchronization=old.synchronization,
         )
     variable._value = moved
+
+
+def all_layers(model) -> list:
+    """Every layer inside ``model``: nested models' and the sublayers that
+    custom layers hold as attributes (Keras's private ``_flatten_layers``;
+    ``model.layers`` lists the top level only)."""
+    return list(model._flatten_layers(include_self=False, recursive=True))

@@ -132,6 +132,12 @@ class ExperimentConfig:
         "clip each update's gradients, summed over every replica and worker, to this "
         "global norm (default: no clipping)",
     )
+    sync_batchnorm: bool = _flag(
+        False,
+        "BatchNormalization layers normalize with the statistics of the global batch, "
+        "all-reduced over every replica and worker at each training step (Keras's "
+        "synchronized=True); without it each replica uses its own share's",
+    )
     lr_schedule: str = _flag("constant", "{lr_schedules} (after any warm-up)")
     warmup_epochs: float = _flag(0.0, "epochs of linear learning-rate warm-up")
     lr_decay_epochs: tuple[float, ...] = _flag(

@@ -23,8 +23,8 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from tftrain import _internal, export, inputs, optimizers, tasks
 from tftrain import actions as actions_lib
-from tftrain import export, inputs, optimizers, tasks
 from tftrain.checkpoints import Checkpoints
 from tftrain.config import ConfigError, ExperimentConfig
 from tftrain.distribute.base import ParallelMode
@@ -169,6 +169,8 @@ def build_components(
             )
         if not model.built or not model.weights:  # a subclassed model: built by a call
             tasks.call_user(f"{name}: the model's call", model, sample_batch[0])
+        if config.sync_batchnorm:
+            synchronize_batchnorm(model)
         model = mode.place_model(model)
         optimizer = optimizers.from_config(config, plan.epoch_steps, plan.total_steps)
         left_out = []
@@ -248,6 +250,19 @@ def build_components(
         train_iterator=iterator,
         decay_left_out=left_out,
     )
+
+
+def synchronize_batchnorm(model) -> int:
+    """Makes every BatchNormalization layer of ``model`` (nested ones too)
+    normalize with the global batch's statistics; returns how many."""
+    layers = [
+        layer
+        for layer in _internal.all_layers(model)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    for layer in layers:
+        layer.synchronized = True
+    return len(layers)
 
 
 class Controller:
