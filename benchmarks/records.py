@@ -135,6 +135,41 @@ def pipeline_rate(folder: str, batches: int) -> float:
     return batches * config.batch_size / (time.perf_counter() - start)
 
 
+def reading_rates(folder: str, records: int = 400_000) -> dict[str, float]:
+    """Records/s of the training files read two ways, nothing else done:
+    one record per tf.data element (then batched by 256), and 256 records
+    of a file per element (as tftrain.data.tfrecords reads them)."""
+    import glob
+
+    import tensorflow as tf
+
+    names = tf.data.Dataset.from_tensor_slices(sorted(glob.glob(f"{folder}/train-*.tfrecord")))
+
+    def interleaved(read):
+        return names.interleave(
+            read, cycle_length=8, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+
+    streams = {
+        "one record per element": interleaved(
+            lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20)
+        ).batch(256),
+        "256 records of a file per element": interleaved(
+            lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20).batch(256)
+        ),
+    }
+    rates = {}
+    for name, ds in streams.items():
+        it = iter(ds.prefetch(tf.data.AUTOTUNE))
+        for _ in range(50):
+            next(it)
+        start, seen = time.perf_counter(), 0
+        while seen < records:
+            seen += int(next(it).shape[0])
+        rates[name] = seen / (time.perf_counter() - start)
+    return rates
+
+
 FASHION_EXPERIMENT = '''
 import os
 import tensorflow as tf
@@ -241,7 +276,17 @@ def main(argv=None) -> None:
         help="instead: Fashion-MNIST as TFRecord shards, the CNN trained on them (4 minutes)",
     )
     parser.add_argument("--seeds", default="0", help="with --fashion_mnist: seeds, e.g. 0,1,2")
+    parser.add_argument(
+        "--reading",
+        action="store_true",
+        help="instead: the records read alone, one per element or 256 per element",
+    )
     args = parser.parse_args(argv)
+    if args.reading:
+        write_records(args.folder, args.gigabytes)
+        for name, rate in reading_rates(args.folder).items():
+            print(f"records read, {name}: {rate:,.0f}/s")
+        return
     if args.fashion_mnist:
         seeds = [int(s) for s in args.seeds.split(",")]
         fashion_mnist(os.path.join(args.folder, "fashion_mnist"), seeds)
