@@ -218,6 +218,7 @@ def test_the_export_of_a_two_input_model_serves_its_own_inputs(exp, tmp_path):
         ("broken_model", "returned str: expected a keras.Model"),
         ("broken_elements", "expected (features, labels)"),
         ("broken_labels", "a label is 1"),
+        ("broken_strings", "the labels are strings"),
         ("broken_raises", "RaisesInBuild.build_model raised AttributeError"),
     ],
 )
@@ -235,6 +236,29 @@ def test_a_users_mistake_is_one_line_and_exit_2_before_anything_is_written(
     else:
         assert "Traceback" not in result.stderr
     assert not model_dir.exists()
+
+
+def test_a_label_out_of_range_met_mid_run_is_one_line(exp, tmp_path):
+    result = train(exp, "broken_late_label", str(tmp_path / "late"), check=False)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tftrain: error: a label in the data is 1")
+    assert "outputs 4 classes" in last and "Traceback" not in result.stderr
+
+
+def test_histograms_do_not_change_the_run(exp, tmp_path):
+    """The histograms' gradient probe runs the model in training mode; the
+    BatchNorm moving averages it moves are put back."""
+    flags = ["--batchnorm=true", "--train_steps=24", "--export=false"]
+    train(exp, None, str(tmp_path / "plain"), *flags)
+    train(exp, None, str(tmp_path / "looked"), *flags, "--histogram_every=8")
+    looked = metrics(str(tmp_path / "looked"))
+    assert looked["weights_sha256"] == metrics(str(tmp_path / "plain"))["weights_sha256"]
+    assert any(t.startswith("weights/") for t in summary_tags(tmp_path / "looked"))
+
+
+def summary_tags(model_dir):
+    return scalar_tags(os.path.join(model_dir, "train"))
 
 
 def test_a_missing_experiment_file_or_one_without_get_config_is_one_line(tmp_path):

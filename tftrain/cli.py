@@ -130,7 +130,7 @@ def _train_main(argv):
         _fail(f"{e.strerror or e}{where}: check --model_dir={config.model_dir}.")
     except tf.errors.OpError as e:
         _stop_watchdogs(box)
-        said = mode.explain(e) or _explain_resources(e, config)
+        said = mode.explain(e) or _explain_resources(e, config) or _explain_labels(e)
         if said:
             _fail(said, code=1)
         if not isinstance(
@@ -153,6 +153,25 @@ def _stop_watchdogs(box) -> None:
 
 # The experiment, loaded once before the flags are parsed (its options become flags).
 _LOADED: dict = {}
+
+
+def _explain_labels(error) -> str | None:
+    """A label outside the model's classes met in the middle of a run (the
+    first batch is checked before anything starts), in one line; else None."""
+    import re
+
+    found = re.search(
+        r"Received a label value of (-?\d+) which is outside the valid range of \[0, (\d+)\)",
+        str(error),
+    )
+    if not found:
+        return None
+    bad, classes = int(found[1]), int(found[2])
+    return (
+        f"a label in the data is {bad}, but the model outputs {classes} classes: expected "
+        f"labels 0-{classes - 1}. Only the first batch is checked before training: check "
+        "every split's labels (or the model's number of classes)."
+    )
 
 
 def _explain_resources(error, config) -> str | None:

@@ -369,6 +369,12 @@ def check_fit(name: str, model, loss, metrics, batch) -> None:
             f"{out.max():.3g}]: end the model in a softmax/sigmoid, or use from_logits=True."
         )
     y = np.asarray(labels)
+    if y.dtype.kind in "SUO":
+        raise DataError(
+            f"{name}: the labels are strings ({y.reshape(-1)[:3]} ...): the loss "
+            f"({type(loss).__name__}) takes numbers; map them to class numbers in "
+            "build_inputs (for example with tf.keras.layers.StringLookup)."
+        )
     if kind == "sparse":
         classes = out.shape[-1]
         if y.dtype.kind == "f" and not np.all(y == np.round(y)):

@@ -232,10 +232,17 @@ class Trainer:
 
     def probe_gradients(self, batch) -> list:
         """The gradients of one batch at the current weights, computed in this
-        process and not applied (for histograms)."""
+        process and not applied (for histograms). The training-mode pass
+        moves the model's non-trainable state (BatchNorm's moving averages,
+        a dropout layer's seed): it is put back, so that looking does not
+        change the run."""
         if self._probe is None:
             self._probe = tf.function(lambda b: self.compute_gradients(*unpack(b))[0])
-        return self._probe(batch)
+        state = [(v, tf.identity(v.value)) for v in self.model.non_trainable_variables]
+        gradients = self._probe(batch)
+        for variable, value in state:
+            variable.assign(value)
+        return gradients
 
     def timings(self) -> dict[str, float]:
         """Timings of the step's parts worth a chart (a pipeline's stages); none here."""

@@ -354,6 +354,20 @@ class LabelsOutOfRange(ConvTask):
         return super().build_inputs(config, context, training).map(lambda x, y: (x, y + 10))
 
 
+class StringLabels(ConvTask):
+    def build_inputs(self, config, context, training):
+        ds = super().build_inputs(config, context, training)
+        return ds.map(lambda x, y: (x, tf.strings.as_string(y)))
+
+
+class LateBadLabel(ConvTask):
+    """Labels that fit in the first batches and not in the fourth."""
+
+    def build_inputs(self, config, context, training):
+        ds = super().build_inputs(config, context, training).enumerate()
+        return ds.map(lambda i, xy: (xy[0], tf.where(i == 3, xy[1] + 10, xy[1])))
+
+
 TASKS = {
     "conv": ConvTask,
     "text": TextTask,
@@ -366,6 +380,8 @@ TASKS = {
     "broken_elements": BadElements,
     "broken_raises": RaisesInBuild,
     "broken_labels": LabelsOutOfRange,
+    "broken_strings": StringLabels,
+    "broken_late_label": LateBadLabel,
 }
 
 
