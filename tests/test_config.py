@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from tftrain.config import ConfigError, ExperimentConfig
@@ -79,3 +81,29 @@ def test_every_flag_has_its_help_beside_its_field():
     assert "model_parallel" in field_help(
         next(f for f in flags_ if f.name == "strategy")
     ) and "{" not in "".join(helps.values())
+
+
+@pytest.mark.parametrize(
+    "changes, said",
+    [
+        (
+            {"learning_rate": "0.01"},
+            "learning_rate='0.01' (str): the field learning_rate takes a number",
+        ),
+        ({"profile_steps": "30,40"}, "takes a list"),
+        ({"batch_size": True}, "batch_size takes a whole number"),
+        ({"embed_dim": "16"}, "the experiment's option embed_dim takes a whole number"),
+        ({"train_step": 10}, "did you mean 'train_steps'"),
+    ],
+)
+def test_values_from_python_are_checked_as_the_flags_would_be(changes, said):
+    config = ExperimentConfig(model_dir="/x", options={"embed_dim": 16})
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        config.replace(**changes).validate()
+
+
+def test_a_path_is_taken_for_a_folder():
+    import pathlib
+
+    config = ExperimentConfig(model_dir=pathlib.Path("/tmp/run")).validate()
+    assert config.model_dir == "/tmp/run" and config.replace(learning_rate=1).validate()

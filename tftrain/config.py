@@ -266,12 +266,17 @@ class ExperimentConfig:
         options = {k: changes.pop(k) for k in list(changes) if k not in names}
         unknown = [k for k in options if k not in self.options]
         if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], [*names, *self.options], n=1)
             raise ConfigError(
                 f"{unknown[0]!r} is neither a field of ExperimentConfig nor one of this "
                 "experiment's options"
                 + (f" ({', '.join(self.options)})" if self.options else "")
-                + "."
+                + (f"; did you mean {close[0]!r}?" if close else ".")
             )
+        for name, value in options.items():  # of the kind of the experiment's default
+            _check_kind(name, value, _kind_of(self.options[name]), option=True)
         if options:
             changes["options"] = {**changes.get("options", self.options), **options}
         return dataclasses.replace(self, **changes)
@@ -312,11 +317,26 @@ class ExperimentConfig:
                     return m
         return 1
 
+    def _check_types(self) -> None:
+        """Each flag field and option holds a value of its kind, as the
+        command line would give it (from Python, nothing else checks)."""
+        import os
+
+        for field in dataclasses.fields(self):
+            if not field.metadata.get("flag", True):
+                continue
+            value = getattr(self, field.name)
+            if isinstance(value, os.PathLike) and str(field.type).startswith("str"):
+                value = os.fspath(value)  # a pathlib.Path for a folder: its string
+                setattr(self, field.name, value)
+            _check_kind(field.name, value, str(field.type))
+
     def validate(self) -> ExperimentConfig:
         """Checks every field and their combinations; raises ConfigError naming
         the first bad one. The strategy's own checks follow in its module."""
         from tftrain.tasks import Task
 
+        self._check_types()
         if self.builtin_task:
             _one_of("dataset", self.dataset, DATASETS_BUILTIN, open_ended=True)
             _one_of("task", self.task, plugins.TASKS.names())
@@ -509,3 +529,42 @@ def _positive_float(name: str, value: Any):
         or value <= 0
     ):
         raise ConfigError(f"--{name}={value}: expected a number > 0.")
+
+
+def _kind_of(default) -> str:
+    for kind in (bool, int, float, str):
+        if isinstance(default, kind):
+            return kind.__name__
+    return "tuple" if isinstance(default, (tuple, list)) else "Any"
+
+
+_KIND_WORDS = {
+    "bool": "true or false",
+    "int": "a whole number",
+    "float": "a number",
+    "str": "a string",
+    "tuple": "a list (tuple)",
+}
+
+
+def _check_kind(name: str, value, annotation: str, option: bool = False) -> None:
+    """Raises ConfigError when ``value`` is not of the kind ``annotation``
+    names (``int``, ``float | None``, ``tuple[int, ...]``, ...)."""
+    if value is None and ("None" in annotation or annotation == "Any"):
+        return
+    kind = annotation.split("|")[0].strip().split("[")[0]
+    if kind not in _KIND_WORDS:
+        return
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "tuple": isinstance(value, (tuple, list)),
+    }[kind]
+    if not ok:
+        what = "the experiment's option" if option else "the field"
+        raise ConfigError(
+            f"{name}={value!r} ({type(value).__name__}): {what} {name} takes "
+            f"{_KIND_WORDS[kind]} (the flag --{name})."
+        )
