@@ -5,6 +5,7 @@ under every mode, from the command line and from Python."""
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -108,6 +109,28 @@ def test_sync_batchnorm_makes_two_replicas_normalize_as_one_device(exp, tmp_path
     one, synced, own = (metrics(str(tmp_path / n))["eval_loss"] for n in runs)
     assert synced == pytest.approx(one, rel=1e-4)
     assert own != pytest.approx(one, rel=3e-4)  # (about 1e-3 apart here)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_launched_workers_keep_the_same_batchnorm_averages_only_when_synced(exp, tmp_path):
+    hashes = {}
+    for flag in ("--sync_batchnorm", "--nosync_batchnorm"):
+        result = run_tftrain(
+            "launch",
+            "--num_workers=2",
+            "--",
+            f"--experiment={exp}",
+            "--batchnorm=true",
+            "--train_steps=24",
+            "--strategy=multi_worker_mirrored",
+            "--export=false",
+            flag,
+            f"--model_dir={tmp_path / flag}",
+        )
+        hashes[flag] = set(re.findall(r"Final weights sha256 (\w+)", result.stdout))
+    assert len(hashes["--sync_batchnorm"]) == 1  # both workers: the same weights
+    assert len(hashes["--nosync_batchnorm"]) == 2  # each its own moving averages
 
 
 @pytest.mark.slow
