@@ -127,7 +127,7 @@ def config_from_flags(flag_values, loaded=None):
         value = flag.value
         kind = str(field.type)
         if "tuple[" in kind:
-            cast = int if kind.startswith("tuple[int") else float
+            cast = {"tuple[int": int, "tuple[flo": float}.get(kind[:9], str)
             try:
                 value = tuple(cast(v) for v in value)
             except ValueError:
