@@ -276,7 +276,7 @@ class ExperimentConfig:
                 + (f"; did you mean {close[0]!r}?" if close else ".")
             )
         for name, value in options.items():  # of the kind of the experiment's default
-            _check_kind(name, value, _kind_of(self.options[name]), option=True)
+            _check_kind(name, value, value_kind(self.options[name]), option=True)
         if options:
             changes["options"] = {**changes.get("options", self.options), **options}
         return dataclasses.replace(self, **changes)
@@ -531,11 +531,20 @@ def _positive_float(name: str, value: Any):
         raise ConfigError(f"--{name}={value}: expected a number > 0.")
 
 
-def _kind_of(default) -> str:
+def value_kind(default) -> str:
+    """The kind of an option, from its default: bool, int, float, str,
+    tuple, or Any (None or anything else)."""
     for kind in (bool, int, float, str):
         if isinstance(default, kind):
             return kind.__name__
     return "tuple" if isinstance(default, (tuple, list)) else "Any"
+
+
+def field_kind(annotation: str) -> str:
+    """The kind of a field, from its annotation (``int | None``,
+    ``tuple[float, ...]``): bool, int, float, str, tuple, or Any."""
+    kind = annotation.split("|")[0].strip().split("[")[0]
+    return kind if kind in _KIND_WORDS else "Any"
 
 
 _KIND_WORDS = {
@@ -552,8 +561,8 @@ def _check_kind(name: str, value, annotation: str, option: bool = False) -> None
     names (``int``, ``float | None``, ``tuple[int, ...]``, ...)."""
     if value is None and ("None" in annotation or annotation == "Any"):
         return
-    kind = annotation.split("|")[0].strip().split("[")[0]
-    if kind not in _KIND_WORDS:
+    kind = field_kind(annotation)
+    if kind == "Any":
         return
     ok = {
         "bool": isinstance(value, bool),

@@ -718,9 +718,9 @@ def tfrecords(
         )
     # Dense features are parsed as the records are read, before the shuffle,
     # a chunk of each file at a time: the windows then hold tensors rather
-    # than one string per record (measured here: 1.4x the examples/s of
-    # parsing after the shuffle, benchmarks.records). Sparse and ragged ones
-    # are parsed after it, a batch at a time.
+    # than one string per record (BUILD_NOTES.md, "Streaming a large
+    # TFRecord dataset"). Sparse and ragged ones are parsed after it, a batch
+    # at a time.
     dense = all(isinstance(f, tf.io.FixedLenFeature) for f in features.values())
 
     def read(f):

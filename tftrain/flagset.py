@@ -24,28 +24,26 @@ def _is_flag(field) -> bool:
 
 
 def _define(name: str, kind: str, help_text: str, flag_values, default=None) -> None:
+    """``kind``: config.field_kind's or config.value_kind's word."""
     from absl import flags
 
-    if "tuple[" in kind or kind in ("tuple", "list"):
-        flags.DEFINE_list(name, default, help_text, flag_values=flag_values)
-    elif kind == "bool":
-        flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
-    elif kind.startswith("int"):
-        flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
-    elif kind.startswith("float"):
-        flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
-    else:
-        flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+    define = {
+        "tuple": flags.DEFINE_list,
+        "bool": flags.DEFINE_bool,
+        "int": flags.DEFINE_integer,
+        "float": flags.DEFINE_float,
+    }.get(kind, flags.DEFINE_string)
+    define(name, default, help_text, flag_values=flag_values)
 
 
 def define_train_flags(flag_values) -> None:
     """Defines one flag per ExperimentConfig field, on ``flag_values``, with
     the help written beside the field."""
-    from tftrain.config import ExperimentConfig, field_help
+    from tftrain.config import ExperimentConfig, field_help, field_kind
 
     for field in dataclasses.fields(ExperimentConfig):
         if _is_flag(field):
-            _define(field.name, str(field.type), field_help(field), flag_values)
+            _define(field.name, field_kind(str(field.type)), field_help(field), flag_values)
 
 
 def experiment_in(argv: list[str]) -> str | None:
@@ -64,7 +62,7 @@ def experiment_in(argv: list[str]) -> str | None:
 def define_option_flags(config, flag_values, key_flags: bool = True) -> None:
     """One flag per option of the experiment (``config.options``), typed by
     its default."""
-    from tftrain.config import ConfigError
+    from tftrain.config import ConfigError, value_kind
 
     for name, default in config.options.items():
         if name in flag_values:
@@ -72,17 +70,8 @@ def define_option_flags(config, flag_values, key_flags: bool = True) -> None:
                 f"the experiment's option {name!r} has the name of one of tftrain's own "
                 "flags: rename the option."
             )
-        if isinstance(default, bool):
-            kind = "bool"
-        elif isinstance(default, int):
-            kind = "int"
-        elif isinstance(default, float):
-            kind = "float"
-        elif isinstance(default, (tuple, list)):
-            kind = "list"
-        else:
-            kind = "str"
-        value = [str(v) for v in default] if kind == "list" else default
+        kind = value_kind(default)
+        value = [str(v) for v in default] if kind == "tuple" else default
         _define(name, kind, f"the experiment's option (default {default!r})", flag_values, value)
         if key_flags:  # listed by --helpshort
             flag_values.register_key_flag_for_module(sys.argv[0], flag_values[name])
@@ -127,7 +116,8 @@ def config_from_flags(flag_values, loaded=None):
         value = flag.value
         kind = str(field.type)
         if "tuple[" in kind:
-            cast = {"tuple[int": int, "tuple[flo": float}.get(kind[:9], str)
+            element = kind[len("tuple[") :].split(",")[0].strip()
+            cast = {"int": int, "float": float}.get(element, str)
             try:
                 value = tuple(cast(v) for v in value)
             except ValueError:
