@@ -35,6 +35,7 @@ def test_defaults_validate():
         ({"strategy": "no_such_mode"}, "--strategy=no_such_mode: expected one of"),
         ({"hidden_units": (64,)}, "--hidden_units applies to --model=mlp"),
         ({"optimizer": "adam", "momentum": 0.9}, "--momentum applies to --optimizer=sgd"),
+        ({"optimizer": "adam", "nesterov": True}, "--nesterov applies to --optimizer=momentum"),
         ({"seed": -1}, "--seed=-1: expected an integer in 0-4294967295"),
         ({"seed": 2**32}, "--seed=4294967296"),
         ({"log_interval_secs": -1.0}, "--log_interval_secs=-1.0"),

@@ -35,6 +35,9 @@ def test_constant_rate_needs_no_schedule():
     config = ExperimentConfig(optimizer="sgd", learning_rate=0.3, momentum=0.5, model_dir="/x")
     opt = optimizers.from_config(config.validate(), steps_per_epoch=10, total_steps=10)
     assert lr_at(opt, 7) == pytest.approx(0.3) and opt.momentum == 0.5
+    assert not opt.nesterov
+    nesterov = config.replace(optimizer="momentum", momentum=None, nesterov=True).validate()
+    assert optimizers.from_config(nesterov, steps_per_epoch=10, total_steps=10).nesterov
 
 
 def train(config, log=lambda line: None):

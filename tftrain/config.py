@@ -21,7 +21,7 @@ DATASETS_BUILTIN = ("fashion_mnist", "mnist", "cifar10", "synthetic", "synthetic
 LR_SCHEDULES = ("constant", "cosine", "step")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 ON_NAN = ("stop", "skip_step")
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "float64")
 PIPELINE_BALANCES = ("time", "params")
 PIPELINE_FIELDS = ("num_stages", "pipeline_schedule", "pipeline_balance")
 ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduction_to_one_device")
@@ -114,6 +114,9 @@ class ExperimentConfig:
     learning_rate: float = _flag(0.001, "the (peak) learning rate, > 0")
     momentum: float | None = _flag(
         None, "momentum for sgd/momentum (default 0.9 for momentum, 0 for sgd)"
+    )
+    nesterov: bool = _flag(
+        False, "Nesterov momentum for --optimizer=momentum (or sgd with --momentum)"
     )
     weight_decay: float = _flag(
         0.0,
@@ -431,6 +434,11 @@ class ExperimentConfig:
                 )
             if not 0.0 <= self.momentum < 1.0:
                 raise ConfigError(f"--momentum={self.momentum}: expected a number in [0, 1).")
+        if self.nesterov and self.optimizer not in ("sgd", "momentum"):
+            raise ConfigError(
+                f"--nesterov applies to --optimizer=momentum (or sgd with --momentum), not "
+                f"--optimizer={self.optimizer}."
+            )
         if not 0.0 < self.lr_decay_rate <= 1.0:
             raise ConfigError(f"--lr_decay_rate={self.lr_decay_rate}: expected a number in (0, 1].")
         if self.warmup_epochs < 0 or not math.isfinite(self.warmup_epochs):

@@ -110,7 +110,7 @@ def set_precision(precision: str) -> None:
     """The dtype policy of every layer built from here on (Keras's global
     setting): ``bfloat16`` computes in bfloat16, keeps variables in float32."""
     keras.mixed_precision.set_dtype_policy(
-        "mixed_bfloat16" if precision == "bfloat16" else "float32"
+        {"bfloat16": "mixed_bfloat16", "float64": "float64"}.get(precision, "float32")
     )
 
 

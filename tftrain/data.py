@@ -428,6 +428,7 @@ def batches(
     shard: str = "example",
     shuffle_buffer: int = 10_000,
     map_batch=None,
+    augment=None,
     cache: bool = False,
     _chunked: bool = False,
 ):
@@ -449,6 +450,14 @@ def batches(
         their own examples (their files).
       shuffle_buffer: examples shuffled together in training (0: in order).
       map_batch: a function applied to each batch (decoding), in parallel.
+      augment: in training, a function of one example and a seed,
+        ``augment(*example, seed)`` (``augment(image, label, seed)`` for
+        ``(image, label)`` pairs), returning the example: draw its randomness
+        from ``seed`` with TensorFlow's stateless ops
+        (``tf.image.stateless_random_crop``, ...). The seed of an example is
+        a function of the run's seed, the epoch and the example's place in
+        the pass alone, so every replica count, worker count and resume
+        gives each example the same augmentation.
       cache: keep the examples in memory after the first pass.
     """
     import tensorflow as tf
@@ -467,6 +476,10 @@ def batches(
     per_replica = _per_replica(config, context, training)
     pipelines, index = context.num_input_pipelines, context.input_pipeline_id
 
+    augment = augment if training else None
+    # Examples of a pipeline's own files are told apart from other pipelines'.
+    stream = 0 if shard == "example" else index
+
     def one_pass(epoch, mapped=True):
         if training and shuffle_buffer:
             # The same order on every pipeline: one shuffled stream, then sharded.
@@ -480,14 +493,24 @@ def batches(
                 index if shard == "example" else 0,
                 per_replica,
                 chunked=_chunked,
+                keyed=augment is not None,
             )
         else:
             ex = examples
+            if augment is not None:  # each example with its place in the pass
+                ex = ex.enumerate().map(lambda i, e: {"rows": e, "at": i})
             if shard == "example" and pipelines > 1:
                 ex = ex.shard(pipelines, index)
             ds = ex.batch(per_replica, drop_remainder=training)
-        if mapped and map_batch is not None:
-            ds = ds.map(map_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if augment is not None:
+            ds = ds.map(
+                lambda b: {
+                    "rows": b["rows"],
+                    "keys": _example_keys(config.seed, stream, epoch, b["at"]),
+                }
+            )
+        if mapped:
+            ds = _mapped(ds, map_batch, augment)
         return ds
 
     if not training:
@@ -529,14 +552,70 @@ def batches(
         ds = ds.skip(offset)
     else:
         ds = tf.data.Dataset.counter().flat_map(lambda e: one_pass(e, mapped=False))
-    if map_batch is not None:
-        ds = ds.map(map_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = _plain_options(ds.prefetch(tf.data.AUTOTUNE))
+    ds = _plain_options(_mapped(ds, map_batch, augment).prefetch(tf.data.AUTOTUNE))
     # Read by tftrain: the length of an epoch (an endless stream has none),
     # and that the stream is positioned by context.start_step.
     ds.tftrain_steps_per_epoch = batches_per_pass // local if batches_per_pass > 0 else None
     ds.tftrain_positioned = True
     return ds
+
+
+def _example_keys(seed: int, stream: int, epoch, at):
+    """Stateless seeds, shape ``at.shape + [2]``, of the examples at places
+    ``at`` of a pass: apart from every key of the shuffle's permutations
+    (those start with the run's seed itself)."""
+    import tensorflow as tf
+
+    first = tf.fill(tf.shape(at), tf.constant(seed * 7919 + stream + 0x61756700, tf.int64))
+    return tf.stack([first, tf.cast(epoch, tf.int64) * (1 << 36) + at], axis=-1)
+
+
+def _mapped(ds, map_batch, augment):
+    """The batches decoded by ``map_batch`` and augmented, in parallel."""
+    import tensorflow as tf
+
+    if augment is None:
+        if map_batch is None:
+            return ds
+        return ds.map(map_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def call(example, key):
+        return augment(*example, key) if isinstance(example, tuple) else augment(example, key)
+
+    def apply(element):
+        batch = element["rows"] if map_batch is None else map_batch(element["rows"])
+        keys = element["keys"]
+        # What one example becomes (its structure, dtypes and shapes), traced
+        # apart so that map_fn may change them (a crop, a new feature).
+        one = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), batch)
+        traced = tf.function(call).get_concrete_function(one, tf.TensorSpec([2], tf.int64))
+        signature = tf.nest.map_structure(
+            lambda t: tf.TensorSpec(t.shape, t.dtype), traced.structured_outputs
+        )
+        return tf.map_fn(lambda a: call(*a), (batch, keys), fn_output_signature=signature)
+
+    return ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def translate_and_flip(max_shift: int = 4, flip: bool = True):
+    """An ``augment=`` for images: a random translation of up to
+    ``max_shift`` pixels each way (a crop of the image zero-padded by
+    ``max_shift``) and, with ``flip``, a random horizontal flip, both drawn
+    from the example's seed. The first element of an example is its image
+    (height, width, channels); the rest pass through."""
+    import tensorflow as tf
+
+    def augment(image, *rest):
+        *rest, seed = rest
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        if max_shift:
+            pad = [[max_shift, max_shift], [max_shift, max_shift], [0, 0]]
+            image = tf.image.stateless_random_crop(tf.pad(image, pad), tf.shape(image), crop_seed)
+        if flip:
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        return (image, *rest)
+
+    return augment
 
 
 def _shuffled_batches(
@@ -549,6 +628,7 @@ def _shuffled_batches(
     index,
     batch: int,
     chunked: bool = False,
+    keyed: bool = False,
 ):
     """Batches of ``batch`` examples of one pass, shuffled: consecutive
     windows of about ``buffer`` examples (a multiple of the global batch, so
@@ -571,7 +651,10 @@ def _shuffled_batches(
         order = order[index::pipelines]
         order = order[: tf.size(order) // batch * batch]
         rows = tf.reshape(order, [-1, batch])
-        return tf.nest.map_structure(lambda t: tf.gather(t, rows), block)
+        cut = tf.nest.map_structure(lambda t: tf.gather(t, rows), block)
+        if keyed:  # and each example's place in the pass
+            return {"rows": cut, "at": tf.cast(rows, tf.int64) + i * window}
+        return cut
 
     # (In a dict, so that tf.data hands the map and the flat_map each window
     # as one structure, whatever the examples' own structure is.)

@@ -172,6 +172,7 @@ class Trainer:
         every replica seeing the same ones): their norm and whether they are
         finite, counted once over the replicas."""
         norm = tf.linalg.global_norm([gradient_tensor(g) for g, _ in grads_and_vars])
+        norm = tf.cast(norm, tf.float32)  # (float64 under --precision=float64)
         finite = tf.math.is_finite(norm)
         share = 1.0 / tf.distribute.get_replica_context().num_replicas_in_sync
         self._update_stats.assign_add(

@@ -53,6 +53,8 @@ def from_config(config, steps_per_epoch: int, total_steps: int):
     kwargs = {"learning_rate": learning_rate}
     if config.momentum is not None:  # validated: sgd or momentum only
         kwargs["momentum"] = config.momentum
+    if config.nesterov:  # validated: sgd or momentum only
+        kwargs["nesterov"] = True
     if config.weight_decay:
         kwargs["weight_decay"] = config.weight_decay
     if config.clip_norm:
