@@ -122,3 +122,25 @@ def test_parameter_servers_train_both_models_to_their_smoke_bar(tmp_path, experi
     got, _ = launch(tmp_path, "ps", experiment, "--strategy=parameter_server", ps=1)
     assert got["global_step"] == 64 and got["num_ps"] == 1
     assert got["eval_accuracy"] >= SMOKE_BAR[experiment]
+
+
+def test_an_augmented_batchnorm_run_resumes_exactly(tmp_path):
+    """The augmentation's draws and BatchNorm's moving averages both come
+    back: stopped at step 32 and resumed, the run ends as an uninterrupted one."""
+    constant = dict(lr_schedule="constant", warmup_epochs=0.0, checkpoint_interval=16)
+    straight = train(tmp_path, "straight", **constant)
+    train(tmp_path, "split", train_steps=32, **constant)
+    resumed = train(tmp_path, "split", **constant)
+    assert resumed["weights_sha256"] == straight["weights_sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_one_parameter_server_worker_keeps_batchnorm_as_one_device(tmp_path):
+    """With one worker no two steps overlap: the moving averages on the ps
+    follow every batch, as on one device."""
+    one = train(tmp_path, "one")
+    got, _ = launch(
+        tmp_path, "ps", "fashion_mnist_resnet", "--strategy=parameter_server", workers=1, ps=1
+    )
+    assert got["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
