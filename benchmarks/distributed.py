@@ -1,6 +1,7 @@
 """The distributed rows of ``python -m benchmarks``: every parallel mode on
-the same model (MLP 256-128, Fashion-MNIST, Adam 1e-3), against
-``one_device`` at the same global batch, and one all-reduce of that MLP's
+the same model (MLP 256-128, Fashion-MNIST, Adam 1e-3; the ``resnet`` rows:
+fashion_mnist_resnet without augmentation), against ``one_device`` at the
+same global batch, and one all-reduce of that MLP's
 gradients against the ring bound (benchmarks/allreduce.py).
 
 Each row is a separate ``tftrain`` process (``tftrain launch`` for the
@@ -16,6 +17,8 @@ import tempfile
 from benchmarks.common import run
 
 STEPS_AT_100 = 3000  # steps of the batch-100 rows; larger batches take fewer
+RESNET_STEPS = 120
+RESNET = ["--experiment=fashion_mnist_resnet", "--augment=false", "--max_eval_examples=1000"]
 # name: (global batch, tftrain train flags, (workers, ps) to launch or None)
 ROWS = {
     "one_device": (100, ["--strategy=one_device"], None),
@@ -31,15 +34,24 @@ ROWS = {
         ["--strategy=model_parallel", "--num_stages=2"],
         (2, 0),
     ),
+    # The ResNet (compute-bound: the ring should hide behind its step).
+    "resnet one_device": (128, ["--strategy=one_device", *RESNET], None),
+    "resnet 2 workers": (128, ["--strategy=multi_worker_mirrored", *RESNET], (2, 0)),
 }
 
 
 def baseline(name: str) -> str:
     """The one_device row a row is compared with (the same global batch)."""
-    batch = ROWS[name][0]
+    batch, model = ROWS[name][0], _model_flags(name)
     return next(
-        n for n, (b, flags, _) in ROWS.items() if b == batch and "--strategy=one_device" in flags
+        n
+        for n, (b, flags, _) in ROWS.items()
+        if b == batch and "--strategy=one_device" in flags and _model_flags(n) == model
     )
+
+
+def _model_flags(name: str) -> list[str]:
+    return [f for f in ROWS[name][1] if not f.startswith("--strategy")]
 
 
 def allreduce_against_bound(repeats: int = 200) -> tuple[float, float, float]:
@@ -59,12 +71,12 @@ def measure(name: str) -> tuple[float, float]:
     """(examples/s, peak RSS MiB of the launching process) of one row."""
     batch, flags, launch = ROWS[name]
     steps = STEPS_AT_100 * 100 // batch
+    model = ["--dataset=fashion_mnist", "--model=mlp", "--optimizer=adam", "--learning_rate=0.001"]
+    if "--experiment=fashion_mnist_resnet" in flags:
+        steps, model = RESNET_STEPS, []
     with tempfile.TemporaryDirectory() as model_dir:
         train = [
-            "--dataset=fashion_mnist",
-            "--model=mlp",
-            "--optimizer=adam",
-            "--learning_rate=0.001",
+            *model,
             f"--batch_size={batch}",
             f"--train_steps={steps}",
             f"--steps_per_loop={min(steps // 3, 100)}",

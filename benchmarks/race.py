@@ -38,7 +38,7 @@ time_to_accuracy
   against ``fit`` (benchmarks/time_to_accuracy.py).
 
     .venv/bin/python -m benchmarks [--sections=speed,distributed,time_to_accuracy]
-        [--cases=softmax,mlp,wide_mlp,cnn] [--distributed=ROW,...] [--rounds=3]
+        [--cases=softmax,mlp,wide_mlp,cnn,resnet] [--distributed=ROW,...] [--rounds=3]
         [--precision=float32|bfloat16]
 
 Nothing else may run on the machine meanwhile: this machine's speed swings
@@ -59,13 +59,16 @@ import time
 
 from benchmarks.common import run, run_measured
 
-# name: (model, hidden units, global batch, steps of a measured run)
+# name: (built-in model or experiment, hidden units, global batch, steps of a measured run)
 CASES = {
     "softmax": ("softmax", None, 100, 6000),
     "mlp": ("mlp", (256, 128), 100, 3000),
     "wide_mlp": ("mlp", (1024, 1024), 256, 600),
     "cnn": ("cnn", None, 100, 300),
+    "resnet": ("fashion_mnist_resnet", None, 128, 120),
 }
+# An experiment's case runs its own model and optimizer, without augmentation
+# (fit has none); fit gets Keras's optimizer of the same kind.
 RUNNERS = ("tftrain", "fit", "fit best")
 # More runners, on request (--runners): tftrain itself with one setting changed.
 VARIANTS = {
@@ -78,27 +81,65 @@ LEARNING_RATE = 1e-3
 # -- what each child process measures ----------------------------------------
 
 
+def _experiment(case: str):
+    """The case's experiment config (None for a built-in model)."""
+    from tftrain import registry
+
+    name = CASES[case][0]
+    return registry.get(name).replace(augment=False) if name.startswith("fashion_mnist_") else None
+
+
+def case_model(case: str):
+    """The case's Keras model, as tftrain builds it."""
+    from tftrain import models, tasks
+
+    name, hidden, _, _ = CASES[case]
+    config = _experiment(case)
+    if config is not None:
+        return tasks.from_config(config).build_model(config)
+    return models.build_model(
+        name, input_shape=(28, 28, 1), num_classes=10, seed=0, hidden_units=hidden or ()
+    )
+
+
+def _keras_optimizer(case: str):
+    import keras
+
+    config = _experiment(case)
+    if config is None:
+        return keras.optimizers.Adam(LEARNING_RATE)
+    assert config.optimizer == "momentum", config.optimizer
+    return keras.optimizers.SGD(
+        config.learning_rate,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay or None,
+    )
+
+
 def _keras_child(case: str, best: bool, precision: str) -> dict:
     """Keras 3 model.fit on the case; examples/s from the second epoch on."""
     import keras
     import numpy as np
 
-    from tftrain import data, models
+    from tftrain import data
 
-    name, hidden, batch, steps = CASES[case]
+    _, _, batch, steps = CASES[case]
     if precision == "bfloat16":
         keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     dataset = data.load("fashion_mnist")
     usable = len(dataset.train) // batch * batch
-    x = dataset.train.images[:usable].astype(np.float32)
+    if _experiment(case) is not None:  # a heavy model: epochs of `steps` steps
+        usable = min(usable, steps * batch)
+    x = dataset.train.images[:usable]
+    # (A built-in model takes float32; an experiment's, the images as stored.)
+    x = x if _experiment(case) is not None else x.astype(np.float32)
     y = dataset.train.labels[:usable]
     keras.utils.set_random_seed(0)
-    model = models.build_model(
-        name, input_shape=(28, 28, 1), num_classes=10, seed=0, hidden_units=hidden or ()
-    )
+    model = case_model(case)
     options = {"steps_per_execution": 100, "jit_compile": True} if best else {}
     model.compile(
-        optimizer=keras.optimizers.Adam(LEARNING_RATE),
+        optimizer=_keras_optimizer(case),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         **options,
@@ -151,13 +192,9 @@ def _bound_child(case: str, precision: str) -> dict:
     import keras
     import tensorflow as tf
 
-    from tftrain import models
-
-    name, hidden, batch, _ = CASES[case]
+    _, _, batch, _ = CASES[case]
     dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
-    model = models.build_model(
-        name, input_shape=(28, 28, 1), num_classes=10, seed=0, hidden_units=hidden or ()
-    )
+    model = case_model(case)
     operands, first = [], True
     for layer in model.layers:
         if not isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
@@ -230,12 +267,7 @@ def training_flops_per_example(case: str) -> float:
     """Multiply-adds x 2 of the Dense and Conv2D products of one training example."""
     import keras
 
-    from tftrain import models
-
-    name, hidden, _, _ = CASES[case]
-    model = models.build_model(
-        name, input_shape=(28, 28, 1), num_classes=10, seed=0, hidden_units=hidden or ()
-    )
+    model = case_model(case)
     total, first = 0.0, True
     for layer in model.layers:
         if isinstance(layer, keras.layers.Dense):
@@ -253,13 +285,19 @@ def training_flops_per_example(case: str) -> float:
 
 def _measure_tftrain(case: str, precision: str, extra=()) -> tuple[float, float]:
     name, hidden, batch, steps = CASES[case]
-    with tempfile.TemporaryDirectory() as model_dir:
-        flags = [
-            "train",
+    if name.startswith("fashion_mnist_"):
+        model = [f"--experiment={name}", "--augment=false", "--max_eval_examples=1000"]
+    else:
+        model = [
             "--dataset=fashion_mnist",
             f"--model={name}",
             "--optimizer=adam",
             f"--learning_rate={LEARNING_RATE}",
+        ]
+    with tempfile.TemporaryDirectory() as model_dir:
+        flags = [
+            "train",
+            *model,
             f"--batch_size={batch}",
             f"--train_steps={steps}",
             f"--steps_per_loop={min(steps // 3, 500)}",
@@ -356,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown section, case, runner or row: {', '.join(unknown)}")
     print(
-        f"{machine()}; median of {args.rounds} rounds (± half the range); Adam {LEARNING_RATE}",
+        f"{machine()}; median of {args.rounds} rounds (± half the range); Adam {LEARNING_RATE} "
+        "(an experiment's case: its own optimizer)",
         flush=True,
     )
     if "speed" in sections:
@@ -443,7 +482,10 @@ def _speed_section(args, cases: list[str], runners: list[str]) -> None:
 def _distributed_section(args, rows: list[str]) -> None:
     from benchmarks import distributed
 
-    print("\n## Distributed: MLP 256-128, each row against one_device at its global batch\n")
+    print(
+        "\n## Distributed: MLP 256-128 (resnet rows: ResNet-20), each row against one_device "
+        "at its global batch\n"
+    )
     needed = list(dict.fromkeys([distributed.baseline(r) for r in rows] + rows))
     speeds = {r: [] for r in needed}
     reduces, alones, bounds = [], [], []
