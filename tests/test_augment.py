@@ -3,6 +3,8 @@ draw is a function of the run's seed, the epoch and the example's place in
 the pass, so it is the same under any replica or pipeline count and after a
 resume."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -74,18 +76,69 @@ def test_each_example_gets_the_same_draw_under_any_pipeline_count_and_after_a_re
     assert all(other0[k] != epoch0[k] for k in range(N))
 
 
-def test_an_augmentation_may_change_the_shape_and_evaluation_is_not_augmented():
+def test_evaluation_is_not_augmented():
     config = tftrain.ExperimentConfig(batch_size=4, eval_batch_size=4, seed=0)
     images = np.ones((16, 6, 6, 1), np.float32)
     labels = np.arange(16)
 
-    def crop(image, label, seed):
-        image = tf.pad(image, [[2, 2], [2, 2], [0, 0]])
-        return tf.image.stateless_random_crop(image, [6, 6, 1], seed)[:4, :4], label
+    def shift(image, label, seed):
+        pad = [[2, 2], [2, 2], [0, 0]]
+        return tf.image.stateless_random_crop(tf.pad(image, pad), [6, 6, 1], seed), label
 
-    kwargs = dict(config=config, context=context(), augment=crop)
+    kwargs = dict(config=config, context=context(), augment=shift)
     x, _ = next(iter(data.from_arrays(images, labels, training=True, **kwargs)))
-    assert x.shape == (4, 4, 4, 1)
-    assert float(tf.reduce_min(x)) == 0.0  # some padding came in
+    assert x.shape == (4, 6, 6, 1) and float(tf.reduce_min(x)) == 0.0  # some padding came in
     x, _ = next(iter(data.from_arrays(images, labels, training=False, **kwargs)))
     assert x.shape == (4, 6, 6, 1) and float(tf.reduce_min(x)) == 1.0
+
+
+def to_float(x, y, seed):
+    return tf.cast(x, tf.float32) / 255, y
+
+
+def crop(x, y, seed):
+    return x[:4, :4], y
+
+
+def image_only(x, y, seed):
+    return x
+
+
+def stateful(x, y, seed):
+    return x + tf.cast(tf.random.uniform([], 0, 2, tf.int32), x.dtype), y
+
+
+@pytest.mark.parametrize(
+    "augment, said",
+    [
+        (to_float, "into (float32[6, 6, 1], int64[])"),
+        (crop, "into (uint8[4, 4, 1], int64[])"),
+        (image_only, "must give the example back"),
+        (stateful, "augment=stateful draws with RandomUniformInt"),
+    ],
+)
+def test_an_augmentation_that_changes_the_example_or_keeps_state_is_one_line(augment, said):
+    config = tftrain.ExperimentConfig(batch_size=4, seed=0)
+    images = np.ones((16, 6, 6, 1), np.uint8)
+    with pytest.raises(tftrain.DataError, match=re.escape(said)):
+        data.from_arrays(
+            images, np.arange(16), config=config, context=context(), training=True, augment=augment
+        )
+
+
+def test_an_exception_in_an_augmentation_names_it_and_its_message():
+    def broken(x, y, seed):
+        raise ValueError("my augment is broken")
+
+    config = tftrain.ExperimentConfig(batch_size=4, seed=0)
+    with pytest.raises(tftrain.UserCodeError) as raised:
+        data.from_arrays(
+            np.ones((16, 6, 6, 1), np.uint8),
+            np.arange(16),
+            config=config,
+            context=context(),
+            training=True,
+            augment=broken,
+        )
+    assert str(raised.value).startswith("augment=broken raised ValueError")
+    assert "my augment is broken" in str(raised.value)

@@ -144,3 +144,17 @@ def test_one_parameter_server_worker_keeps_batchnorm_as_one_device(tmp_path):
         tmp_path, "ps", "fashion_mnist_resnet", "--strategy=parameter_server", workers=1, ps=1
     )
     assert got["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
+
+
+def test_a_replica_left_without_evaluation_examples_is_skipped(tmp_path):
+    """500 test examples in global batches of 1,000: the one batch goes to the
+    first replica, the second has none (a convolution fails on an empty batch)."""
+    got = tftrain.train(
+        "fashion_mnist_cnn:smoke",
+        model_dir=str(tmp_path / "run"),
+        strategy="mirrored",
+        num_replicas=2,
+        eval_batch_size=1000,
+        export=False,
+    )
+    assert got["eval_examples"] == 500 and got["eval_accuracy"] > 0.2

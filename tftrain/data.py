@@ -582,19 +582,87 @@ def _mapped(ds, map_batch, augment):
     def call(example, key):
         return augment(*example, key) if isinstance(example, tuple) else augment(example, key)
 
+    rows = ds.element_spec["rows"]
+    decoded = rows if map_batch is None else ds.map(lambda e: map_batch(e["rows"])).element_spec
+    one = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), decoded)
+    signature = _augmented_signature(augment, call, one)
+
     def apply(element):
         batch = element["rows"] if map_batch is None else map_batch(element["rows"])
-        keys = element["keys"]
-        # What one example becomes (its structure, dtypes and shapes), traced
-        # apart so that map_fn may change them (a crop, a new feature).
-        one = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), batch)
-        traced = tf.function(call).get_concrete_function(one, tf.TensorSpec([2], tf.int64))
-        signature = tf.nest.map_structure(
-            lambda t: tf.TensorSpec(t.shape, t.dtype), traced.structured_outputs
+        return tf.map_fn(
+            lambda a: call(*a), (batch, element["keys"]), fn_output_signature=signature
         )
-        return tf.map_fn(lambda a: call(*a), (batch, keys), fn_output_signature=signature)
 
     return ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+# Ops that draw from a generator's state: an augmentation built on them
+# would draw differently on each run, replica and resume.
+_STATEFUL_RANDOM_OPS = {
+    "RandomUniform",
+    "RandomUniformInt",
+    "RandomStandardNormal",
+    "TruncatedNormal",
+    "RandomShuffle",
+    "RandomGamma",
+    "RandomPoissonV2",
+    "Multinomial",
+    "StatefulUniform",
+    "StatefulUniformInt",
+    "StatefulUniformFullInt",
+    "StatefulStandardNormalV2",
+    "StatefulTruncatedNormal",
+    "RngReadAndSkip",
+}
+
+
+def _augmented_signature(augment, call, one):
+    """What ``augment`` makes of one example (``one``: its spec), traced once
+    apart: it must give back an example of the same structure, dtypes and
+    shapes (evaluation data are not augmented, so the model would see other
+    inputs there), and draw its randomness from the seed alone."""
+    import tensorflow as tf
+
+    from tftrain import tasks
+
+    name = getattr(augment, "__name__", "augment")
+    traced = tasks.call_user(
+        f"augment={name}",
+        lambda: tf.function(call).get_concrete_function(one, tf.TensorSpec([2], tf.int64)),
+    )
+    stateful = sorted(
+        {op.type for op in traced.graph.get_operations() if op.type in _STATEFUL_RANDOM_OPS}
+    )
+    if stateful:
+        raise DataError(
+            f"augment={name} draws with {', '.join(stateful)}, which keeps its own state: "
+            "every run, replica and resume would draw differently. Draw from the seed it "
+            "is given with stateless ops (tf.random.stateless_uniform, "
+            "tf.image.stateless_random_flip_left_right, ...)."
+        )
+    out = traced.structured_outputs
+    given = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), out)
+
+    def describe(spec):
+        return ", ".join(f"{t.dtype.name}{list(t.shape)}" for t in tf.nest.flatten(spec))
+
+    same = False
+    try:
+        tf.nest.assert_same_structure(tuple(out) if isinstance(out, list) else out, one)
+        same = all(
+            a.dtype == b.dtype and a.shape.is_compatible_with(b.shape)
+            for a, b in zip(tf.nest.flatten(given), tf.nest.flatten(one))
+        )
+    except (TypeError, ValueError):
+        pass
+    if not same:
+        raise DataError(
+            f"augment={name} turns an example of ({describe(one)}) into ({describe(given)}): "
+            "it must give the example back with the same parts, dtypes and shapes "
+            "(evaluation data are not augmented; convert and resize in the model or in "
+            "the decoding instead)."
+        )
+    return one
 
 
 def translate_and_flip(max_shift: int = 4, flip: bool = True):
@@ -774,6 +842,7 @@ def tfrecords(
     shard: str = "auto",
     compression: str | None = None,
     shuffle_buffer: int = 10_000,
+    augment=None,
     cache: bool = False,
 ):
     """Batches of ``tf.train.Example`` records from TFRecord files.
@@ -787,7 +856,7 @@ def tfrecords(
         dict, or the tensor itself when there is one.
       decode: instead, a function of the parsed batch (a dict) returning
         ``(features, labels)`` or ``(features, labels, weights)``.
-      shard, shuffle_buffer, cache: as :func:`batches`; records are read from
+      shard, shuffle_buffer, cache, augment: as :func:`batches`; records are read from
         several files at once and parsed a batch at a time, in parallel.
     """
     import tensorflow as tf
@@ -840,6 +909,7 @@ def tfrecords(
         shuffle_buffer=shuffle_buffer,
         map_batch=parse,
         cache=cache,
+        augment=augment,
         _chunked=True,
     )
 
@@ -860,6 +930,7 @@ def csv(
     as_dict: bool = False,
     shard: str = "auto",
     shuffle_buffer: int = 10_000,
+    augment=None,
     cache: bool = False,
 ):
     """Batches of rows of CSV files with a header line.
@@ -910,6 +981,7 @@ def csv(
         shuffle_buffer=shuffle_buffer,
         map_batch=parse,
         cache=cache,
+        augment=augment,
     )
 
 
@@ -924,6 +996,7 @@ def tfds(
     decode=None,
     shard: str = "auto",
     shuffle_buffer: int = 10_000,
+    augment=None,
     cache: bool = False,
 ):
     """Batches of a TFDS dataset already prepared in ``data_dir`` (never
@@ -971,4 +1044,5 @@ def tfds(
         shuffle_buffer=shuffle_buffer,
         map_batch=decode,
         cache=cache,
+        augment=augment,
     )

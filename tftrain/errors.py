@@ -30,7 +30,10 @@ class UserCodeError(RunError):
 
     def __init__(self, what: str, error: BaseException):
         self.what, self.error = what, error
-        first = (str(error).strip().splitlines() or [""])[0]
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        first = lines[0] if lines else ""
+        if first == "in user code:" and len(lines) > 1:  # a traced function's: the cause is last
+            first = lines[-1]
         super().__init__(
             f"{what} raised {type(error).__name__}"
             + (f": {first[:300]}" if first else "")

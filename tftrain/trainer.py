@@ -277,8 +277,16 @@ class Trainer:
         per_example = self.scorer.per_example_loss(labels, outputs, weights)
         self._eval_stats.assign_add(self.scorer.batch_stats(labels, outputs, per_example, weights))
 
+    def _replica_eval_step_if_any(self, batch):
+        # The last batch of an evaluation can leave a replica with no
+        # examples; some kernels (oneDNN's convolutions) fail on an empty batch.
+        examples = tf.shape(tf.nest.flatten(batch)[0])[0]
+        tf.cond(examples > 0, lambda: self._replica_eval_step(batch) or tf.no_op(), tf.no_op)
+
     def _eval_step(self, batch, in_replica=True):
-        if in_replica:
+        if in_replica and self.strategy.num_replicas_in_sync > 1:
+            self.strategy.run(self._replica_eval_step_if_any, args=(batch,))
+        elif in_replica:
             self.strategy.run(self._replica_eval_step, args=(batch,))
         else:  # here, reading the variables wherever they live
             self._replica_eval_step(batch)
