@@ -48,6 +48,8 @@ def residual_block(x, filters: int, stride: int, name: str):
 def resnet(depth: int, width: int, num_classes: int = 10, seed: int = 0):
     if depth < 8 or (depth - 2) % 6:
         raise tftrain.ConfigError(f"--depth={depth}: a CIFAR ResNet has depth 6n+2 (8, 14, 20...).")
+    if width < 1:
+        raise tftrain.ConfigError(f"--width={width}: expected at least 1 channel.")
     keras.utils.set_random_seed(seed)
     blocks = (depth - 2) // 6
     images = keras.Input((28, 28, 1), dtype="uint8", name="image")

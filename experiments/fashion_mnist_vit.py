@@ -50,10 +50,10 @@ def encoder_block(x, heads: int, name: str):
 
 
 def vit(dim: int, depth: int, heads: int, patch: int, num_classes: int = 10, seed: int = 0):
-    if 28 % patch or dim % heads:
+    if min(dim, depth, heads, patch) < 1 or 28 % patch or dim % heads:
         raise tftrain.ConfigError(
-            f"--patch={patch}, --dim={dim}, --heads={heads}: the patch must divide 28 and "
-            "the heads must divide dim."
+            f"--patch={patch}, --dim={dim}, --depth={depth}, --heads={heads}: each at least 1, "
+            "the patch must divide 28 and the heads must divide dim."
         )
     keras.utils.set_random_seed(seed)
     images = keras.Input((28, 28, 1), dtype="uint8", name="image")

@@ -202,3 +202,15 @@ def test_launched_clusters_clip_and_decay_as_one_device(tmp_path):
     assert ps["global_step"] == 40 and two["num_workers"] == 2
     assert ps["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
+
+
+def test_attention_biases_of_rank_two_are_left_out_of_the_decay():
+    import keras
+
+    attention = keras.layers.MultiHeadAttention(2, 4, name="attention")
+    x = np.zeros((1, 3, 8), np.float32)
+    attention(x, x)
+    opt = optimizers.get("adam", weight_decay=0.1)
+    left_out = {v.path for v in optimizers.exclude_from_decay(opt, attention.trainable_variables)}
+    assert "attention/query/bias" in left_out  # shape (2, 4)
+    assert not any(path.endswith("kernel") for path in left_out)

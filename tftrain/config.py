@@ -122,7 +122,8 @@ class ExperimentConfig:
         0.0,
         "decoupled weight decay (AdamW with --optimizer=adam): each step every weight "
         "w <- w - learning_rate * weight_decay * w, before the update; biases and "
-        "normalization layers' scales and offsets (variables of rank 0 or 1) are left "
+        "normalization layers' scales and offsets (variables of rank 0 or 1, and any "
+        "variable named bias) are left "
         "out, and so are those --weight_decay_exclude names (0: none)",
     )
     weight_decay_exclude: tuple[str, ...] = _flag(

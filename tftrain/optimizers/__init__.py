@@ -64,14 +64,19 @@ def from_config(config, steps_per_epoch: int, total_steps: int):
 
 def exclude_from_decay(optimizer, variables, patterns=()) -> list:
     """Leaves out of the optimizer's weight decay every variable of rank 0
-    or 1 (biases, normalization layers' scales and offsets) and every
+    or 1 (biases, normalization layers' scales and offsets), every bias
+    (a variable named ``bias``: attention's are of rank 2) and every
     variable whose path (``layer/name``) matches one of ``patterns``
     (regular expressions, e.g. ``embeddings``); returns those left out.
     Call it before the optimizer is built."""
     import re
 
     left_out = [
-        v for v in variables if len(v.shape) <= 1 or any(re.search(p, v.path) for p in patterns)
+        v
+        for v in variables
+        if len(v.shape) <= 1
+        or v.path.rsplit("/", 1)[-1] == "bias"  # biases of any rank (attention's are 2-D)
+        or any(re.search(p, v.path) for p in patterns)
     ]
     optimizer.exclude_from_weight_decay(var_list=left_out)
     return left_out
