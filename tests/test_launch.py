@@ -299,6 +299,41 @@ def test_first_failure_stops_the_others_and_leaves_no_orphans(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "num_ps, sig",
+    [(0, signal.SIGKILL), (1, signal.SIGKILL), (0, signal.SIGHUP)],
+    ids=["killed_all_reduce", "killed_parameter_server", "SIGHUP"],
+)
+def test_a_launcher_killed_or_hung_up_leaves_no_task_behind_and_the_step_is_saved(
+    tmp_path, num_ps, sig
+):
+    # The tasks run in sessions of their own. Killed, the launcher can tell
+    # them nothing: the kernel's word that their parent died
+    # (PR_SET_PDEATHSIG) stops them, each as on SIGTERM. SIGHUP (a terminal
+    # that closed) is answered as Ctrl-C is, with its own exit code.
+    model_dir = str(tmp_path / "run")
+    longer = ["--train_steps=3000", "--checkpoint_interval=1000", "--log_interval_secs=0"]
+    if num_ps:
+        longer.append("--strategy=parameter_server")
+    proc = _launch(["--num_workers=2", f"--num_ps={num_ps}"], model_dir, longer)
+    lines, pids = [], []
+    for _ in range(2 + (num_ps + 1 if num_ps else 0)):
+        pids.append(int(_read_until(proc, r"started \S+ \(pid (\d+)\)", lines).group(1)))
+    _read_until(proc, r"\[(worker|chief):0\] step \d+/3000", lines)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    if sig == signal.SIGHUP:
+        assert proc.returncode == 129 and "every task stopped" in out, out
+    deadline = time.time() + 60 + 10  # --collective_timeout_secs + 10 s
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids if _alive(p)], "".join(lines[-30:])
+    names = os.listdir(os.path.join(model_dir, "checkpoints"))
+    saved = {int(m.group(1)) for n in names if (m := re.fullmatch(r"ckpt-(\d+)\.index", n))}
+    assert any(step % 1000 for step in saved), saved  # a step between the periodic ones
+
+
+@pytest.mark.slow
 def test_ctrl_c_saves_the_same_step_on_every_worker_and_the_run_resumes_exactly(tmp_path):
     model_dir = str(tmp_path / "run")
     longer = ["--train_steps=3000", "--checkpoint_interval=1000", "--log_interval_secs=0"]

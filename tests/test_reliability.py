@@ -160,7 +160,9 @@ def test_skipping_nonfinite_updates_counts_them_and_still_exports_no_nan_model(t
     assert not os.path.exists(os.path.join(model_dir, "export"))
 
 
-def test_sigterm_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, straight_80):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, straight_80, sig):
+    # SIGHUP: the terminal closed. Answered as SIGTERM is, with its own code.
     model_dir = str(tmp_path / "run")
     # Checkpoints only at the end: whatever is saved early is the signal's doing.
     proc = start_tftrain(
@@ -175,10 +177,10 @@ def test_sigterm_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, st
     for line in proc.stdout:
         if line.startswith("step ") or time.time() > deadline:
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, out + err
-    assert "SIGTERM: saving a checkpoint" in err
+    assert proc.returncode == 128 + sig, out + err
+    assert f"{sig.name}: saving a checkpoint" in err
     said = [line for line in out.splitlines() if line.startswith("Stopped at step")]
     assert said, out
     step = int(said[0].split()[3].split("/")[0])

@@ -33,8 +33,11 @@ commands:
 
 def _leave(code: int) -> None:
     """Exits now with ``code``, without waiting for TensorFlow's threads."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # the console is gone; the code still holds
+            pass
     os._exit(code)
 
 
@@ -88,7 +91,7 @@ def _train_main(argv):
         logging.set_verbosity(logging.WARNING)
     import tensorflow as tf
 
-    from tftrain import api
+    from tftrain import api, lifeline
     from tftrain.errors import RunError
     from tftrain.stopping import Stopped, StopRequest
 
@@ -99,7 +102,7 @@ def _train_main(argv):
             config,
             cluster,
             mode,
-            log=lambda line: print(line, flush=True),
+            log=lifeline.say,
             stop=stop,
             watchdog_box=box,
         )
@@ -299,7 +302,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from tftrain import _malloc
+        from tftrain import _malloc, lifeline
+
+        lifeline.follow_launcher()  # before anything that can take long
 
         _malloc.tune()  # before TensorFlow allocates anything
         _run_absl(_train_main, define_train_flags, "train", rest)

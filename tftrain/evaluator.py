@@ -18,7 +18,7 @@ import sys
 import keras
 import tensorflow as tf
 
-from tftrain import inputs, tasks
+from tftrain import inputs, lifeline, tasks
 from tftrain.controller import _Output, set_precision, write_json_atomically
 from tftrain.distribute import serving
 from tftrain.summaries import Summaries
@@ -72,7 +72,7 @@ def run(config, cluster, log=print) -> int:
             evaluated.append({"step": at, **scores})
             log(f"evaluator: step {at}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if not chief.seen:
-            print(f"tftrain: error: {chief.never_came()}", file=sys.stderr, flush=True)
+            lifeline.say(f"tftrain: error: {chief.never_came()}", file=sys.stderr)
             return 1
         write_json_atomically(
             os.path.join(config.model_dir, "evaluator", "metrics.json"),

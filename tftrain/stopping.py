@@ -1,10 +1,11 @@
-"""Preemption: SIGTERM or SIGINT asks a run to stop at the next step boundary.
+"""Preemption: SIGTERM, SIGINT or SIGHUP asks a run to stop at the next step boundary.
 
 The first signal is recorded; the controller then saves a checkpoint of
 the step it reached (all workers agree on that step, see
 ``ParallelMode.agree_to_stop``) and the process exits with ``128 + the
-signal's number`` (143 for SIGTERM, 130 for SIGINT). A second signal ends
-the process at once, saving nothing.
+signal's number`` (143 for SIGTERM, 130 for SIGINT, 129 for SIGHUP: a
+terminal that closed). A second signal ends the process at once, saving
+nothing.
 
 Python runs signal handlers in the main thread between bytecodes, and the
 main thread spends a loop of steps inside one TensorFlow call: a handler
@@ -25,8 +26,11 @@ import os
 import signal
 import sys
 import threading
+import time
 
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+from tftrain import lifeline
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Stopped(Exception):
@@ -41,6 +45,7 @@ class Stopped(Exception):
 class StopRequest:
     def __init__(self):
         self.signum: int | None = None
+        self._first_at = 0.0
         self._wakeup: int | None = None  # the write end of the wake-up pipe
         self._watcher: threading.Thread | None = None
 
@@ -49,7 +54,7 @@ class StopRequest:
         return self.signum is not None
 
     def install(self) -> StopRequest:
-        """Takes SIGTERM and SIGINT (from the main thread; again after any
+        """Takes SIGTERM, SIGINT and SIGHUP (from the main thread; again after any
         library that may have set its own handlers)."""
         if self._wakeup is None:
             read, self._wakeup = os.pipe()
@@ -80,13 +85,23 @@ class StopRequest:
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
+        if lifeline.launcher_gone():
+            # Nobody reads the console any more: a write to it must not fail the save.
+            lifeline.silence()
         if self.signum is not None:
+            if (
+                signum == signal.SIGTERM
+                and lifeline.launcher_pid() is not None
+                and time.monotonic() - self._first_at < 2.0
+            ):
+                # A dying launcher's kernel notice comes once per thread of it.
+                return
             try:
                 print(f"tftrain: {name} again: stopping now, saving nothing.", file=sys.stderr)
                 sys.stderr.flush()
             finally:
                 os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         try:
             print(
                 f"tftrain: {name}: saving a checkpoint at the end of the current loop of "

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from tftrain import resources
+from tftrain import lifeline, resources
 
 
 def define_flags(flag_values) -> None:
@@ -154,6 +154,7 @@ def task_env(spec, task_type: str, index: int) -> dict:
     env["TF_CONFIG"] = json.dumps({"cluster": spec, "task": {"type": task_type, "index": index}})
     env["GRPC_FAIL_FAST"] = "use_caller"
     env["PYTHONUNBUFFERED"] = "1"
+    env[lifeline.LAUNCHER_PID] = str(os.getpid())  # the task stops when this process dies
     return env
 
 
@@ -183,10 +184,12 @@ class _Task:
         self._pump.start()
 
     def _forward(self, lock: threading.Lock) -> None:
+        # Reads to the end even when the console is gone: a task whose output
+        # nobody reads would block on a full pipe.
         for raw in iter(self.process.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip("\n")
             with lock:
-                print(f"[{self.name}] {line}", flush=True)
+                lifeline.say(f"[{self.name}] {line}")
         self.process.stdout.close()
 
     def signal(self, sig: int) -> None:
@@ -316,7 +319,7 @@ class Cluster:
 
     def _say(self, message: str) -> None:
         with self._lock:
-            print(f"[launch] {message}", flush=True)
+            lifeline.say(f"[launch] {message}")
 
 
 def run(
@@ -337,7 +340,9 @@ def run(
         stopping["signal"] = signum
         raise KeyboardInterrupt
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
     try:
         while True:
             cluster = Cluster(

@@ -9,6 +9,7 @@ import socket
 import sys
 import time
 
+from tftrain import lifeline
 from tftrain.errors import ConfigError
 
 # A serving task whose driver has been gone this long exits 0.
@@ -108,34 +109,33 @@ def serve(cluster, wait_secs: float, inter_op_threads: int, config=None) -> int:
             f"({e.message.strip().splitlines()[0]}): is another program using that port?"
         ) from None
     me = f"{cluster.task_type}:{cluster.task_index}"
-    print(f"{me} serving on {cluster.address}; waiting for the coordinator.", flush=True)
+    lifeline.say(f"{me} serving on {cluster.address}; waiting for the coordinator.")
     driver = Driver(cluster, wait_secs)
     started, checked = time.time(), config is None
     while True:
         seen = driver.seen
         state = driver.poll()
         if state == "up" and not seen:
-            print(f"{me} joined the coordinator's run.", flush=True)
+            lifeline.say(f"{me} joined the coordinator's run.")
         if state == "up" and not checked:
             drivers = _drivers_config(config, started)
             if drivers is not None:
                 checked = True
                 differ = contradictions(config.to_dict(), drivers)
                 if differ:
-                    print(
+                    lifeline.say(
                         f"tftrain: error: {me} was started with flags that contradict the "
                         f"coordinator's ({'; '.join(differ[:3])}"
                         + (f"; {len(differ) - 3} more" if len(differ) > 3 else "")
                         + "): every task of a run takes the same training flags.",
                         file=sys.stderr,
-                        flush=True,
                     )
                     return 2
         elif state == "gone":
-            print(f"{me}: the coordinator is done; exiting.", flush=True)
+            lifeline.say(f"{me}: the coordinator is done; exiting.")
             return 0
         elif state == "missing":
-            print(f"tftrain: error: {driver.never_came()}", file=sys.stderr, flush=True)
+            lifeline.say(f"tftrain: error: {driver.never_came()}", file=sys.stderr)
             return 1
         time.sleep(1.0)
 

@@ -5,8 +5,9 @@ formation has no deadline), and a collective's own timeout does not cover
 every wait. While it waits, TensorFlow can hold Python's GIL, so neither a
 thread nor a signal handler of the stuck process gets to run. The watchdog
 is therefore a small separate process: the run sends it a line at each
-stage; if none comes for ``timeout_secs``, it prints what the run was
-waiting for and SIGKILLs the run.
+stage; if none comes for ``timeout_secs``, it SIGKILLs the run, then says
+what the run was waiting for (kill first: a console that is gone cannot
+stop the kill).
 """
 
 from __future__ import annotations
@@ -39,14 +40,17 @@ while True:
             stage, last = line.decode(errors="replace"), time.monotonic()
     elif time.monotonic() - last > timeout:
         idle = time.monotonic() - last
-        sys.stderr.write(
-            f"tftrain: error: no progress for {idle:.0f} s while {stage}: another task "
-            "of the cluster died or never started (or --collective_timeout_secs="
-            f"{timeout:g} is too short for one loop of --steps_per_loop steps).\n")
-        sys.stderr.flush()
         try:
             os.kill(parent, signal.SIGKILL)
         except ProcessLookupError:
+            pass
+        try:
+            sys.stderr.write(
+                f"tftrain: error: no progress for {idle:.0f} s while {stage}: another task "
+                "of the cluster died or never started (or --collective_timeout_secs="
+                f"{timeout:g} is too short for one loop of --steps_per_loop steps).\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
             pass
         sys.exit(1)
 """
