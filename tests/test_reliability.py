@@ -388,3 +388,39 @@ def test_restart_that_cannot_set_the_run_aside_says_so_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert "previous is a file" in result.stderr and "Nothing was moved" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "previous"]
+
+
+def test_a_folder_with_a_live_run_refuses_a_second_run_and_a_restart(tmp_path):
+    model_dir = str(tmp_path / "run")
+    # One loop of 100,000 steps: the live run trains all through the test.
+    live = start_tftrain(
+        "train",
+        *SMOKE[:2],
+        "--train_steps=100000",
+        "--steps_per_loop=100000",
+        "--eval_interval=100000",
+        "--checkpoint_interval=100000",
+        f"--model_dir={model_dir}",
+    )
+    out = _Lines(live.stdout)
+    try:
+        assert out.wait_for("eval at step 0", 120), "the run did not start"
+        for attempt in (
+            ["train", *SMOKE, "--seed=3", "--train_steps=40"],
+            ["train", *SMOKE, "--restart", "--train_steps=40"],
+            ["launch", "--num_workers=2", "--", *SMOKE, "--strategy=multi_worker_mirrored"],
+        ):
+            result = run_tftrain(*attempt, f"--model_dir={model_dir}", check=False)
+            said = result.stderr.strip().splitlines()
+            assert result.returncode == 2, result.stdout + result.stderr
+            assert said[-1].startswith(f"tftrain: error: --model_dir={model_dir} is in use by "), (
+                said
+            )
+            assert f"pid {live.pid} on " in said[-1] and "Traceback" not in result.stderr
+            assert "previous" not in os.listdir(model_dir)  # --restart moved nothing
+        assert live.poll() is None
+    finally:
+        live.kill()
+        live.wait()
+    # The kernel let go of the lock with the killed process: the folder is free.
+    assert train(model_dir, 20).returncode == 0

@@ -52,6 +52,16 @@ def execute(config, cluster, mode, *, log=print, stop=None, watchdog_box=None):
     ``watchdog_box``: a list that receives the watchdog, so that the caller
     can stop it whatever happens.
     """
+    from tftrain import runlock
+
+    lock = runlock.for_task(config.model_dir, cluster, log)
+    try:
+        return _execute(config, cluster, mode, log=log, stop=stop, watchdog_box=watchdog_box)
+    finally:
+        lock.release()
+
+
+def _execute(config, cluster, mode, *, log, stop, watchdog_box):
     from tftrain import controller, resources
 
     if config.restart:

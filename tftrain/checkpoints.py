@@ -98,7 +98,9 @@ def set_aside_run(model_dir: str) -> str | None:
     or None when there was nothing to move."""
     if not os.path.isdir(model_dir):
         return None
-    entries = [e for e in os.listdir(model_dir) if e != PREVIOUS]
+    from tftrain.runlock import LOCK_NAME  # held by this run: it stays
+
+    entries = [e for e in os.listdir(model_dir) if e not in (PREVIOUS, LOCK_NAME)]
     if not entries:
         return None
     root = os.path.join(model_dir, PREVIOUS)

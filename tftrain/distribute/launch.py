@@ -510,12 +510,18 @@ def main(argv: list[str]) -> None:
             )
         )
         return
-    if config.restart:
-        from tftrain import checkpoints
+    from tftrain import checkpoints, runlock
 
-        aside = checkpoints.set_aside_run(config.model_dir)
-        if aside:
-            print(f"[launch] --restart: moved the earlier run's files to {aside}.", flush=True)
+    try:
+        # Held until the launcher exits (nothing closes its descriptor).
+        runlock.FolderLock(config.model_dir).acquire()
+        aside = checkpoints.set_aside_run(config.model_dir) if config.restart else None
+    except ConfigError as e:
+        _fail(str(e))
+    os.environ[runlock.HELD_FOR] = os.path.abspath(config.model_dir)
+    if aside:
+        print(f"[launch] --restart: moved the earlier run's files to {aside}.", flush=True)
+    if config.restart:
         train_argv = [*train_argv, "--norestart"]  # once, not on every restart
     sys.exit(
         run(
