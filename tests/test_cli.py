@@ -262,29 +262,42 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
         "train", "--experiment=fashion_mnist_mlp:smoke", f"--model_dir={model_dir}", check=False
     )
     assert result.returncode == 2
-    assert "does not fit this run's model or optimizer" in result.stderr
+    assert (
+        "--experiment=fashion_mnist_softmax:smoke there, --experiment=fashion_mnist_mlp:smoke here"
+        in result.stderr
+    )
     assert "Traceback" not in result.stderr
     assert "could not be found in the restored object" not in result.stderr  # one line only
     assert snapshot(model_dir) == before
 
 
-def test_resuming_under_another_optimizer_is_refused_and_kept(tmp_path):
+def test_a_resume_that_would_change_the_run_is_refused_whatever_became_of_config_json(
+    tmp_path,
+):
+    # The run's identity is kept in its checkpoints: a lost or edited
+    # config.json cannot hide a change.
     model_dir = str(tmp_path / "run")
     smoke = ["--experiment=fashion_mnist_mlp:smoke", "--train_steps=10", "--noexport"]
     run_tftrain("train", *smoke, f"--model_dir={model_dir}")
-    before = snapshot(model_dir)
-    result = run_tftrain(
-        "train",
-        *smoke,
-        "--train_steps=20",
-        "--optimizer=sgd",
-        f"--model_dir={model_dir}",
-        check=False,
-    )
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "holds a run trained with --optimizer=adam" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert snapshot(model_dir) == before
+    config_json = os.path.join(model_dir, "config.json")
+    for change, said, config_left in (
+        ("--optimizer=sgd", "--optimizer=adam there, --optimizer=sgd here", "as written"),
+        ("--seed=3", "--seed=0 there, --seed=3 here", "deleted"),
+        ("--precision=bfloat16", "--precision=float32 there, --precision=bfloat16 here", "edited"),
+    ):
+        if config_left == "deleted" and os.path.exists(config_json):
+            os.remove(config_json)
+        if config_left == "edited":
+            with open(config_json, "w") as f:
+                json.dump({"precision": "bfloat16", "seed": 0}, f)
+        before = snapshot(model_dir)
+        result = run_tftrain(
+            "train", *smoke, "--train_steps=20", change, f"--model_dir={model_dir}", check=False
+        )
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.count("\n") == 1 and said in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert snapshot(model_dir) == before
 
 
 def test_usage_and_help():

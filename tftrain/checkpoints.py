@@ -89,7 +89,7 @@ def damage(prefix: str) -> str | None:
 PREVIOUS = "previous"
 # Checkpoint objects an older checkpoint may lack; such a checkpoint is
 # restored without them.
-OPTIONAL = ("model_state", "untrained_eval")
+OPTIONAL = ("model_state", "untrained_eval", "run_record")
 
 
 def set_aside_run(model_dir: str) -> str | None:

@@ -32,6 +32,46 @@ MAX_SEED = 2**32 - 1
 # The built-in task's fields: what --model and --dataset train.
 BUILTIN_TASK_FIELDS = ("dataset", "model", "hidden_units", "embedding_shards")
 DEFAULT_HIDDEN_UNITS = (256, 128)
+# What a resumed run may change: how long it trains, where its data and files
+# are, how it runs in parallel (the README's equivalences), threads, and what
+# it logs, evaluates and keeps. Every other field is the run's identity: kept
+# in its checkpoints and compared on resume (controller.Controller.restore).
+MAY_CHANGE_ON_RESUME = frozenset(
+    {
+        "epochs",
+        "train_steps",
+        "experiment_source",
+        "data_dir",
+        "max_eval_examples",
+        "eval_batch_size",
+        "embedding_shards",
+        "strategy",
+        "num_replicas",
+        "all_reduce",
+        "collective",
+        "collective_timeout_secs",
+        "ring_port",
+        "collective_pack_bytes",
+        "num_stages",
+        "pipeline_schedule",
+        "pipeline_balance",
+        "intra_op_threads",
+        "inter_op_threads",
+        "thread_spinning",
+        "steps_per_loop",
+        "checkpoint_interval",
+        "eval_interval",
+        "keep_checkpoints",
+        "log_interval_secs",
+        "summary_every",
+        "histogram_every",
+        "profile_steps",
+        "on_nan",
+        "model_dir",
+        "restart",
+        "export",
+    }
+)
 
 
 def _flag(default, help: str):
@@ -300,6 +340,10 @@ class ExperimentConfig:
                 values.pop(name, None)
         values["options"] = dict(self.options)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that make this run this run (see MAY_CHANGE_ON_RESUME)."""
+        return {k: v for k, v in self.to_dict().items() if k not in MAY_CHANGE_ON_RESUME}
 
     @property
     def mlp_hidden_units(self) -> tuple[int, ...]:

@@ -187,6 +187,11 @@ def build_components(
             name="untrained_eval",
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
         )
+    # The run's identity, in every checkpoint: a resume is compared with it
+    # (Controller.restore), whatever became of config.json.
+    run_record = tf.Variable(
+        json.dumps(config.identity(), sort_keys=True), trainable=False, name="run_record"
+    )
     scorer = tasks.build_scorer(task, config, model, sample_batch)
     # Classes, where the model has an accuracy to compare with chance.
     num_classes = (
@@ -212,6 +217,7 @@ def build_components(
         "optimizer": optimizer,
         "global_step": trainer.global_step,
         "untrained_eval": untrained_eval,
+        "run_record": run_record,
     }
     # The input position: a stream that is a function of the step (the
     # built-in one, tftrain.data's) is built at the step restored, on every
@@ -335,29 +341,53 @@ class Controller:
     def restore(self) -> int:
         self.watchdog.kick("restoring the latest checkpoint")
         if self.parts.checkpoints.good:
-            self._check_same_optimizer()
+            self._check_same_run(self.parts.checkpoints.good[0])
         latest = self.parts.checkpoints.restore_latest()
         if latest:
             self.log(f"Resumed from {latest} at step {self.step}.")
         return self.step
 
-    def _check_same_optimizer(self) -> None:
-        """A checkpoint restored under another optimizer would silently lose
-        its optimizer's state (Adam's moments, say): refused."""
-        path = os.path.join(self.config.model_dir, "config.json")
+    def _check_same_run(self, latest: str) -> None:
+        """A resume is the same run: every field of the run's identity (the
+        config but what MAY_CHANGE_ON_RESUME) equals the record in its
+        checkpoint, or, in a checkpoint older than the record, in
+        config.json. A change is refused before anything is restored."""
+        where, in_checkpoint = latest, True
         try:
-            with open(path) as f:
-                before = json.load(f).get("optimizer")
-        except (OSError, ValueError, AttributeError):
-            return  # no record of the earlier run's settings
-        if before and before != self.config.optimizer:
-            raise RunError(
-                f"--model_dir={self.config.model_dir} holds a run trained with "
-                f"--optimizer={before} ({path}), but this run asks for "
-                f"--optimizer={self.config.optimizer}: resuming would drop the optimizer's "
-                f"state. Use --optimizer={before} to resume it, --restart, or a new "
-                "--model_dir. Nothing was changed."
+            raw = tf.train.load_checkpoint(latest).get_tensor(
+                "run_record/.ATTRIBUTES/VARIABLE_VALUE"
             )
+            recorded = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        except (tf.errors.OpError, ValueError, AttributeError, TypeError):
+            where, in_checkpoint = os.path.join(self.config.model_dir, "config.json"), False
+            try:
+                with open(where) as f:
+                    recorded = json.load(f)
+            except (OSError, ValueError):
+                return  # no record of the earlier run's settings
+        if not isinstance(recorded, dict):
+            return
+        now = json.loads(json.dumps(self.config.identity()))
+        if in_checkpoint:  # the checkpoint's record: every field of the identity
+            names = sorted(set(recorded) | set(now))
+        else:  # config.json holds every field: compare those of the identity
+            names = sorted(now)
+        changed = [n for n in names if recorded.get(n) != now.get(n)]
+        if not changed:
+            return
+        flag = lambda name, value: (
+            f"options {value}" if name == "options" else f"--{name}={_flag_value(value)}"
+        )
+        said = "; ".join(
+            f"{flag(n, recorded.get(n))} there, {flag(n, now.get(n))} here" for n in changed[:3]
+        )
+        more = f" ({len(changed) - 3} more)" if len(changed) > 3 else ""
+        raise ConfigError(
+            f"--model_dir={self.config.model_dir} holds a run trained with other settings "
+            f"(recorded in {where}): {said}{more}. Resuming would change that run. Use its "
+            "settings to resume it, --restart to start afresh (its files move to "
+            "previous/), or a new --model_dir. Nothing was changed."
+        )
 
     def finished_run(self) -> dict | None:
         """The metrics of this run if it already finished (a rerun of the same
@@ -642,6 +672,14 @@ class Controller:
                 + f"metrics in {metrics_path}."
             )
         return result
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if value is None:
+        return "(unset)"
+    return str(value)
 
 
 def run(

@@ -93,6 +93,10 @@ class FolderLock:
                 os.rmdir(self.model_dir)
         except OSError:
             pass
+        try:  # the record names a live run only: a finished one leaves it empty
+            os.ftruncate(self._fd, 0)
+        except OSError:
+            pass
         os.close(self._fd)
         self._fd = None
 

@@ -459,9 +459,13 @@ def with_absolute_experiment(train_argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     from absl import flags
 
+    from tftrain.cli import _quiet_tensorflow
     from tftrain.config import ConfigError
     from tftrain.flagset import fail as _fail
 
+    # The training flags are checked here with TensorFlow loaded: its C++
+    # start-up lines would come before the cluster's own.
+    _quiet_tensorflow()
     fv = flags.FLAGS
     train_argv = list(argv[1:])
     if not train_argv:
