@@ -453,3 +453,23 @@ def test_the_dockerfile_builds_the_image_the_manifest_names_with_its_ports():
     assert "pip install" in text and "dataset-fashion-mnist" in text
     exposed = re.search(r"^EXPOSE (.*)$", text, re.M).group(1).split()
     assert sorted(exposed) == sorted([str(tfjob.GRPC_PORT), str(tfjob.RING_PORT)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_ps", [0, 1], ids=["all_reduce", "parameter_server"])
+def test_a_finished_cluster_run_started_again_says_so_and_leaves_its_record(tmp_path, num_ps):
+    # The chief reads metrics.json and decides; every worker takes its word.
+    model_dir = str(tmp_path / "run")
+    extra = ["--train_steps=40", "--strategy=parameter_server"] if num_ps else ["--train_steps=40"]
+    cluster = ["--num_workers=2", f"--num_ps={num_ps}"]
+    first = _launch(cluster, model_dir, extra)
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out
+    with open(os.path.join(model_dir, "metrics.json"), "rb") as f:
+        record = f.read()
+    again = _launch(cluster, model_dir, extra)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    assert "This run already finished at step 40 of 40" in out, out
+    with open(os.path.join(model_dir, "metrics.json"), "rb") as f:
+        assert f.read() == record

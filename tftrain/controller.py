@@ -729,12 +729,15 @@ def run(
         # anything is written.
         os.makedirs(config.model_dir, exist_ok=True)
         step = controller.restore()
-        # (One process only: every task of a cluster must take the same path.)
-        finished = step >= plan.total_steps and placement.num_workers == 1
-        done = controller.finished_run() if finished else None
-        if done is not None:
-            mode.finish()
-            return done
+        if step >= plan.total_steps:
+            # The chief decides whether the run already finished (it reads
+            # metrics.json); every task of a cluster takes its word, so all
+            # leave, or all go on to the end, together.
+            done = controller.finished_run() if placement.is_chief else None
+            watchdog.kick("agreeing whether the run already finished")
+            if mode.agree_to_stop(done is not None):
+                mode.finish()
+                return done if done is not None else {"global_step": step}
         result = controller.finish(controller.train())
         controller.watchdog.kick("waiting for every worker to finish")
         mode.finish()
