@@ -4,9 +4,10 @@ Two runs writing one folder would each overwrite the other's checkpoints
 and metrics, and ``--restart`` would move a live run's files away under
 it. So the task that writes the folder (the only process, or the chief)
 holds an exclusive ``flock`` on ``model_dir/.tftrain-lock`` from before
-``--restart`` moves anything until it exits; the kernel releases it when
-the process dies, however it dies, so a killed run never leaves the
-folder locked. The file names the holder (host, pid, when, the command),
+``--restart`` moves anything until it ends, and then removes the file; the
+kernel releases the lock when the process dies, however it dies, so a
+killed run never leaves the folder locked (only the file, which the next
+run takes over). The file names the holder (host, pid, when, the command),
 for the one line that refuses a second run. ``tftrain launch`` holds the
 lock for its cluster (its tasks are told so in their environment), so
 that the lock covers a restart of the cluster too.
@@ -43,7 +44,7 @@ class FolderLock:
         process holds the folder."""
         import fcntl
 
-        self._created = not os.path.isdir(self.model_dir)
+        self._created = self._created or not os.path.isdir(self.model_dir)
         try:
             os.makedirs(self.model_dir, exist_ok=True)
             fd = os.open(os.path.join(self.model_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
@@ -52,6 +53,7 @@ class FolderLock:
             raise ConfigError(
                 f"--model_dir={self.model_dir} cannot be written: {e.strerror or e}{where}."
             ) from None
+        path = os.path.join(self.model_dir, LOCK_NAME)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -67,6 +69,14 @@ class FolderLock:
                 f"Note: {self.model_dir} cannot be locked ({e.strerror or e}): nothing "
                 "stops a second run from using the same folder."
             )
+        else:
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except OSError:
+                same = False
+            if not same:  # a run that ended removed the file this one locked
+                os.close(fd)
+                return self.acquire()
         self._fd = fd
         record = {
             "host": socket.gethostname(),
@@ -82,19 +92,14 @@ class FolderLock:
         return self
 
     def release(self) -> None:
+        """Removes the lock file (the folder is left as the run left it) and
+        lets go; a folder this run created and left empty goes too."""
         if self._fd is None:
             return
-        path = os.path.join(self.model_dir, LOCK_NAME)
-        # A folder this run created and left empty (it failed before writing
-        # anything) goes away with the lock, as if never made.
         try:
-            if self._created and os.listdir(self.model_dir) == [LOCK_NAME]:
-                os.remove(path)
+            os.remove(os.path.join(self.model_dir, LOCK_NAME))
+            if self._created and not os.listdir(self.model_dir):
                 os.rmdir(self.model_dir)
-        except OSError:
-            pass
-        try:  # the record names a live run only: a finished one leaves it empty
-            os.ftruncate(self._fd, 0)
         except OSError:
             pass
         os.close(self._fd)

@@ -517,8 +517,7 @@ def main(argv: list[str]) -> None:
     from tftrain import checkpoints, runlock
 
     try:
-        # Held until the launcher exits (nothing closes its descriptor).
-        runlock.FolderLock(config.model_dir).acquire()
+        lock = runlock.FolderLock(config.model_dir).acquire()
         aside = checkpoints.set_aside_run(config.model_dir) if config.restart else None
     except ConfigError as e:
         _fail(str(e))
@@ -527,8 +526,8 @@ def main(argv: list[str]) -> None:
         print(f"[launch] --restart: moved the earlier run's files to {aside}.", flush=True)
     if config.restart:
         train_argv = [*train_argv, "--norestart"]  # once, not on every restart
-    sys.exit(
-        run(
+    try:
+        code = run(
             num_workers=fv.num_workers,
             num_ps=fv.num_ps,
             train_argv=train_argv,
@@ -537,4 +536,6 @@ def main(argv: list[str]) -> None:
             stop_grace_secs=fv.stop_grace_secs,
             evaluator=fv.evaluator,
         )
-    )
+    finally:
+        lock.release()
+    sys.exit(code)
