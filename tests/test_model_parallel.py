@@ -62,11 +62,13 @@ def test_the_bubble_is_k_minus_1_over_m_plus_k_minus_1():
 # -- partition --------------------------------------------------------------
 
 
-def _brute_force(costs, K):
+def _brute_force(costs, K, holds=None):
     n = len(costs)
     best = None
     for cuts in itertools.combinations(range(1, n), K - 1):
         bounds = [0, *cuts, n]
+        if holds and not all(any(holds[a:b]) for a, b in zip(bounds, bounds[1:])):
+            continue
         worst = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
         best = worst if best is None else min(best, worst)
     return best
@@ -83,6 +85,25 @@ def test_the_partition_minimises_the_slowest_stage():
         assert all(a < b for a, b in zip(bounds, bounds[1:]))  # no empty stage
         worst = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
         assert worst == pytest.approx(_brute_force(costs, K))
+
+
+def test_no_stage_is_left_without_variables_where_a_cut_with_them_exists():
+    # The cheapest cut puts only the variable-less first layer on stage 0.
+    assert pipeline.partition([5, 5, 1, 1], 2) == [0, 1, 4]
+    assert pipeline.partition([5, 5, 1, 1], 2, holds=[False, False, True, True]) == [0, 3, 4]
+    rng = random.Random(1)
+    for _ in range(200):
+        n = rng.randint(1, 8)
+        K = rng.randint(1, n)
+        costs = [rng.random() * 10 for _ in range(n)]
+        holds = [rng.random() < 0.4 for _ in range(n)]
+        bounds = pipeline.partition(costs, K, holds=holds)
+        worst = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        if sum(holds) >= K:  # such a cut exists: taken, and the best of them
+            assert all(any(holds[a:b]) for a, b in zip(bounds, bounds[1:])), (holds, bounds)
+            assert worst == pytest.approx(_brute_force(costs, K, holds))
+        else:
+            assert worst == pytest.approx(_brute_force(costs, K))
 
 
 def test_a_model_is_cut_only_where_one_tensor_crosses():

@@ -177,12 +177,31 @@ def segments(model) -> list:
     return pieces
 
 
-def partition(costs: Sequence[float], num_stages: int) -> list[int]:
+def partition(
+    costs: Sequence[float], num_stages: int, holds: Sequence[bool] | None = None
+) -> list[int]:
     """Stage boundaries ``[0, b1, ..., n]`` of consecutive items, each stage
-    non-empty, minimising the largest stage's total cost (ties: earlier cuts)."""
+    non-empty, minimising the largest stage's total cost (ties: earlier cuts).
+
+    ``holds``: which items hold variables. Where a cut exists in which every
+    stage holds some, only such cuts are taken: a stage with nothing to
+    train (a rescaling and a reshape, cheap or not as the machine's load
+    has it) would make a pipeline that only passes activations on."""
     n, K = len(costs), num_stages
     if not 1 <= K <= n:
         raise ValueError(f"cannot cut {n} layers into {K} stages")
+    if holds is not None:
+        held = [0]
+        for h in holds:
+            held.append(held[-1] + bool(h))
+        cut = _partition(costs, K, lambda j, i: held[i] > held[j])
+        if cut is not None:
+            return cut
+    return _partition(costs, K, lambda j, i: True)
+
+
+def _partition(costs, K, allowed) -> list[int] | None:
+    n = len(costs)
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
@@ -194,9 +213,13 @@ def partition(costs: Sequence[float], num_stages: int) -> list[int]:
     for k in range(1, K + 1):
         for i in range(k, n + 1):
             for j in range(k - 1, i):
+                if best[k - 1][j] == inf or not allowed(j, i):
+                    continue
                 value = max(best[k - 1][j], prefix[i] - prefix[j])
                 if value < best[k][i]:
                     best[k][i], cut[k][i] = value, j
+    if best[K][n] == inf:
+        return None
     bounds, i = [n], n
     for k in range(K, 0, -1):
         i = cut[k][i]

@@ -136,7 +136,7 @@ class ModelParallel(ParallelMode):
             micro_batch,
             config.pipeline_balance or "time",
         )
-        bounds = pipeline.partition(costs, K)
+        bounds = pipeline.partition(costs, K, holds=[bool(la.weights) for la in layers])
         placed, self.stages = pipeline.place(model, self.devices, bounds, costs)
         return placed
 
