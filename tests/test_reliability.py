@@ -82,6 +82,23 @@ def test_a_damaged_latest_checkpoint_is_named_set_aside_and_the_previous_one_use
     assert got["weights_sha256"] == straight_80["weights_sha256"]  # an exact resume
 
 
+def test_without_the_state_file_the_newest_step_wins_and_the_rotation_holds(tmp_path):
+    import shutil
+
+    model_dir = str(tmp_path / "run")
+    folder = os.path.join(model_dir, "checkpoints")
+    train(model_dir, 80)  # keeps ckpt-40, -60, -80
+    os.remove(os.path.join(folder, "checkpoint"))
+    for suffix in (".index", ".data-00000-of-00001"):  # a stray copy of step 40
+        shutil.copy(_ckpt(model_dir, 40, suffix), _ckpt(model_dir, 999, suffix))
+    os.makedirs(_ckpt(model_dir, 100, "_temp"))  # what a save cut off leaves
+    result = train(model_dir, 100)
+    assert f"Resumed from {_ckpt(model_dir, 80, '')} at step 80." in result.stdout
+    left = sorted(n.split(".")[0] for n in os.listdir(folder) if n.endswith(".index"))
+    assert left == ["ckpt-100", "ckpt-60", "ckpt-80"]  # --keep_checkpoints=3 after the repair
+    assert not os.path.exists(_ckpt(model_dir, 100, "_temp"))
+
+
 def test_when_every_checkpoint_is_damaged_the_run_refuses_and_changes_nothing(tmp_path):
     model_dir = str(tmp_path / "run")
     train(model_dir, 40)

@@ -57,13 +57,30 @@ def _candidates(folder: str, recorded: list[str] | None) -> list[str]:
     """The checkpoint prefixes in ``folder``, newest first: those the state
     file lists (``recorded``: a save counts once it is recorded there), or,
     when the state file is missing or damaged (None), every ``ckpt-N`` found."""
-    if recorded is not None:
-        prefixes = set(recorded)
-    else:
-        files = glob.glob(os.path.join(glob.escape(folder), "ckpt-*.*"))
-        prefixes = {os.path.join(folder, os.path.basename(p).split(".", 1)[0]) for p in files}
-    numbered = [(int(m.group(1)), p) for p in prefixes if (m := _NUMBERED.search(p))]
-    return [p for _, p in sorted(numbered, reverse=True)]
+    if recorded is not None:  # in the order saved: the newest last
+        return list(reversed(recorded))
+    files = glob.glob(os.path.join(glob.escape(folder), "ckpt-*.*"))
+    prefixes = {os.path.join(folder, os.path.basename(p).split(".", 1)[0]) for p in files}
+    # Found by name, ordered by the step each holds: a stray copy of an old
+    # checkpoint under a newer name must not win.
+    numbered = [
+        (_step_in(p, int(m.group(1))), int(m.group(1)), p)
+        for p in prefixes
+        if (m := _NUMBERED.search(p))
+    ]
+    return [p for *_, p in sorted(numbered, reverse=True)]
+
+
+def _step_in(prefix: str, default: int) -> int:
+    """The global step a checkpoint holds (``default``: its name's, when it
+    cannot be read)."""
+    try:
+        return int(tf.train.load_checkpoint(prefix).get_tensor(_STEP_KEY))
+    except Exception:  # noqa: BLE001 - unreadable: the damage check will say so
+        return default
+
+
+_STEP_KEY = "global_step/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 def damage(prefix: str) -> str | None:
@@ -128,11 +145,23 @@ def set_aside_run(model_dir: str) -> str | None:
     return aside
 
 
+def _remove_unfinished_saves(folder: str) -> None:
+    """Removes what a save cut off (a full disk, a kill) left: TensorFlow
+    writes a checkpoint's shards into ``ckpt-N_temp/`` and moves them out
+    when the save completes, so such a folder holds nothing restorable."""
+    for temp in glob.glob(os.path.join(glob.escape(folder), "ckpt-*_temp")):
+        if os.path.isdir(temp):
+            shutil.rmtree(temp, ignore_errors=True)
+
+
 def _write_state(folder: str, newest_first: list[str]) -> None:
     """Rewrites the ``checkpoint`` state file (a text proto) to list these only."""
     names = [os.path.basename(p) for p in reversed(newest_first)]
     lines = [f'model_checkpoint_path: "{names[-1]}"']
     lines += [f'all_model_checkpoint_paths: "{name}"' for name in names]
+    # A timestamp for each, after the last preserved one (0): TensorFlow's
+    # checkpoint manager rotates only the checkpoints listed with one.
+    lines += [f"all_model_checkpoint_timestamps: {i + 1}" for i in range(len(names))]
     tmp = os.path.join(folder, "checkpoint.tmp")
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -218,6 +247,9 @@ class Checkpoints:
         state_damaged = recorded is None and os.path.exists(state)
         if state_damaged:
             self.log(f"The checkpoint state file in {self.folder} cannot be read; not using it.")
+        # Found by name (the state file lost or damaged): the state file lists
+        # them again, so that --keep_checkpoints rotates them as before.
+        relisted = recorded is None and bool(good)
         if (damaged or state_damaged) and self.is_chief:
             aside = os.path.join(self.folder, "damaged")
             os.makedirs(aside, exist_ok=True)
@@ -226,9 +258,11 @@ class Checkpoints:
                     shutil.move(path, os.path.join(aside, os.path.basename(path)))
             if state_damaged:
                 shutil.move(state, os.path.join(aside, "checkpoint"))
-            if good:
-                _write_state(self.folder, good)
             self.log(f"Moved the damaged file(s) to {aside}; nothing was deleted.")
+        if (damaged or relisted) and good and self.is_chief:
+            _write_state(self.folder, good)
+        if self.is_chief:
+            _remove_unfinished_saves(self.folder)
         return good
 
     def restore_latest(self) -> str | None:
@@ -289,7 +323,12 @@ class Checkpoints:
     def save(self, step: int) -> str:
         if self.input_manager is not None:  # first: a checkpoint never lacks it
             self.input_manager.save(checkpoint_number=step)
-        saved = self.manager.save(checkpoint_number=step)
+        try:
+            saved = self.manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError):
+            if self.is_chief:  # a full disk: no half-written shards left behind
+                _remove_unfinished_saves(self.folder)
+            raise
         if not self.is_chief:  # every worker saves; only the chief keeps it
             shutil.rmtree(os.path.dirname(saved), ignore_errors=True)
         self.last_saved = saved

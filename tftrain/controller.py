@@ -49,10 +49,17 @@ def _strict(value):
 
 def write_json_atomically(path: str, payload: dict) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_strict(payload), f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(_strict(payload), f, indent=2, sort_keys=True, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError:  # a full disk: the old file stays whole, and no .tmp beside it
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 class _Output:
