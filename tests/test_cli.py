@@ -420,3 +420,22 @@ def test_what_the_runtime_writes_before_a_crash_still_reaches_the_console():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert result.returncode != 0
     assert b"Check failed: 1 == 2" in result.stderr and b"cudart_stub" not in result.stderr
+
+
+def test_a_run_folder_that_stops_being_writable_is_one_line_naming_the_file(tmp_path):
+    import tensorflow as tf
+
+    from tftrain import cli, config
+
+    error = tf.errors.PermissionDeniedError(
+        None,
+        None,
+        "{{function_node __wrapped__SaveV2_dtypes_25_device_/job:localhost}} "
+        "run/checkpoints/ckpt-60_temp; Operation not permitted [Op:SaveV2]\nmore",
+    )
+    said = cli._explain_resources(error, config.ExperimentConfig(model_dir=str(tmp_path)))
+    assert said == (
+        f"permission denied writing in --model_dir={tmp_path} (run/checkpoints/ckpt-60_temp; "
+        "Operation not permitted): make it writable again, then run the same command to "
+        "start again (no checkpoint had been saved yet)."
+    )

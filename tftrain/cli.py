@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 
 from tftrain.flagset import (  # the training flags, shared with tftrain launch
@@ -129,7 +130,16 @@ def _train_main(argv):
         _fail(str(e), code=e.exit_code)
     except OSError as e:  # the file system refused: unwritable model_dir, disk full
         _stop_watchdogs(box)
+        import errno
+
         where = f" ({e.filename})" if e.filename else ""
+        if e.errno == errno.ENOSPC:
+            _fail(
+                f"the disk is full (No space left on device{where}): free some space under "
+                f"--model_dir={config.model_dir}, then run the same command to "
+                f"{_then_resume(config)}.",
+                code=1,
+            )
         _fail(f"{e.strerror or e}{where}: check --model_dir={config.model_dir}.")
     except tf.errors.OpError as e:
         _stop_watchdogs(box)
@@ -177,26 +187,40 @@ def _explain_labels(error) -> str | None:
     )
 
 
-def _explain_resources(error, config) -> str | None:
-    """A full disk or an exhausted memory, said in one line; else None."""
+def _then_resume(config) -> str:
     import tensorflow as tf
 
+    try:
+        latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
+    except (tf.errors.OpError, OSError):
+        latest = None
+    return (
+        f"resume from the last checkpoint ({os.path.basename(latest)}), which is kept"
+        if latest
+        else "start again (no checkpoint had been saved yet)"
+    )
+
+
+def _explain_resources(error, config) -> str | None:
+    """A full disk, an exhausted memory or a run folder that stopped being
+    writable, said in one line; else None."""
+    import tensorflow as tf
+
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    # TensorFlow's wrapping: "{{function_node ...}} what [Op:SaveV2]".
+    first = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]", "", first)[:200]
+    if isinstance(error, tf.errors.PermissionDeniedError):
+        return (
+            f"permission denied writing in --model_dir={config.model_dir} ({first}): make "
+            f"it writable again, then run the same command to {_then_resume(config)}."
+        )
     if not isinstance(error, tf.errors.ResourceExhaustedError):
         return None
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     if "no space left" in str(error).lower():
-        try:
-            latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
-        except (tf.errors.OpError, OSError):
-            latest = None
-        then = (
-            f"resume from the last checkpoint ({os.path.basename(latest)}), which is kept"
-            if latest
-            else "start again (no checkpoint had been saved yet)"
-        )
         return (
             f"the disk is full (No space left on device): free some space under "
-            f"--model_dir={config.model_dir}, then run the same command to {then}."
+            f"--model_dir={config.model_dir}, then run the same command to "
+            f"{_then_resume(config)}."
         )
     return f"out of memory ({first}): try a smaller model or --batch_size."
 
