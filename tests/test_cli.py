@@ -439,3 +439,57 @@ def test_a_run_folder_that_stops_being_writable_is_one_line_naming_the_file(tmp_
         "Operation not permitted): make it writable again, then run the same command to "
         "start again (no checkpoint had been saved yet)."
     )
+
+
+@pytest.fixture(scope="module")
+def broken_test_splits(tmp_path_factory):
+    """Folders of IDX files whose training split is Fashion-MNIST's and whose
+    test split is wrong: another image shape, empty, a FIFO."""
+    import shutil
+
+    from tests.test_data import write_idx
+
+    root = tmp_path_factory.mktemp("splits")
+    source = "/usr/share/datasets/fashion-mnist"
+    for case, images, labels in (
+        ("shape", np.zeros((100, 14, 56), np.uint8), np.zeros(100, np.uint8)),
+        ("empty", np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8)),
+        ("fifo", None, np.zeros(100, np.uint8)),
+    ):
+        folder = root / case
+        folder.mkdir()
+        for name in os.listdir(source):
+            if name.startswith("train-"):
+                shutil.copy(os.path.join(source, name), folder)
+        if images is None:
+            os.mkfifo(folder / "t10k-images-idx3-ubyte")
+        else:
+            write_idx(str(folder / "t10k-images-idx3-ubyte"), images)
+        write_idx(str(folder / "t10k-labels-idx1-ubyte"), labels)
+    return root
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("shape", "gives features of uint8[14, 56, 1] per example; the training data's are"),
+        ("empty", "gives no batch: the evaluation data are empty"),
+        ("fifo", "t10k-images-idx3-ubyte is not a regular file (a FIFO"),
+    ],
+)
+def test_a_test_split_unlike_the_training_split_is_one_line_before_anything_is_written(
+    tmp_path, broken_test_splits, case, message
+):
+    model_dir = tmp_path / "run"
+    result = run_tftrain(
+        "train",
+        "--experiment=fashion_mnist_mlp:smoke",
+        f"--data_dir={broken_test_splits / case}",
+        f"--model_dir={model_dir}",
+        check=False,
+        timeout=120,  # a FIFO read would wait forever
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("tftrain: error: ")
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not model_dir.exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import stat
 import struct
 
 import numpy as np
@@ -83,6 +84,7 @@ def read_idx(path: str) -> np.ndarray:
     Raises:
       DataError: when the file is missing, truncated or not IDX.
     """
+    _regular_file(path)
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -104,6 +106,24 @@ def read_idx(path: str) -> np.ndarray:
             f"{tuple(shape)} promises {expected}."
         )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _regular_file(path: str) -> None:
+    """DataError for a local path that is not a regular file: reading a FIFO
+    (or a terminal) would wait forever for a writer."""
+    if "://" in path:
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: said where it is opened
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{path} is a folder: expected a data file.")
+    if not stat.S_ISREG(mode):
+        raise DataError(
+            f"{path} is not a regular file (a FIFO, a device or a socket): expected a "
+            "data file; a FIFO would be read forever."
+        )
 
 
 def _find(data_dir: str, stem: str) -> str | None:
@@ -804,6 +824,8 @@ def _files(patterns, what: str) -> list[str]:
             ) from None
         if not found:
             raise DataError(f"{what}: no file matches {pattern}.")
+        for path in found:
+            _regular_file(path)
         files.extend(sorted(found))
     return files
 

@@ -129,11 +129,44 @@ class Probe:
 def probe(task, config) -> Probe:
     """The training data, built once with one pipeline holding every replica."""
     ds = build(task, config, input_context(), True)
+    _check_evaluation(task, ds.element_spec, build(task, config, input_context(), False))
     return Probe(
         first_batch=_first(ds, task, True),
         steps_per_epoch=_steps_per_epoch(task, config, ds),
         positioned=task._positions_by_step or bool(getattr(ds, "tftrain_positioned", False)),
     )
+
+
+def _check_evaluation(task, train_spec, ds) -> None:
+    """DataError, before anything is written, for evaluation data that are
+    empty or hold examples of another shape or type than the training data
+    (the first evaluation would fail, or measure nothing, after the run's
+    folder is made)."""
+    import tensorflow as tf
+
+    name = f"{type(task).__name__}.build_inputs(training=False)"
+    eval_spec = ds.element_spec
+    for part, what in ((0, "features"), (1, "labels")):
+        trained, evaluated = train_spec[part], eval_spec[part]
+        try:
+            tf.nest.assert_same_structure(trained, evaluated)
+        except (ValueError, TypeError):
+            raise DataError(
+                f"{name} gives {what} of {_describe(evaluated)}; the training data's are "
+                f"{_describe(trained)}: both splits must hold examples of one form."
+            ) from None
+        for t, e in zip(tf.nest.flatten(trained), tf.nest.flatten(evaluated)):
+            if not (isinstance(t, tf.TensorSpec) and isinstance(e, tf.TensorSpec)):
+                continue
+            if (part == 0 and t.dtype != e.dtype) or not t.shape[1:].is_compatible_with(
+                e.shape[1:]
+            ):
+                raise DataError(
+                    f"{name} gives {what} of {e.dtype.name}{list(e.shape[1:])} per example; "
+                    f"the training data's are {t.dtype.name}{list(t.shape[1:])}: both splits "
+                    "must hold examples of one shape and type."
+                )
+    _first(ds, task, False)
 
 
 def first_batch(task, config, training: bool = True):
