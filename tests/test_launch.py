@@ -473,3 +473,27 @@ def test_a_finished_cluster_run_started_again_says_so_and_leaves_its_record(tmp_
     assert "This run already finished at step 40 of 40" in out, out
     with open(os.path.join(model_dir, "metrics.json"), "rb") as f:
         assert f.read() == record
+
+
+def test_more_tasks_than_the_memory_holds_are_refused_before_any_starts(tmp_path):
+    from tftrain.distribute import launch
+
+    floor = launch.TASK_MEMORY_FLOOR
+    assert launch.check_memory(4, 4 * floor) is None
+    assert launch.check_memory(4, None) is None  # unknown: not refused
+    said = launch.check_memory(5, 4 * floor)
+    assert said.startswith("5 tasks need at least 2.5 GiB (512 MiB each")
+    assert "--nocheck_memory" in said
+    # More tasks than any machine's memory holds: one line, nothing started.
+    result = run_tftrain(
+        "launch",
+        "--num_workers=4096",
+        "--",
+        *SMOKE[:1],
+        "--strategy=multi_worker_mirrored",
+        "--batch_size=4096",
+        f"--model_dir={tmp_path / 'run'}",
+        check=False,
+    )
+    assert result.returncode == 2 and "4096 tasks need at least 2048.0 GiB" in result.stderr
+    assert "started" not in result.stdout and not (tmp_path / "run").exists()

@@ -25,6 +25,24 @@ from collections.abc import Sequence
 
 from tftrain import lifeline, resources
 
+# The least memory one task of a local cluster takes: a Python process with
+# TensorFlow and one strategy (BUILD_NOTES.md: a worker of the MLP on
+# Fashion-MNIST peaked at 0.87 GB). A model's own bytes come on top.
+TASK_MEMORY_FLOOR = 512 << 20
+
+
+def check_memory(tasks: int, available: int | None) -> str | None:
+    """Why ``tasks`` local tasks would not fit in ``available`` bytes, or None."""
+    need = tasks * TASK_MEMORY_FLOOR
+    if available is None or need <= available:
+        return None
+    return (
+        f"{tasks} tasks need at least {need / 2**30:.1f} GiB ({TASK_MEMORY_FLOOR >> 20} MiB "
+        f"each, before the model's own bytes), but this machine has {available / 2**30:.1f} "
+        "GiB available: start fewer tasks (--num_workers, --num_ps), or pass "
+        "--nocheck_memory to start them anyway."
+    )
+
 
 def define_flags(flag_values) -> None:
     from absl import flags
@@ -65,6 +83,13 @@ def define_flags(flag_values) -> None:
         0,
         "intra-op threads per task (0: the machine's cores shared out among the tasks)",
         lower_bound=0,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_bool(
+        "check_memory",
+        True,
+        "refuse to start more tasks than this machine's available memory holds "
+        f"(each task counted at {TASK_MEMORY_FLOOR >> 20} MiB at least)",
         flag_values=flag_values,
     )
     flags.DEFINE_enum(
@@ -479,8 +504,16 @@ def main(argv: list[str]) -> None:
             "evaluator task evaluates a parameter-server run's checkpoints."
         )
     spec = cluster_spec(
-        fv.num_workers, fv.num_ps, range(1, 100), host="host", evaluator=fv.evaluator
+        fv.num_workers,
+        fv.num_ps,
+        range(1, fv.num_workers + fv.num_ps + 3),
+        host="host",
+        evaluator=fv.evaluator,
     )
+    if fv.emit != "tfjob" and fv.check_memory:
+        said = check_memory(len(tasks_of(spec)), resources.available_memory())
+        if said:
+            _fail(said)
     from tftrain.errors import UserCodeError
 
     try:
