@@ -12,7 +12,8 @@ decay 0.05 (biases, LayerNorm's scales and offsets and the position
 embedding left out), gradients clipped to a global norm of 1, two epochs of
 warm-up, then cosine decay.
 
-Options: ``dim``, ``depth``, ``heads``, ``patch``, ``augment``. Variant:
+Options: ``dim``, ``depth``, ``heads``, ``patch``, ``augment`` and
+``shift`` (the translation's largest shift in pixels; 0 flips only). Variant:
 ``smoke`` (two blocks of 32 values on 2,048 images).
 """
 
@@ -79,6 +80,10 @@ class ViTTask(tftrain.Task):
         return self._data
 
     def build_model(self, config):
+        if config.shift < 0:
+            raise tftrain.ConfigError(
+                f"--shift={config.shift}: the largest shift is 0 pixels or more."
+            )
         num_classes = self.data(config).num_classes
         return vit(config.dim, config.depth, config.heads, config.patch, num_classes, config.seed)
 
@@ -90,7 +95,7 @@ class ViTTask(tftrain.Task):
             config=config,
             context=context,
             training=training,
-            augment=tftrain.data.translate_and_flip(4) if config.augment else None,
+            augment=tftrain.data.translate_and_flip(config.shift) if config.augment else None,
         )
 
     def build_loss(self, config):
@@ -104,7 +109,7 @@ def get_config(variant=None):
     config = tftrain.ExperimentConfig(
         experiment="fashion_mnist_vit",
         task=ViTTask,
-        options={"dim": 64, "depth": 6, "heads": 4, "patch": 4, "augment": True},
+        options={"dim": 64, "depth": 6, "heads": 4, "patch": 4, "augment": True, "shift": 4},
         optimizer="adam",
         learning_rate=1e-3,
         weight_decay=0.05,
