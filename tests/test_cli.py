@@ -493,3 +493,15 @@ def test_a_test_split_unlike_the_training_split_is_one_line_before_anything_is_w
     assert result.stderr.strip().splitlines()[-1].startswith("tftrain: error: ")
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not model_dir.exists()
+
+
+def test_a_lost_task_is_named_by_its_address():
+    from tftrain import cli
+    from tftrain.distribute.cluster import parse_tf_config
+
+    spec = {"worker": ["127.0.0.1:54775", "127.0.0.1:5477", "127.0.0.1:600"]}
+    cluster = parse_tf_config(json.dumps({"cluster": spec, "task": {"type": "worker", "index": 2}}))
+    said = "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:54775: Failed"
+    assert cli._tasks_named_in(said, cluster) == "worker:0 at 127.0.0.1:54775"
+    assert cli._tasks_named_in("ipv4:127.0.0.1:600 and more", cluster) is None  # itself
+    assert cli._tasks_named_in("no address at all", cluster) is None

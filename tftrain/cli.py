@@ -152,11 +152,27 @@ def _train_main(argv):
         ):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lost = _tasks_named_in(str(e), cluster)
         _fail(
-            f"lost contact with another task of the cluster ({type(e).__name__}: "
-            f"{first[:300]}): a worker died or never started.",
+            f"lost contact with {lost or 'another task of the cluster'} "
+            f"({type(e).__name__}: {first[:300]}): a worker died or never started.",
             code=1,
         )
+
+
+def _tasks_named_in(message: str, cluster) -> str | None:
+    """The tasks of ``cluster`` whose addresses ``message`` names ("worker:1
+    at 127.0.0.1:5001"), or None."""
+    if cluster is None:
+        return None
+    named = []
+    for task_type, addresses in cluster.cluster.items():
+        for index, address in enumerate(addresses):
+            if (task_type, index) == (cluster.task_type, cluster.task_index):
+                continue  # its own address, where TensorFlow names it too
+            if re.search(rf"(?<![\d.]){re.escape(address)}(?!\d)", message):
+                named.append(f"{task_type}:{index} at {address}")
+    return ", ".join(named) or None
 
 
 def _stop_watchdogs(box) -> None:
