@@ -10,7 +10,7 @@ from tftrain import data
 
 
 def write_idx(path, array, gz=False):
-    codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
     header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(
         f">{array.ndim}I", *array.shape
     )
@@ -221,3 +221,16 @@ def test_shards_gathered_in_groups_are_the_halves_of_the_global_batch(monkeypatc
     monkeypatch.setattr(data, "_GATHER_BATCHES", 7)
     split = data.make_synthetic(0, num_train=1000).train
     assert_two_shards_are_the_halves(split, 40, seed=2, start_step=90)
+
+
+@pytest.mark.parametrize("bad", [1.5, float("nan")])
+def test_labels_that_are_not_whole_numbers_are_refused_not_truncated(tmp_path, bad):
+    folder = fake_idx_dir(tmp_path, gz=False)
+    labels = np.zeros(50, ">f4")
+    labels[7] = bad
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    with pytest.raises(data.DataError, match=r"train-labels-idx1-ubyte holds the label "):
+        data.load_idx("fashion_mnist", folder)
+    labels[7] = 3.0  # whole numbers in a float file are classes
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    assert data.load_idx("fashion_mnist", folder).train.labels[7] == 3

@@ -108,6 +108,16 @@ def read_idx(path: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
+def _classes(labels: np.ndarray, where: str) -> np.ndarray:
+    """Labels as class numbers; DataError for a label that is not a whole
+    number (a cast would silently truncate 1.5 to class 1)."""
+    if labels.dtype.kind == "f":
+        bad = labels[~np.isfinite(labels) | (labels != np.floor(labels))]
+        if bad.size:
+            raise DataError(f"{where} holds the label {bad[0]!r}: expected whole class numbers.")
+    return labels.astype(np.int32)
+
+
 def _regular_file(path: str) -> None:
     """DataError for a local path that is not a regular file: reading a FIFO
     (or a terminal) would wait forever for a writer."""
@@ -165,7 +175,7 @@ def load_idx(name: str, data_dir: str | None) -> Dataset:
                 f"{paths[1]} holds the label {bad}: expected class numbers 0-"
                 f"{IDX_CLASSES - 1} ({name} has {IDX_CLASSES} classes)."
             )
-        splits[split] = Split(images[..., None].astype(np.uint8), labels.astype(np.int32))
+        splits[split] = Split(images[..., None].astype(np.uint8), _classes(labels, paths[1]))
     return Dataset(name, splits["train"], splits["test"], IDX_CLASSES)
 
 
@@ -199,7 +209,7 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
                 f"--dataset={name}: expected uint8 images, got "
                 f"{images.dtype} of shape {images.shape}."
             )
-        splits[split] = Split(images, labels.astype(np.int32))
+        splits[split] = Split(images, _classes(labels, f"--dataset={name}'s {split} split"))
     label_feature = info.features["label"]
     return Dataset(name, splits["train"], splits["test"], int(label_feature.num_classes))
 
