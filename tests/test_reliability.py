@@ -209,6 +209,20 @@ def test_a_signal_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, s
     assert metrics(model_dir)["weights_sha256"] == straight_80["weights_sha256"]
 
 
+def _one_long_loop(model_dir: str):
+    """A run of one loop of 100,000 steps (about 100 s): its main thread sits
+    in one TensorFlow call all the while."""
+    return start_tftrain(
+        "train",
+        *SMOKE[:2],
+        "--train_steps=100000",
+        "--steps_per_loop=100000",
+        "--eval_interval=100000",
+        "--checkpoint_interval=100000",
+        f"--model_dir={model_dir}",
+    )
+
+
 class _Lines:
     """The lines of a text stream, read by a thread of their own, so that a
     test can wait for one with a deadline."""
@@ -244,15 +258,7 @@ class _Lines:
 def test_signals_are_answered_at_once_even_inside_a_long_loop(tmp_path):
     # One loop of 100,000 steps: the main thread sits in one TensorFlow call.
     # The first signal is acknowledged at once; the second ends the process.
-    proc = start_tftrain(
-        "train",
-        *SMOKE[:2],
-        "--train_steps=100000",
-        "--steps_per_loop=100000",
-        "--eval_interval=100000",
-        "--checkpoint_interval=100000",
-        f"--model_dir={tmp_path / 'run'}",
-    )
+    proc = _one_long_loop(str(tmp_path / "run"))
     out, err = _Lines(proc.stdout), _Lines(proc.stderr)
     try:
         assert out.wait_for("eval at step 0", 120), "the run did not start"
@@ -410,15 +416,7 @@ def test_restart_that_cannot_set_the_run_aside_says_so_in_one_line(tmp_path):
 def test_a_folder_with_a_live_run_refuses_a_second_run_and_a_restart(tmp_path):
     model_dir = str(tmp_path / "run")
     # One loop of 100,000 steps: the live run trains all through the test.
-    live = start_tftrain(
-        "train",
-        *SMOKE[:2],
-        "--train_steps=100000",
-        "--steps_per_loop=100000",
-        "--eval_interval=100000",
-        "--checkpoint_interval=100000",
-        f"--model_dir={model_dir}",
-    )
+    live = _one_long_loop(model_dir)
     out = _Lines(live.stdout)
     try:
         assert out.wait_for("eval at step 0", 120), "the run did not start"
