@@ -153,6 +153,10 @@ BAD_INPUT = [
     (["--batch_size=abc"], "--batch_size=abc"),
     (["--no_such_flag=1"], "tftrain: error: Unknown command line flag 'no_such_flag'"),
     (["--epochs=1.5"], "tftrain: error: flag --epochs=1.5: invalid literal for int()"),
+    (
+        ["--export=maybe"],
+        "tftrain: error: flag --export=maybe: expected true or false, not 'maybe'",
+    ),
     (["--flagfile=/nonexistent"], "tftrain: error: ERROR:: Unable to open flagfile"),
     (
         ["--strategy=multi_worker_mirrored"],

@@ -302,7 +302,13 @@ def _run_absl(main, define, command: str, argv: list[str]) -> None:
     try:
         flags.FLAGS([f"tftrain {command}", *argv])
     except flags.Error as e:
-        _fail(f"{e} (tftrain {command} --help lists the flags).")
+        # absl words a bad boolean as a tuple: "('Non-boolean argument ...', 'x')".
+        said = re.sub(
+            r"\('Non-boolean argument to boolean flag', '(.*)'\)$",
+            r"expected true or false, not '\1'",
+            str(e),
+        )
+        _fail(f"{said} (tftrain {command} --help lists the flags).")
     try:
         app.run(main, argv=[f"tftrain {command}", *argv])
     except KeyboardInterrupt:
