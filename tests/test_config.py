@@ -108,3 +108,16 @@ def test_a_path_is_taken_for_a_folder():
 
     config = ExperimentConfig(model_dir=pathlib.Path("/tmp/run")).validate()
     assert config.model_dir == "/tmp/run" and config.replace(learning_rate=1).validate()
+
+
+def test_the_built_in_tasks_fields_are_refused_for_a_task_of_ones_own():
+    import tftrain
+
+    class Mine(tftrain.Task):
+        pass
+
+    base = ExperimentConfig(task=Mine, model_dir="/tmp/x")
+    base.validate()
+    for field, value in (("model", "cnn"), ("dataset", "mnist"), ("hidden_units", (8,))):
+        with pytest.raises(ConfigError, match=rf"--{field} applies to the built-in task only"):
+            base.replace(**{field: value}).validate()

@@ -397,6 +397,17 @@ class ExperimentConfig:
                 f"ExperimentConfig(task={self.task!r}): expected a tftrain.Task subclass "
                 "(class MyTask(tftrain.Task): ...) or the name of a registered task."
             )
+        else:
+            # The built-in task's fields mean nothing to a task of one's own:
+            # a value given for one would be silently ignored.
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in BUILTIN_TASK_FIELDS:
+                if getattr(self, name) != defaults[name]:
+                    raise ConfigError(
+                        f"--{name} applies to the built-in task only: "
+                        f"{getattr(self.task, '__name__', self.task)} builds its own model "
+                        "and data (its own options are listed by --helpshort)."
+                    )
         if not isinstance(self.options, dict):
             raise ConfigError(f"ExperimentConfig(options={self.options!r}): expected a dict.")
         for kind, registry in (
