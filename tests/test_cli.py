@@ -249,7 +249,7 @@ def test_unwritable_model_dir_is_one_clear_error(tmp_path):
         check=False,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"check --model_dir={blocked}/run" in result.stderr
+    assert f"--model_dir={blocked}/run cannot be written: Not a directory" in result.stderr
     assert blocked.read_text() == "a file where a folder is needed"
 
 
