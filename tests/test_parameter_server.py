@@ -149,7 +149,7 @@ class Launch:
 @pytest.mark.cluster
 def test_parameter_server_run_writes_everything_and_counts_every_step(tmp_path):
     model_dir = str(tmp_path / "ps")
-    run = Launch(
+    command = (
         "--num_workers=2",
         "--num_ps=1",
         "--evaluator",
@@ -159,6 +159,7 @@ def test_parameter_server_run_writes_everything_and_counts_every_step(tmp_path):
         "--checkpoint_interval=100",
         f"--model_dir={model_dir}",
     )
+    run = Launch(*command)
     assert run.finish() == 0, run.text
     got = metrics(model_dir)
     # The evaluator evaluated the checkpoints beside the run, the last one too,
@@ -191,6 +192,16 @@ def test_parameter_server_run_writes_everything_and_counts_every_step(tmp_path):
     for task in ("worker:0", "worker:1", "ps:0"):
         assert f"[{task}] {task} joined the coordinator's run." in run.text
     assert "[launch] every task finished." in run.text
+
+    # The same command again: the chief finds the run finished, every task
+    # takes its word, and metrics.json stays byte for byte.
+    with open(os.path.join(model_dir, "metrics.json"), "rb") as f:
+        record = f.read()
+    again = Launch(*command)
+    assert again.finish() == 0, again.text
+    assert "This run already finished at step 200 of 200" in again.text
+    with open(os.path.join(model_dir, "metrics.json"), "rb") as f:
+        assert f.read() == record
 
     # The checkpoint restores into a one_device run, which trains on.
     more = run_tftrain("train", *SMOKE[:1], "--train_steps=260", f"--model_dir={model_dir}")
