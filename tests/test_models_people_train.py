@@ -62,12 +62,15 @@ def test_resnet_mirrored_normalizes_as_one_device_only_with_sync_batchnorm(tmp_p
 def test_resnet_in_two_stages_is_one_device_with_its_micro_batches(tmp_path):
     """BatchNorm's statistics are each micro-batch's and its moving averages
     move once per micro-batch, in order, on the stage that holds them: as one
-    device with --num_microbatches=4 does."""
-    piped = train(tmp_path, "piped", strategy="model_parallel", num_microbatches=4)
-    whole = train(tmp_path, "whole", num_microbatches=4)
+    device with --num_microbatches=4 does. In float64, as above: in float32
+    the two ended 2.7e-3 apart on one CI run and within 1e-4 on others, as
+    round-off in another order of the same sums was amplified or not."""
+    same = dict(num_microbatches=4, precision="float64")
+    piped = train(tmp_path, "piped", strategy="model_parallel", **same)
+    whole = train(tmp_path, "whole", **same)
     assert len(piped["pipeline_stages"]) == 2
     assert piped["eval_accuracy"] >= SMOKE_BAR["fashion_mnist_resnet"]
-    assert piped["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-4)
+    assert piped["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-6)
 
 
 def test_vit_in_two_stages_is_one_device_with_its_micro_batches(tmp_path):
