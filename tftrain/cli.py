@@ -134,12 +134,7 @@ def _train_main(argv):
 
         where = f" ({e.filename})" if e.filename else ""
         if e.errno == errno.ENOSPC:
-            _fail(
-                f"the disk is full (No space left on device{where}): free some space under "
-                f"--model_dir={config.model_dir}, then run the same command to "
-                f"{_then_resume(config)}.",
-                code=1,
-            )
+            _fail(_disk_full(config, where), code=1)
         _fail(f"{e.strerror or e}{where}: check --model_dir={config.model_dir}.")
     except tf.errors.OpError as e:
         _stop_watchdogs(box)
@@ -203,6 +198,13 @@ def _explain_labels(error) -> str | None:
     )
 
 
+def _disk_full(config, where: str = "") -> str:
+    return (
+        f"the disk is full (No space left on device{where}): free some space under "
+        f"--model_dir={config.model_dir}, then run the same command to {_then_resume(config)}."
+    )
+
+
 def _then_resume(config) -> str:
     import tensorflow as tf
 
@@ -233,11 +235,7 @@ def _explain_resources(error, config) -> str | None:
     if not isinstance(error, tf.errors.ResourceExhaustedError):
         return None
     if "no space left" in str(error).lower():
-        return (
-            f"the disk is full (No space left on device): free some space under "
-            f"--model_dir={config.model_dir}, then run the same command to "
-            f"{_then_resume(config)}."
-        )
+        return _disk_full(config)
     return f"out of memory ({first}): try a smaller model or --batch_size."
 
 

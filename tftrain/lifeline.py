@@ -63,16 +63,13 @@ def silence() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
     except OSError:
         return
+    fds = {1, 2}  # and Python's own streams, which may be other descriptors
     for stream in (sys.stdout, sys.stderr):
         try:
-            fd = stream.fileno()
+            fds.add(stream.fileno())
         except (AttributeError, OSError, ValueError):
-            continue
-        try:
-            os.dup2(devnull, fd)
-        except OSError:
             pass
-    for fd in (1, 2):
+    for fd in fds:
         try:
             os.dup2(devnull, fd)
         except OSError:
