@@ -33,7 +33,7 @@ fi
 echo "setup: installing tftrain and its dependencies into .venv"
 log=.venv/setup-pip.log
 if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip &&
-       .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,profile]"; } >"$log" 2>&1; then
+       .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,profile]"; } >"$log" 2>&1; then
   cat "$log" >&2
   echo "setup: pip failed (the log above is also in $log)" >&2
   exit 1

@@ -86,7 +86,7 @@ def test_tfjob_manifest_of_a_parameter_server_cluster_with_an_evaluator():
         "--",
         "--experiment=fashion_mnist_mlp",
         "--strategy=parameter_server",
-        "--model_dir=/mnt/runs/a",
+        "--model_dir=gs://b/runs/a",
     )
     roles = dict(re.findall(r"^    (\w+):\n      replicas: (\d+)$", result.stdout, re.M))
     assert roles == {"Chief": "1", "Worker": "2", "PS": "1", "Evaluator": "1"}
@@ -97,7 +97,7 @@ def test_tfjob_manifest_of_a_parameter_server_cluster_with_an_evaluator():
         "--emit=tfjob",
         "--",
         "--strategy=parameter_server",
-        "--model_dir=/mnt/runs/a",
+        "--model_dir=gs://b/runs/a",
     )
     assert "Evaluator:" not in without.stdout and "PS:" in without.stdout
 
@@ -107,11 +107,11 @@ def test_tfjob_manifest_of_a_parameter_server_cluster_with_an_evaluator():
     [
         (["--", "--optimizer=bogus"], "--optimizer=bogus"),
         (["--", "--model_dir=runs/a"], "--model_dir=runs/a is relative"),
-        (["--job_name=My_Job", "--", "--model_dir=/r"], "--job_name='My_Job'"),
-        (["--", "--strategy=one_device", "--model_dir=/r"], "one_device runs on one machine"),
-        (["--task_memory=lots", "--", "--model_dir=/r"], "--task_memory='lots'"),
-        (["--", "--model_dir=/r", "--no_such_flag=1"], "no_such_flag"),
-        (["--", "--model_dir=/r", "--batch_size=99"], "--batch_size=99 does not split"),
+        (["--job_name=My_Job", "--", "--model_dir=gs://b/r"], "--job_name='My_Job'"),
+        (["--", "--strategy=one_device", "--model_dir=gs://b/r"], "one_device runs on one machine"),
+        (["--task_memory=lots", "--", "--model_dir=gs://b/r"], "--task_memory='lots'"),
+        (["--", "--model_dir=gs://b/r", "--no_such_flag=1"], "no_such_flag"),
+        (["--", "--model_dir=gs://b/r", "--batch_size=99"], "--batch_size=99 does not split"),
     ],
 )
 def test_tfjob_refuses_what_its_pods_would_refuse(flags, said):
@@ -119,7 +119,7 @@ def test_tfjob_refuses_what_its_pods_would_refuse(flags, said):
     if "--strategy=one_device" not in flags:
         emit.append("--strategy=multi_worker_mirrored")
     if not any(f.startswith("--model_dir") for f in flags):
-        emit.append("--model_dir=/r")
+        emit.append("--model_dir=gs://b/r")
     result = run_tftrain("launch", *emit, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stdout == ""  # nothing printed but the error
@@ -462,6 +462,14 @@ def test_the_dockerfile_builds_the_image_the_manifest_names_with_its_ports():
     assert "pip install" in text and "dataset-fashion-mnist" in text
     exposed = re.search(r"^EXPOSE (.*)$", text, re.M).group(1).split()
     assert sorted(exposed) == sorted([str(tfjob.GRPC_PORT), str(tfjob.RING_PORT)])
+    # The pods' securityContext runs as the image's own unprivileged user,
+    # and the GPU build argument the launcher names exists.
+    assert f"USER {tfjob.IMAGE_UID}:{tfjob.IMAGE_UID}" in text
+    assert f"--uid {tfjob.IMAGE_UID}" in text
+    assert "ARG EXTRAS" in text and "--build-arg EXTRAS=gpu" in text
+    assert "-c constraints.txt" in text
+    copied = re.findall(r"^COPY (.*) \./$", text, re.M)[0].split()
+    assert all(os.path.exists(os.path.join(ROOT, name)) for name in copied)
 
 
 def test_more_tasks_than_the_memory_holds_are_refused_before_any_starts(tmp_path):

@@ -127,3 +127,20 @@ def test_the_time_series_dashboard_draws_the_loss_curves(board, tmp_path):
     blank = str(tmp_path / "blank.png")  # the same card without SVG: no lines
     screenshot(page.replace("forceSVG=true", "forceSVG=false"), blank)
     assert chart_pixels(blank) < DRAWN
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_the_profile_line_says_when_the_tab_needs_its_plugin(monkeypatch, tmp_path, installed):
+    import tensorflow as tf
+
+    from tftrain import actions
+
+    monkeypatch.setattr(actions, "profile_plugin_installed", lambda: installed)
+    monkeypatch.setattr(tf.profiler.experimental, "start", lambda folder: None)
+    monkeypatch.setattr(tf.profiler.experimental, "stop", lambda: None)
+    said = []
+    profile = actions.Profile(2, 4, str(tmp_path), said.append)
+    profile.begin(2)
+    profile(type("Output", (), {"step": 4})())
+    assert len(said) == 1 and said[0].startswith("profiled steps 3-4")
+    assert ("pip install 'tftrain[profile]'" in said[0]) is not installed

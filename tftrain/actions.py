@@ -295,8 +295,22 @@ class Profile(Action):
         self.tracing = False
         self.log(
             f"profiled steps {self.start + 1}-{step}: TensorBoard's Profile tab "
-            f"(trace in {os.path.join(self.folder, 'plugins', 'profile')})."
+            f"(trace in {os.path.join(self.folder, 'plugins', 'profile')})"
+            + ("." if profile_plugin_installed() else _NO_PROFILE_PLUGIN)
         )
+
+
+# TensorBoard shows no Profile tab without its plugin (the [profile] extra).
+_NO_PROFILE_PLUGIN = (
+    ", which needs TensorBoard's profile plugin, not installed here: "
+    "pip install 'tftrain[profile]' (or tensorboard-plugin-profile)."
+)
+
+
+def profile_plugin_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard_plugin_profile") is not None
 
 
 # -- after each evaluation ----------------------------------------------------

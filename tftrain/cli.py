@@ -93,7 +93,7 @@ def _train_main(argv):
     import tensorflow as tf
 
     from tftrain import api, lifeline
-    from tftrain.errors import RunError
+    from tftrain.errors import EXIT_RETRY, RunError
     from tftrain.stopping import Stopped, StopRequest
 
     stop = StopRequest().install()  # again once the strategy exists (api.execute)
@@ -138,7 +138,10 @@ def _train_main(argv):
         _fail(f"{e.strerror or e}{where}: check --model_dir={config.model_dir}.")
     except tf.errors.OpError as e:
         _stop_watchdogs(box)
-        said = mode.explain(e) or _explain_resources(e, config) or _explain_labels(e)
+        lost = mode.explain(e)
+        if lost:
+            _fail(lost, code=EXIT_RETRY)
+        said = _explain_resources(e, config) or _explain_labels(e)
         if said:
             _fail(said, code=1)
         if not isinstance(
@@ -151,7 +154,7 @@ def _train_main(argv):
         _fail(
             f"lost contact with {lost or 'another task of the cluster'} "
             f"({type(e).__name__}: {first[:300]}): a worker died or never started.",
-            code=1,
+            code=EXIT_RETRY,
         )
 
 
@@ -307,6 +310,7 @@ def _run_absl(main, define, command: str, argv: list[str]) -> None:
             str(e),
         )
         _fail(f"{said} (tftrain {command} --help lists the flags).")
+    flags.FLAGS.unparse_flags()  # app.run parses again: repeated flags would double
     try:
         app.run(main, argv=[f"tftrain {command}", *argv])
     except KeyboardInterrupt:

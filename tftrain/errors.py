@@ -3,6 +3,12 @@ and the exit code it names."""
 
 from __future__ import annotations
 
+# A run that may succeed when started again: another task of the cluster was
+# lost (died, stalled, never came). Above every 128+signal code, and 128 or
+# more, which Kubernetes' TFJob ``ExitCode`` restart policy retries (it
+# treats 1-127 as permanent: bad input, 2, and a failed run, 1).
+EXIT_RETRY = 200
+
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake: one clear message, no traceback."""
@@ -22,6 +28,12 @@ class DivergedError(RunError):
 
 class DataError(ValueError):
     """Data that cannot be found or read: one clear message for the user."""
+
+
+class LostTaskError(RunError):
+    """Another task of the cluster went away: starting again may succeed."""
+
+    exit_code = EXIT_RETRY
 
 
 class UserCodeError(RunError):

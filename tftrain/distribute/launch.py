@@ -115,6 +115,43 @@ def define_flags(flag_values) -> None:
         "memory each task requests and is limited to, for --emit",
         flag_values=flag_values,
     )
+    flags.DEFINE_multi_string(
+        "volume",
+        [],
+        "NAME:CLAIM:MOUNT, for --emit: a PersistentVolumeClaim every pod mounts at MOUNT "
+        "(repeat for more); a local --model_dir must be on one",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "task_gpus",
+        0,
+        "GPUs each worker (and chief) asks for, for --emit; the image needs CUDA "
+        "(docker build --build-arg EXTRAS=gpu)",
+        lower_bound=0,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "backoff_limit",
+        tfjob.DEFAULT_BACKOFF_LIMIT,
+        "for --emit: restarts of failed pods (a lost task, a preemption) before the job fails",
+        lower_bound=0,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "ttl_secs",
+        tfjob.DEFAULT_TTL_SECS,
+        "for --emit: seconds a finished job's pods are kept (their logs) before deletion",
+        lower_bound=0,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_enum(
+        "clean_pod_policy",
+        "Running",
+        list(tfjob.CLEAN_POD_POLICIES),
+        "for --emit: which pods to delete when the job ends (Running: the parameter "
+        "servers still serving)",
+        flag_values=flag_values,
+    )
 
 
 # -- the cluster ------------------------------------------------------------
@@ -521,7 +558,15 @@ def main(argv: list[str]) -> None:
         if fv.emit == "tfjob":
             from tftrain.distribute.tfjob import check_for_kubernetes
 
-            check_for_kubernetes(config, fv.job_name, fv.task_cpu, fv.task_memory)
+            volumes = check_for_kubernetes(
+                config,
+                fv.job_name,
+                fv.task_cpu,
+                fv.task_memory,
+                volumes=fv.volume,
+                gpus=fv.task_gpus,
+                image=fv.image,
+            )
     except UserCodeError as e:
         from tftrain.flagset import user_code_failed
 
@@ -544,6 +589,11 @@ def main(argv: list[str]) -> None:
                 num_ps=fv.num_ps,
                 train_argv=train_argv,
                 evaluator=fv.evaluator,
+                volumes=volumes,
+                gpus=fv.task_gpus,
+                backoff_limit=fv.backoff_limit,
+                ttl_secs=fv.ttl_secs,
+                clean_pod_policy=fv.clean_pod_policy,
             )
         )
         return

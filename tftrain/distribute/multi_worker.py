@@ -151,6 +151,7 @@ def _gradient_ring(sum_over_workers, rank: int, hosts: list[str], timeout: float
     import tensorflow as tf
 
     from tftrain.distribute.ring import RingAllReduce, RingError
+    from tftrain.errors import LostTaskError
 
     ring = RingAllReduce(rank, len(hosts), timeout)
     try:
@@ -165,5 +166,5 @@ def _gradient_ring(sum_over_workers, rank: int, hosts: list[str], timeout: float
         ring.connect(list(zip(hosts, ports)))
     except (OSError, RingError) as e:
         ring.close()
-        raise ConfigError(f"could not form the gradient ring between the workers: {e}") from None
+        raise LostTaskError(f"could not form the gradient ring between the workers: {e}") from None
     return ring
