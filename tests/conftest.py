@@ -58,12 +58,16 @@ def start_tftrain(*args: str, stdout=subprocess.PIPE, stderr=subprocess.PIPE) ->
 
 
 def run_tftrain(
-    *args: str, env: dict | None = None, timeout: float = 600, check: bool = True
+    *args: str,
+    env: dict | None = None,
+    timeout: float = 600,
+    check: bool = True,
+    cwd: str | None = None,
 ) -> subprocess.CompletedProcess:
     """Runs ``python -m tftrain ARGS`` as a user would, capturing its output."""
     result = subprocess.run(
         [sys.executable, "-m", "tftrain", *args],
-        cwd=ROOT,
+        cwd=cwd or ROOT,
         env=_tftrain_env(env),
         capture_output=True,
         text=True,

@@ -8,8 +8,7 @@ cluster). The command line turns the errors into one line and an exit code;
 
 from __future__ import annotations
 
-import os
-
+from tftrain import fileio
 from tftrain.config import ConfigError, ExperimentConfig
 
 
@@ -24,12 +23,17 @@ def prepare(config: ExperimentConfig):
     from tftrain.tasks import from_config
 
     config = config.validate()
-    if os.path.exists(config.model_dir) and not os.path.isdir(config.model_dir):
+    fileio.check_scheme(config.model_dir)
+    if config.data_dir:
+        fileio.check_scheme(config.data_dir, "--data_dir")
+    if fileio.exists(config.model_dir) and not fileio.isdir(config.model_dir):
         raise ConfigError(
             f"--model_dir={config.model_dir} is a file: expected a "
             "folder (new or from an earlier run)."
         )
     cluster = cluster_lib.from_environment()
+    if cluster is not None:
+        fileio.check_shared(config.model_dir)
     if config.restart and cluster is not None:
         raise ConfigError(
             "--restart moves the earlier run's files, which one task of a cluster "

@@ -16,13 +16,12 @@ run's files aside) or a new ``--model_dir``.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
-import shutil
 
 import tensorflow as tf
 
+from tftrain import fileio
 from tftrain.errors import ConfigError, RunError
 
 _NUMBERED = re.compile(r"ckpt-(\d+)$")
@@ -59,7 +58,7 @@ def _candidates(folder: str, recorded: list[str] | None) -> list[str]:
     when the state file is missing or damaged (None), every ``ckpt-N`` found."""
     if recorded is not None:  # in the order saved: the newest last
         return list(reversed(recorded))
-    files = glob.glob(os.path.join(glob.escape(folder), "ckpt-*.*"))
+    files = fileio.glob(folder, "ckpt-*.*")
     prefixes = {os.path.join(folder, os.path.basename(p).split(".", 1)[0]) for p in files}
     # Found by name, ordered by the step each holds: a stray copy of an old
     # checkpoint under a newer name must not win.
@@ -75,7 +74,7 @@ def _step_in(prefix: str, default: int) -> int:
     """The global step a checkpoint holds (``default``: its name's, when it
     cannot be read)."""
     try:
-        return int(tf.train.load_checkpoint(prefix).get_tensor(_STEP_KEY))
+        return int(reader(prefix).get_tensor(_STEP_KEY))
     except Exception:  # noqa: BLE001 - unreadable: the damage check will say so
         return default
 
@@ -83,20 +82,27 @@ def _step_in(prefix: str, default: int) -> int:
 _STEP_KEY = "global_step/.ATTRIBUTES/VARIABLE_VALUE"
 
 
+def reader(prefix: str):
+    """A reader of the checkpoint at ``prefix``. Not ``tf.train.load_checkpoint``,
+    which takes a prefix that is also a folder's name for the folder: on a
+    filesystem whose folders are name prefixes (ram://), every one."""
+    return tf.compat.v1.train.NewCheckpointReader(prefix)
+
+
 def damage(prefix: str) -> str | None:
     """Why the checkpoint at ``prefix`` cannot be restored, or None if every
     tensor in it reads back."""
-    if not os.path.exists(prefix + ".index"):
+    if not fileio.exists(prefix + ".index"):
         return "its .index file is missing"
-    if not glob.glob(prefix + ".data-*"):
+    if not fileio.glob(os.path.dirname(prefix), os.path.basename(prefix) + ".data-*"):
         return "its .data file is missing"
     try:
-        reader = tf.train.load_checkpoint(prefix)
-        for name, dtype in reader.get_variable_to_dtype_map().items():
+        read = reader(prefix)
+        for name, dtype in read.get_variable_to_dtype_map().items():
             # An input iterator's state is a variant, which has no NumPy form:
             # its bytes are checked when the checkpoint is restored.
             if dtype != tf.variant:
-                reader.get_tensor(name)
+                read.get_tensor(name)
     except Exception as e:  # noqa: BLE001 - any failure to read is damage
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"it cannot be read: {first[:200]}"
@@ -113,45 +119,50 @@ def set_aside_run(model_dir: str) -> str | None:
     """Moves everything in ``model_dir`` (but earlier set-asides) into
     ``model_dir/previous/N`` (N: the next free number); returns that folder,
     or None when there was nothing to move."""
-    if not os.path.isdir(model_dir):
+    if not fileio.isdir(model_dir):
         return None
     from tftrain.runlock import LOCK_NAME  # held by this run: it stays
 
-    entries = [e for e in os.listdir(model_dir) if e not in (PREVIOUS, LOCK_NAME)]
+    entries = [e for e in fileio.listdir(model_dir) if e not in (PREVIOUS, LOCK_NAME)]
     if not entries:
         return None
     root = os.path.join(model_dir, PREVIOUS)
-    if os.path.exists(root) and not os.path.isdir(root):
+    if fileio.exists(root) and not fileio.isdir(root):
         raise ConfigError(
             f"--restart moves the earlier run's files into {root}/, but {root} is a file: "
             "rename it or use a new --model_dir. Nothing was moved."
         )
     aside = None
     try:
-        os.makedirs(root, exist_ok=True)
-        taken = [int(n) for n in os.listdir(root) if n.isdigit()]
+        fileio.makedirs(root)
+        taken = [int(n) for n in fileio.listdir(root) if n.isdigit()]
         aside = os.path.join(root, str(max(taken, default=0) + 1))
-        os.makedirs(aside)
+        fileio.makedirs(aside)
         for entry in entries:
-            shutil.move(os.path.join(model_dir, entry), os.path.join(aside, entry))
-    except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        moved = aside and os.path.isdir(aside) and os.listdir(aside)
+            fileio.move(os.path.join(model_dir, entry), os.path.join(aside, entry))
+    except (OSError, tf.errors.OpError) as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        moved = aside and fileio.isdir(aside) and fileio.listdir(aside)
         moved = f"; what was moved is in {aside}" if moved else ""
         raise ConfigError(
             f"--restart could not move the earlier run's files in {model_dir} aside: "
-            f"{e.strerror or e}{where}. Nothing was deleted{moved}."
+            f"{getattr(e, 'strerror', None) or _first_line(e)}{where}. "
+            f"Nothing was deleted{moved}."
         ) from None
     return aside
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def _remove_unfinished_saves(folder: str) -> None:
     """Removes what a save cut off (a full disk, a kill) left: TensorFlow
     writes a checkpoint's shards into ``ckpt-N_temp/`` and moves them out
     when the save completes, so such a folder holds nothing restorable."""
-    for temp in glob.glob(os.path.join(glob.escape(folder), "ckpt-*_temp")):
-        if os.path.isdir(temp):
-            shutil.rmtree(temp, ignore_errors=True)
+    for temp in fileio.glob(folder, "ckpt-*_temp"):
+        if fileio.isdir(temp):
+            fileio.rmtree(temp)
 
 
 def _write_state(folder: str, newest_first: list[str]) -> None:
@@ -162,10 +173,7 @@ def _write_state(folder: str, newest_first: list[str]) -> None:
     # A timestamp for each, after the last preserved one (0): TensorFlow's
     # checkpoint manager rotates only the checkpoints listed with one.
     lines += [f"all_model_checkpoint_timestamps: {i + 1}" for i in range(len(names))]
-    tmp = os.path.join(folder, "checkpoint.tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(folder, "checkpoint"))
+    fileio.write_text_atomically(os.path.join(folder, "checkpoint"), "\n".join(lines) + "\n")
 
 
 class Checkpoints:
@@ -244,7 +252,7 @@ class Checkpoints:
                 "Nothing was changed."
             )
         state = os.path.join(self.folder, "checkpoint")
-        state_damaged = recorded is None and os.path.exists(state)
+        state_damaged = recorded is None and fileio.exists(state)
         if state_damaged:
             self.log(f"The checkpoint state file in {self.folder} cannot be read; not using it.")
         # Found by name (the state file lost or damaged): the state file lists
@@ -252,12 +260,12 @@ class Checkpoints:
         relisted = recorded is None and bool(good)
         if (damaged or state_damaged) and self.is_chief:
             aside = os.path.join(self.folder, "damaged")
-            os.makedirs(aside, exist_ok=True)
+            fileio.makedirs(aside)
             for prefix in damaged:
-                for path in glob.glob(glob.escape(prefix) + ".*"):
-                    shutil.move(path, os.path.join(aside, os.path.basename(path)))
+                for path in fileio.glob(self.folder, os.path.basename(prefix) + ".*"):
+                    fileio.replace(path, os.path.join(aside, os.path.basename(path)))
             if state_damaged:
-                shutil.move(state, os.path.join(aside, "checkpoint"))
+                fileio.replace(state, os.path.join(aside, "checkpoint"))
             self.log(f"Moved the damaged file(s) to {aside}; nothing was deleted.")
         if (damaged or relisted) and good and self.is_chief:
             _write_state(self.folder, good)
@@ -271,7 +279,7 @@ class Checkpoints:
             return None
         latest = self.good[0]
         checkpoint = self.checkpoint
-        saved = {name.split("/", 1)[0] for name, _ in tf.train.list_variables(latest)}
+        saved = {name.split("/", 1)[0] for name in reader(latest).get_variable_to_shape_map()}
         absent = [name for name in OPTIONAL if name in self.objects and name not in saved]
         if absent:
             # Written before tftrain saved these: resume without them.
@@ -330,6 +338,6 @@ class Checkpoints:
                 _remove_unfinished_saves(self.folder)
             raise
         if not self.is_chief:  # every worker saves; only the chief keeps it
-            shutil.rmtree(os.path.dirname(saved), ignore_errors=True)
+            fileio.rmtree(os.path.dirname(saved))
         self.last_saved = saved
         return saved

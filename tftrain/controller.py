@@ -23,8 +23,9 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
-from tftrain import _internal, export, inputs, optimizers, tasks
+from tftrain import _internal, export, fileio, inputs, optimizers, tasks
 from tftrain import actions as actions_lib
+from tftrain import checkpoints as checkpoints_lib
 from tftrain.checkpoints import Checkpoints
 from tftrain.config import ConfigError, ExperimentConfig
 from tftrain.distribute.base import ParallelMode
@@ -48,18 +49,9 @@ def _strict(value):
 
 
 def write_json_atomically(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(_strict(payload), f, indent=2, sort_keys=True, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except OSError:  # a full disk: the old file stays whole, and no .tmp beside it
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    """A full disk leaves the old file whole, and no .tmp beside it."""
+    text = json.dumps(_strict(payload), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    fileio.write_text_atomically(path, text)
 
 
 class _Output:
@@ -361,15 +353,12 @@ class Controller:
         config.json. A change is refused before anything is restored."""
         where, in_checkpoint = latest, True
         try:
-            raw = tf.train.load_checkpoint(latest).get_tensor(
-                "run_record/.ATTRIBUTES/VARIABLE_VALUE"
-            )
+            raw = checkpoints_lib.reader(latest).get_tensor("run_record/.ATTRIBUTES/VARIABLE_VALUE")
             recorded = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         except (tf.errors.OpError, ValueError, AttributeError, TypeError):
             where, in_checkpoint = os.path.join(self.config.model_dir, "config.json"), False
             try:
-                with open(where) as f:
-                    recorded = json.load(f)
+                recorded = json.loads(fileio.read_text(where))
             except (OSError, ValueError):
                 return  # no record of the earlier run's settings
         if not isinstance(recorded, dict):
@@ -401,8 +390,7 @@ class Controller:
         command): said, and left as they are; else None."""
         path = os.path.join(self.config.model_dir, "metrics.json")
         try:
-            with open(path) as f:
-                metrics = json.load(f)
+            metrics = json.loads(fileio.read_text(path))
         except (OSError, ValueError):
             return None
         if not isinstance(metrics, dict) or metrics.get("global_step") != self.step:
@@ -734,7 +722,7 @@ def run(
         )
         # Only now: a task, model or data that does not fit is refused before
         # anything is written.
-        os.makedirs(config.model_dir, exist_ok=True)
+        fileio.makedirs(config.model_dir)
         step = controller.restore()
         if step >= plan.total_steps:
             # The chief decides whether the run already finished (it reads

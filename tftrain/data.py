@@ -85,11 +85,11 @@ def read_idx(path: str) -> np.ndarray:
       DataError: when the file is missing, truncated or not IDX.
     """
     _regular_file(path)
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
+        raw = _read_bytes(path)
+        if path.endswith(".gz"):
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"cannot read IDX file {path}: {e}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number).")
@@ -136,10 +136,26 @@ def _regular_file(path: str) -> None:
         )
 
 
+def _read_bytes(path: str) -> bytes:
+    """A local file's bytes, or a URL's through TensorFlow's filesystems."""
+    if "://" not in path:
+        with open(path, "rb") as f:
+            return f.read()
+    import tensorflow as tf
+
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    except tf.errors.OpError as e:
+        raise OSError(e.message.splitlines()[0]) from None
+
+
 def _find(data_dir: str, stem: str) -> str | None:
+    from tftrain import fileio
+
     for name in (stem, stem + ".gz"):
         path = os.path.join(data_dir, name)
-        if os.path.exists(path):
+        if fileio.exists(path):
             return path
     return None
 

@@ -18,7 +18,7 @@ import sys
 import keras
 import tensorflow as tf
 
-from tftrain import inputs, lifeline, tasks
+from tftrain import fileio, inputs, lifeline, tasks
 from tftrain.controller import _Output, set_precision, write_json_atomically
 from tftrain.distribute import serving
 from tftrain.summaries import Summaries
@@ -50,7 +50,7 @@ def run(config, cluster, log=print) -> int:
     folder = os.path.join(config.model_dir, "checkpoints")
     chief = serving.Driver(cluster, config.collective_timeout_secs)
     log(f"evaluator: waiting for checkpoints in {folder}.")
-    os.makedirs(os.path.join(config.model_dir, "evaluator"), exist_ok=True)
+    fileio.makedirs(os.path.join(config.model_dir, "evaluator"))
     with _Output(config.model_dir, True, 0) as out:
         summaries, evaluated = Summaries(out, True), []
         for path in tf.train.checkpoints_iterator(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 
 import numpy as np
+
+from tftrain import fileio
 
 
 def weights_fingerprint(model) -> str:
@@ -71,22 +72,22 @@ def export_saved_model(model, features, path: str, log=print) -> str:
 
     archive.add_endpoint("serve", serve, input_signature=[signature])
     staging = path + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    fileio.rmtree(staging)
     try:
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             archive.write_out(staging, verbose=False)  # it prints a long listing
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # a full disk: leave no half export
+        fileio.rmtree(staging)  # a full disk: leave no half export
         raise
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(staging, path)
+    fileio.rmtree(path)
+    fileio.replace(staging, path)
     keras_file = os.path.join(os.path.dirname(path), "model.keras")
     try:
         model.save(keras_file + ".partial.keras")
-        os.replace(keras_file + ".partial.keras", keras_file)
+        fileio.replace(keras_file + ".partial.keras", keras_file)
     except Exception as e:  # noqa: BLE001 - a model Keras cannot serialize: said, not fatal
-        with contextlib.suppress(OSError):
-            os.remove(keras_file + ".partial.keras")
+        with contextlib.suppress(OSError, tf.errors.OpError):
+            fileio.remove(keras_file + ".partial.keras")
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         log(
             f"Note: no model.keras was written ({type(e).__name__}: {first}); the SavedModel "

@@ -111,10 +111,32 @@ class NoLock:
         pass
 
 
+# TensorFlow's filesystems (gs://, s3://) have no locks to take.
+_NO_LOCKS = (
+    "note: --model_dir={}: a bucket has no locks, so nothing stops a second run "
+    "from writing this folder while this one does: start one run per folder."
+)
+
+
+def for_launcher(model_dir: str):
+    """The lock ``tftrain launch`` holds for its cluster (a stand-in for a URL)."""
+    from tftrain import fileio
+
+    if fileio.is_url(model_dir):
+        return NoLock()
+    return FolderLock(model_dir).acquire()
+
+
 def for_task(model_dir: str, cluster, log=None):
     """The folder's lock, taken, when this task writes the folder and no
     launcher holds it for it; else a stand-in."""
+    from tftrain import fileio
+
     if cluster is not None and not cluster.is_chief:
+        return NoLock()
+    if fileio.is_url(model_dir):
+        if log:
+            log(_NO_LOCKS.format(model_dir))
         return NoLock()
     held = os.environ.get(HELD_FOR)
     if held and os.path.abspath(held) == os.path.abspath(model_dir):

@@ -555,6 +555,10 @@ def main(argv: list[str]) -> None:
 
     try:
         config = check_train_argv(train_argv, spec)
+        from tftrain import fileio
+
+        fileio.check_scheme(config.model_dir)
+        fileio.check_shared(config.model_dir)
         if fv.emit == "tfjob":
             from tftrain.distribute.tfjob import check_for_kubernetes
 
@@ -597,14 +601,15 @@ def main(argv: list[str]) -> None:
             )
         )
         return
-    from tftrain import checkpoints, runlock
+    from tftrain import checkpoints, fileio, runlock
 
     try:
-        lock = runlock.FolderLock(config.model_dir).acquire()
+        lock = runlock.for_launcher(config.model_dir)
         aside = checkpoints.set_aside_run(config.model_dir) if config.restart else None
     except ConfigError as e:
         _fail(str(e))
-    os.environ[runlock.HELD_FOR] = os.path.abspath(config.model_dir)
+    if not fileio.is_url(config.model_dir):
+        os.environ[runlock.HELD_FOR] = os.path.abspath(config.model_dir)
     if aside:
         print(f"[launch] --restart: moved the earlier run's files to {aside}.", flush=True)
     if config.restart:

@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 
-from tftrain import lifeline
+from tftrain import fileio, lifeline
 from tftrain.errors import ConfigError
 
 # A serving task whose driver has been gone this long exits 0.
@@ -71,10 +71,9 @@ def _drivers_config(config, since: float) -> dict | None:
     not shared with this task."""
     path = os.path.join(config.model_dir, "config.json")
     try:
-        if os.path.getmtime(path) < since:
+        if fileio.mtime(path) < since:
             return None
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(fileio.read_text(path))
     except (OSError, ValueError):
         return None
 
