@@ -25,6 +25,16 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "setup: could not install chromium; that one test will be skipped" >&2
 fi
 
+# openssl makes the test CA of the bucket tests (tests/test_bucket.py).
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "setup: installing Debian's openssl (for the bucket tests' certificates)"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y -q openssl >/dev/null 2>&1 || {
+    $SUDO apt-get update -q >/dev/null
+    $SUDO apt-get install -y -q openssl >/dev/null
+  }
+fi
+
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PYTHON --version)"

@@ -45,12 +45,18 @@ def _tftrain_env(env: dict | None = None) -> dict:
     return full_env
 
 
-def start_tftrain(*args: str, stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen:
+def start_tftrain(
+    *args: str,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    env: dict | None = None,
+    cwd: str | None = None,
+) -> subprocess.Popen:
     """Starts ``python -m tftrain ARGS`` as a user would (text pipes by default)."""
     return subprocess.Popen(
         [sys.executable, "-m", "tftrain", *args],
-        cwd=ROOT,
-        env=_tftrain_env(),
+        cwd=cwd or ROOT,
+        env=_tftrain_env(env),
         stdout=stdout,
         stderr=stderr,
         text=True,

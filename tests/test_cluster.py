@@ -90,3 +90,18 @@ def test_fitting_clusters_pass():
     mode_for(config_for("one_device"), None)
     single = cluster.parse_tf_config(tf_config({"worker": ["h:1"]}))
     mode_for(config_for("one_device"), single)
+
+
+def test_the_tasks_of_a_cluster_reach_each_other_around_a_proxy():
+    info = cluster.parse_tf_config(
+        json.dumps({"cluster": {"worker": ["10.0.0.1:2222", "10.0.0.2:2222"]},
+                    "task": {"type": "worker", "index": 0}})
+    )  # fmt: skip
+    environ = {}
+    cluster.keep_off_proxies(info, environ)
+    assert environ == {}  # no proxy: nothing to go around
+    environ = {"https_proxy": "http://proxy:3128", "no_proxy": "internal.example"}
+    cluster.keep_off_proxies(info, environ)
+    assert environ["no_grpc_proxy"] == "internal.example,10.0.0.1,10.0.0.2"
+    cluster.keep_off_proxies(info, environ)  # again: no host twice
+    assert environ["no_grpc_proxy"] == "internal.example,10.0.0.1,10.0.0.2"

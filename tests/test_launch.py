@@ -254,6 +254,7 @@ def _alive(pid):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # tests/test_bucket.py kills a worker too, and checks the weights
 def test_killed_worker_restarts_the_cluster_from_the_last_checkpoint(tmp_path):
     model_dir = str(tmp_path / "run")
     proc = _launch(["--num_workers=2", "--max_restarts=1"], model_dir)
@@ -310,7 +311,11 @@ def test_first_failure_stops_the_others_and_leaves_no_orphans(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "num_ps, sig",
-    [(0, signal.SIGKILL), (1, signal.SIGKILL), (0, signal.SIGHUP)],
+    [
+        (0, signal.SIGKILL),
+        pytest.param(1, signal.SIGKILL, marks=pytest.mark.long),
+        (0, signal.SIGHUP),
+    ],
     ids=["killed_all_reduce", "killed_parameter_server", "SIGHUP"],
 )
 def test_a_launcher_killed_or_hung_up_leaves_no_task_behind_and_the_step_is_saved(
@@ -343,6 +348,7 @@ def test_a_launcher_killed_or_hung_up_leaves_no_task_behind_and_the_step_is_save
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the launcher's SIGHUP test saves every task's step in a shorter run
 def test_ctrl_c_saves_the_same_step_on_every_worker_and_the_run_resumes_exactly(tmp_path):
     model_dir = str(tmp_path / "run")
     longer = ["--train_steps=3000", "--checkpoint_interval=1000", "--log_interval_secs=0"]

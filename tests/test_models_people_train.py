@@ -120,6 +120,7 @@ def test_launched_vit_stages_end_as_one_device_with_its_micro_batches(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.long  # a parameter server and BatchNorm: the one-worker test, by default
 @pytest.mark.parametrize("experiment", ["fashion_mnist_resnet", "fashion_mnist_vit"])
 def test_parameter_servers_train_both_models_to_their_smoke_bar(tmp_path, experiment):
     got, _ = launch(tmp_path, "ps", experiment, "--strategy=parameter_server", ps=1)

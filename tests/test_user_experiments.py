@@ -336,6 +336,7 @@ def test_sigkill_mid_run_then_the_same_command_ends_as_an_uninterrupted_run(exp,
 
 @pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.long  # tests/test_bucket.py: a killed worker of two, then the weights
 def test_a_killed_worker_of_two_then_the_same_launch_ends_as_an_uninterrupted_one(exp, tmp_path):
     flags = [
         f"--experiment={exp}:text",

@@ -16,9 +16,24 @@ Importing tftrain does no TensorFlow work: no strategy, no seeds, no flags;
 in when first used.
 """
 
-from tftrain.config import ExperimentConfig
-from tftrain.errors import ConfigError, DataError, DivergedError, RunError, UserCodeError
-from tftrain.tasks import Task
+import os as _os
+
+# TensorFlow's GCS filesystem reads these once, as TensorFlow loads: a file
+# another task rewrote (the checkpoint state file, config.json) must be read
+# as it is now, not as a cache up to 5 s old remembers it (its length
+# included: a stale one cut a read short).
+for _name in ("GCS_STAT_CACHE_MAX_AGE", "GCS_READ_CACHE_MAX_SIZE_MB"):
+    _os.environ.setdefault(_name, "0")
+
+from tftrain.config import ExperimentConfig  # noqa: E402
+from tftrain.errors import (  # noqa: E402
+    ConfigError,
+    DataError,
+    DivergedError,
+    RunError,
+    UserCodeError,
+)
+from tftrain.tasks import Task  # noqa: E402
 
 __version__ = "0.2.0"
 

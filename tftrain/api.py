@@ -34,6 +34,7 @@ def prepare(config: ExperimentConfig):
     cluster = cluster_lib.from_environment()
     if cluster is not None:
         fileio.check_shared(config.model_dir)
+        cluster_lib.keep_off_proxies(cluster)
     if config.restart and cluster is not None:
         raise ConfigError(
             "--restart moves the earlier run's files, which one task of a cluster "

@@ -146,3 +146,26 @@ def from_environment() -> ClusterInfo | None:
     """Reads and validates ``TF_CONFIG`` from the environment (the strategy
     checks that its roles fit: ParallelMode.check)."""
     return parse_tf_config(os.environ.get("TF_CONFIG"))
+
+
+_PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
+
+
+def keep_off_proxies(cluster: ClusterInfo, environ=os.environ) -> None:
+    """gRPC sends its channels through the HTTP proxy an environment names
+    (``grpc_proxy``, ``https_proxy``, ``http_proxy``): the tasks of a
+    cluster would reach each other through it, or never. Their hosts are
+    added to ``no_grpc_proxy`` (which gRPC reads before ``no_proxy``, so
+    that is kept in it); other traffic (a bucket) still takes the proxy."""
+    if not any(environ.get(name) for name in _PROXY_VARIABLES):
+        return
+    hosts = sorted(
+        {
+            address.rsplit(":", 1)[0]
+            for addresses in cluster.cluster.values()
+            for address in addresses
+        }
+    )
+    kept = environ.get("no_grpc_proxy") or environ.get("no_proxy") or environ.get("NO_PROXY") or ""
+    listed = [h.strip() for h in kept.split(",") if h.strip()]
+    environ["no_grpc_proxy"] = ",".join(listed + [h for h in hosts if h not in listed])
