@@ -35,6 +35,18 @@ if ! command -v openssl >/dev/null 2>&1; then
   }
 fi
 
+# A one-machine Slurm cluster for tests/test_slurm.py (it starts its own
+# daemons, with its own config and ports; nothing is enabled here).
+if ! command -v slurmd >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1; then
+  echo "setup: installing Debian's slurmctld, slurmd, slurm-client and munge (for the Slurm test)"
+  export DEBIAN_FRONTEND=noninteractive
+  pkgs="slurmctld slurmd slurm-client munge"
+  $SUDO apt-get install -y -q --no-install-recommends $pkgs >/dev/null 2>&1 || {
+    $SUDO apt-get update -q >/dev/null
+    $SUDO apt-get install -y -q --no-install-recommends $pkgs >/dev/null
+  }
+fi
+
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PYTHON --version)"

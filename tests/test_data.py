@@ -234,3 +234,17 @@ def test_labels_that_are_not_whole_numbers_are_refused_not_truncated(tmp_path, b
     labels[7] = 3.0  # whole numbers in a float file are classes
     write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
     assert data.load_idx("fashion_mnist", folder).train.labels[7] == 3
+
+
+def test_a_tfds_dataset_that_is_not_here_and_cannot_be_downloaded_fails_at_once(
+    tmp_path, monkeypatch
+):
+    """TFDS would retry its download for minutes; without a network the run
+    says so at once (the probe is answered "no" here, as it is offline)."""
+    from tftrain import data
+    from tftrain.errors import DataError
+
+    monkeypatch.setattr(data, "can_reach_downloads", lambda timeout=5.0: False)
+    with pytest.raises(DataError, match=r"--dataset=mnist is not prepared in .* cannot reach"):
+        data.load("mnist", str(tmp_path))
+    assert os.listdir(tmp_path) == []  # nothing left behind

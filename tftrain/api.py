@@ -31,7 +31,7 @@ def prepare(config: ExperimentConfig):
             f"--model_dir={config.model_dir} is a file: expected a "
             "folder (new or from an earlier run)."
         )
-    cluster = cluster_lib.from_environment()
+    cluster = cluster_lib.from_environment(config)
     if cluster is not None:
         fileio.check_shared(config.model_dir)
         cluster_lib.keep_off_proxies(cluster)

@@ -51,6 +51,8 @@ MAY_CHANGE_ON_RESUME = frozenset(
         "collective",
         "collective_timeout_secs",
         "ring_port",
+        "slurm_ps",
+        "slurm_port_base",
         "collective_pack_bytes",
         "num_stages",
         "pipeline_schedule",
@@ -256,6 +258,16 @@ class ExperimentConfig:
         "multi_worker_mirrored with the tcp collective: the port tftrain's gradient ring "
         "listens on, on each worker's TF_CONFIG host (0: a free port)",
     )
+    slurm_ps: int = _flag(
+        0,
+        "under srun, --strategy=parameter_server: how many of the step's tasks are parameter "
+        "servers (rank 0 is the chief, then these, then the workers)",
+    )
+    slurm_port_base: int = _flag(
+        0,
+        "under srun: the port of each node's first task, the next ones above it (0: from the "
+        "job id, in 20000-59999)",
+    )
     # ~2x faster on 256 KiB packs than on one 0.9 MB message (benchmarks/allreduce.py).
     collective_pack_bytes: int = _flag(
         256 * 1024,
@@ -446,6 +458,13 @@ class ExperimentConfig:
         ):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
+        if self.slurm_ps < 0:
+            raise ConfigError(f"--slurm_ps={self.slurm_ps}: expected 0 or more.")
+        if self.slurm_port_base and not 1024 <= self.slurm_port_base <= 65000:
+            raise ConfigError(
+                f"--slurm_port_base={self.slurm_port_base}: expected 0 (from the job id) "
+                "or 1024-65000."
+            )
         if isinstance(self.ring_port, bool) or not 0 <= self.ring_port <= 65535:
             raise ConfigError(f"--ring_port={self.ring_port}: expected 0 (a free port) to 65535.")
         if isinstance(self.collective_pack_bytes, bool) or self.collective_pack_bytes < 0:

@@ -195,10 +195,53 @@ def load_idx(name: str, data_dir: str | None) -> Dataset:
     return Dataset(name, splits["train"], splits["test"], IDX_CLASSES)
 
 
+# Where TFDS downloads most datasets from (MNIST's among them).
+DOWNLOAD_HOST = "storage.googleapis.com"
+
+
+def can_reach_downloads(timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to DOWNLOAD_HOST opens within ``timeout``
+    seconds (a name lookup that hangs counts as no)."""
+    import socket
+    import threading
+
+    reached = []
+
+    def connect():
+        try:
+            socket.create_connection((DOWNLOAD_HOST, 443), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(reached)
+
+
 def load_tfds(name: str, data_dir: str | None) -> Dataset:
     """Loads an image classification dataset from TFDS into memory."""
     import tensorflow_datasets as tfds  # heavy: imported only when used
+    from absl import logging as absl_logging
 
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # its notes on empty folders
+    try:
+        prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
+    except Exception:  # noqa: BLE001 - an unknown name: tfds.load below says so
+        prepared = True
+    finally:
+        absl_logging.set_verbosity(level)
+    if not prepared and not can_reach_downloads():
+        # TFDS would retry its download for minutes before failing.
+        raise DataError(
+            f"--dataset={name} is not prepared in "
+            f"{data_dir or 'TFDS data folder (~/tensorflow_datasets)'} and this machine cannot "
+            f"reach {DOWNLOAD_HOST} to download it. Prepare it where there is a network "
+            "(tfds build, or one tftrain run there) and point --data_dir at that folder, or "
+            "use --dataset=fashion_mnist for the embedded IDX files."
+        )
     try:
         loaded, info = tfds.load(
             name, split=["train", "test"], data_dir=data_dir, as_supervised=True, with_info=True

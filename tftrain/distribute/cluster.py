@@ -142,9 +142,15 @@ def parse_tf_config(raw: str | None) -> ClusterInfo | None:
     return ClusterInfo(parsed, task_type, index)
 
 
-def from_environment() -> ClusterInfo | None:
+def from_environment(config=None) -> ClusterInfo | None:
     """Reads and validates ``TF_CONFIG`` from the environment (the strategy
-    checks that its roles fit: ParallelMode.check)."""
+    checks that its roles fit: ParallelMode.check); without one, in a Slurm
+    step of several tasks, resolves it from Slurm's (``distribute/slurm.py``)
+    and sets it, for TensorFlow."""
+    from tftrain.distribute import slurm
+
+    if "TF_CONFIG" not in os.environ and config is not None and slurm.in_step():
+        os.environ["TF_CONFIG"] = slurm.tf_config(config)
     return parse_tf_config(os.environ.get("TF_CONFIG"))
 
 
