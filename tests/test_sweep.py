@@ -343,3 +343,66 @@ def test_the_cli_says_one_line_and_exits_2(tmp_path, argv):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("tftrain: error: --") and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _changed(value):
+    """Another value of the same kind as ``value``."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 3
+    if isinstance(value, float):
+        return value * 2 + 0.5
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, tuple):
+        return (*value, 7)
+    if value is None:
+        return 5
+    return None  # a field this sweep does not change (the task, options)
+
+
+_BASE = ExperimentConfig(model_dir="unused")
+_CHANGEABLE = [
+    f
+    for f in FIELDS
+    if f not in ("task", "options", "builtin_task") and _changed(getattr(_BASE, f)) is not None
+]
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory):
+    """A checkpoint that records _BASE's identity, as every run's does."""
+    import tensorflow as tf
+
+    folder = tmp_path_factory.mktemp("record")
+    record = tf.Variable(json.dumps(_BASE.identity()), dtype=tf.string)
+    return tf.train.Checkpoint(run_record=record).write(str(folder / "ckpt-1"))
+
+
+@SETTINGS
+@given(changes=st.sets(st.sampled_from(_CHANGEABLE), min_size=1, max_size=4))
+def test_a_resume_is_refused_exactly_when_it_would_change_the_run(recorded_run, changes):
+    """Random sets of changed flags: refused, naming each changed flag of the
+    run's identity (up to three, then a count), when any is one; accepted
+    when all may change on a resume."""
+    from types import SimpleNamespace
+
+    from tftrain.config import MAY_CHANGE_ON_RESUME
+    from tftrain.controller import Controller
+
+    config = _BASE.replace(**{f: _changed(getattr(_BASE, f)) for f in changes})
+    identity = sorted(f for f in changes if f not in MAY_CHANGE_ON_RESUME)
+    event(f"{len(identity)} of the identity")
+    check = lambda: Controller._check_same_run(SimpleNamespace(config=config), recorded_run)
+    if not identity:
+        check()
+        return
+    with pytest.raises(ConfigError) as refused:
+        check()
+    said = str(refused.value)
+    assert "Nothing was changed" in said and recorded_run in said
+    for name in identity[:3]:
+        assert f"--{name}=" in said, (name, said)
+    if len(identity) > 3:
+        assert f"({len(identity) - 3} more)" in said

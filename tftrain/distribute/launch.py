@@ -85,6 +85,41 @@ def define_flags(flag_values) -> None:
         lower_bound=0,
         flag_values=flag_values,
     )
+    flags.DEFINE_integer(
+        "nnodes",
+        1,
+        "machines the cluster spans; each runs tftrain launch with its own --node_rank and "
+        "--num_workers workers (multi_worker_mirrored, model_parallel)",
+        lower_bound=1,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "node_rank",
+        0,
+        "this machine's place among the --nnodes (0: the one that serves --coordinator)",
+        lower_bound=0,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "coordinator",
+        "",
+        "HOST:PORT where node 0's launcher meets the others (with --nnodes)",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "node_host",
+        "",
+        "the address the other nodes reach this machine at (default: the one that "
+        "reaches --coordinator)",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_float(
+        "rendezvous_timeout_secs",
+        300.0,
+        "how long the nodes wait for each other, at the start and at each restart",
+        lower_bound=1.0,
+        flag_values=flag_values,
+    )
     flags.DEFINE_bool(
         "check_memory",
         True,
@@ -276,6 +311,7 @@ class Cluster:
         threads_per_task: int = 0,
         stop_grace_secs: float = 30.0,
         evaluator: bool = False,
+        reserve_host: str = "127.0.0.1",
     ):
         self.num_workers = num_workers
         self.num_ps = num_ps
@@ -286,9 +322,21 @@ class Cluster:
             1, resources.usable_cores() // max(num_workers + (1 if num_ps else 0), 1)
         )
         self._lock = threading.Lock()
-        self._ports, self._sockets = reserve_ports(tasks)
+        self._ports, self._sockets = reserve_ports(tasks, host=reserve_host)
         self.spec = cluster_spec(num_workers, num_ps, self._ports, evaluator=evaluator)
+        # The tasks this launcher runs: all of them, or this node's share.
+        self.local = tasks_of(self.spec)
+        self.total_workers = num_workers
         self.tasks: dict[tuple[str, int], _Task] = {}
+
+    def span(self, spec: dict[str, list[str]], first_worker: int) -> None:
+        """Makes this launcher's tasks workers ``first_worker``.. of the
+        cluster ``spec`` that several machines share (their ports are the
+        ones this launcher reserved)."""
+        count = len(self.local)
+        self.spec = spec
+        self.local = [("worker", first_worker + i) for i in range(count)]
+        self.total_workers = len(spec["worker"])
 
     def start_task(self, task_type: str, index: int) -> None:
         env = task_env(self.spec, task_type, index)
@@ -297,12 +345,12 @@ class Cluster:
             "-m",
             "tftrain",
             "train",
-            *task_flags(self.threads, self.num_workers),
+            *task_flags(self.threads, self.total_workers),
             *self.train_argv,
         ]
         task = _Task(f"{task_type}:{index}", argv, env, self._lock)
         self.tasks[(task_type, index)] = task
-        self._pin(task, tasks_of(self.spec).index((task_type, index)))
+        self._pin(task, self.local.index((task_type, index)))
         self._say(f"started {task.name} (pid {task.process.pid})")
 
     def _pin(self, task: _Task, position: int) -> None:
@@ -314,7 +362,7 @@ class Cluster:
         if not hasattr(os, "sched_setaffinity"):
             return
         cores = sorted(os.sched_getaffinity(0))
-        per_task = len(cores) // len(tasks_of(self.spec))
+        per_task = len(cores) // len(self.local)
         if per_task < 1:
             return
         mine = set(cores[position * per_task : (position + 1) * per_task])
@@ -325,7 +373,7 @@ class Cluster:
 
     def start(self) -> None:
         self._release_ports()
-        for task_type, index in tasks_of(self.spec):
+        for task_type, index in self.local:
             self.start_task(task_type, index)
 
     def stop(self) -> None:
@@ -349,14 +397,19 @@ class Cluster:
             s.close()
         self._sockets = []
 
-    def watch(self, poll_secs: float = 0.2) -> tuple[int, str | None]:
-        """Waits until the run ends.
+    def watch(self, poll_secs: float = 0.2, elsewhere=None) -> tuple[int, str | None]:
+        """Waits until the run ends (``elsewhere``: a callable that returns
+        ``(exit code, what failed)`` when another node's launcher says its
+        part failed, else None).
 
         Returns:
           ``(exit code, name of the failed task or None)``.
         """
         coordinator = ("chief", 0) if self.num_ps else None
         while True:
+            failed_elsewhere = elsewhere() if elsewhere else None
+            if failed_elsewhere:
+                return failed_elsewhere
             for key, task in list(self.tasks.items()):
                 code = task.process.poll()
                 if code is None or code == 0:
@@ -393,10 +446,29 @@ def run(
     threads_per_task: int = 0,
     stop_grace_secs: float = 30.0,
     evaluator: bool = False,
+    span=None,
 ) -> int:
-    """Runs the cluster to the end, restarting it up to ``max_restarts`` times."""
+    """Runs the cluster to the end, restarting it up to ``max_restarts`` times.
+
+    ``span``: this machine's part of a cluster over several
+    (:class:`Span`): the launchers agree on each attempt's cluster, restart
+    together and stop together.
+    """
+    from tftrain.config import ConfigError
+    from tftrain.distribute import rendezvous
+    from tftrain.errors import EXIT_RETRY
+
     attempt = 0
-    stopping = {"signal": None}
+    stopping = {"signal": None, "remote": False}
+
+    def elsewhere():
+        event = span.node.poll(attempt)
+        if event is None:
+            return None
+        if event["event"] == rendezvous.STOP:
+            stopping["signal"], stopping["remote"] = event.get("signal") or signal.SIGTERM, True
+            raise KeyboardInterrupt
+        return EXIT_RETRY, f"node {event.get('node_rank')}'s {event.get('task', 'task')}"
 
     def on_signal(signum, _frame):
         stopping["signal"] = signum
@@ -414,7 +486,17 @@ def run(
                 threads_per_task=threads_per_task,
                 stop_grace_secs=stop_grace_secs,
                 evaluator=evaluator,
+                reserve_host="0.0.0.0" if span else "127.0.0.1",
             )
+            if span:
+                addresses = [f"{span.host}:{port}" for port in cluster._ports]
+                try:
+                    spec = span.node.join(attempt, addresses)
+                except ConfigError as e:
+                    cluster._release_ports()
+                    cluster._say(f"error: {e}")
+                    return EXIT_RETRY if attempt else 2
+                cluster.span(spec, span.node_rank * num_workers)
             cluster._say(
                 f"cluster {json.dumps(cluster.spec)}; "
                 f"{cluster.threads} intra-op thread(s) per task"
@@ -429,10 +511,18 @@ def run(
                 )
             try:
                 cluster.start()
-                code, failed = cluster.watch()
+                code, failed = cluster.watch(elsewhere=elsewhere if span else None)
             except KeyboardInterrupt:
+                if span and not stopping["remote"]:
+                    span.node.tell(
+                        rendezvous.STOP,
+                        attempt,
+                        signal=stopping["signal"] or signal.SIGINT,
+                        node_rank=span.node_rank,
+                    )
                 cluster._say(
-                    "interrupted: asking every task to save a checkpoint and stop "
+                    ("another node was interrupted" if stopping["remote"] else "interrupted")
+                    + ": asking every task to save a checkpoint and stop "
                     f"(SIGTERM; SIGKILL after {cluster.stop_grace_secs:g} s)."
                 )
                 cluster.stop()
@@ -443,6 +533,22 @@ def run(
                     else "every task stopped; run the same command to resume."
                 )
                 return 128 + (stopping["signal"] or signal.SIGINT)
+            if span and failed is not None and not failed.startswith("node "):
+                if code in (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP):
+                    # A task that saved and stopped: another node was most
+                    # likely interrupted, and its word is on the way.
+                    deadline = time.monotonic() + 5.0
+                    while time.monotonic() < deadline and not stopping["remote"]:
+                        try:
+                            elsewhere()
+                        except KeyboardInterrupt:
+                            break
+                        time.sleep(0.1)
+                    if stopping["remote"]:
+                        cluster._say("another node was interrupted: every task stops.")
+                        cluster.stop()
+                        return 128 + stopping["signal"]
+                span.node.tell(rendezvous.FAILED, attempt, node_rank=span.node_rank, task=failed)
             cluster.stop()
             if failed is None:
                 cluster._say("every task finished.")
@@ -459,6 +565,15 @@ def run(
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if span:
+            span.node.close()
+
+
+class Span:
+    """This machine's place in a cluster over ``--nnodes`` machines."""
+
+    def __init__(self, node, node_rank: int, host: str):
+        self.node, self.node_rank, self.host = node, node_rank, host
 
 
 def check_train_argv(train_argv: list[str], spec: dict[str, list[str]]):
@@ -535,20 +650,36 @@ def main(argv: list[str]) -> None:
             "no training flags: expected "
             "tftrain launch --num_workers=N -- --experiment=... --model_dir=..."
         )
+    if fv.nnodes > 1:
+        said = None
+        if not fv.coordinator:
+            said = f"--nnodes={fv.nnodes} needs --coordinator=HOST:PORT (node 0's address)"
+        elif fv.node_rank >= fv.nnodes:
+            said = f"--node_rank={fv.node_rank}: expected 0 to {fv.nnodes - 1} for --nnodes"
+        elif fv.num_ps or fv.evaluator:
+            said = (
+                "--num_ps and --evaluator run on one machine: a parameter-server cluster "
+                "over several machines runs under Slurm or Kubernetes (README.md)"
+            )
+        elif fv.emit:
+            said = "--emit writes one manifest for the whole cluster: leave out --nnodes"
+        if said:
+            _fail(said + ".")
     if fv.evaluator and not fv.num_ps:
         _fail(
             "--evaluator needs parameter servers (--num_ps=M): the "
             "evaluator task evaluates a parameter-server run's checkpoints."
         )
     spec = cluster_spec(
-        fv.num_workers,
+        fv.num_workers * fv.nnodes,
         fv.num_ps,
         range(1, fv.num_workers + fv.num_ps + 3),
         host="host",
         evaluator=fv.evaluator,
     )
     if fv.emit != "tfjob" and fv.check_memory:
-        said = check_memory(len(tasks_of(spec)), resources.available_memory())
+        local = fv.num_workers if fv.nnodes > 1 else len(tasks_of(spec))
+        said = check_memory(local, resources.available_memory())
         if said:
             _fail(said)
     from tftrain.errors import UserCodeError
@@ -602,13 +733,34 @@ def main(argv: list[str]) -> None:
         )
         return
     from tftrain import checkpoints, fileio, runlock
+    from tftrain.distribute import rendezvous
 
+    span = server = None
+    if fv.nnodes > 1:
+        key = rendezvous.fingerprint(
+            [*argv[1:], f"max_restarts={fv.max_restarts}"], fv.nnodes, fv.num_workers
+        )
+        try:
+            coordinator = rendezvous.parse_address(fv.coordinator)
+            if fv.node_rank == 0:
+                server = rendezvous.Server(*coordinator, fv.nnodes, fv.rendezvous_timeout_secs)
+            node = rendezvous.Node(coordinator, fv.node_rank, fv.rendezvous_timeout_secs, key)
+            host = fv.node_host or (coordinator[0] if fv.node_rank == 0 else None)
+            host = host or node.local_host()
+        except ConfigError as e:
+            _fail(str(e))
+        except OSError as e:
+            _fail(f"cannot reach --coordinator={fv.coordinator} ({e.strerror or e}).")
+        span = Span(node, fv.node_rank, host)
+    lock = runlock.NoLock()
+    aside = None
     try:
-        lock = runlock.for_launcher(config.model_dir)
-        aside = checkpoints.set_aside_run(config.model_dir) if config.restart else None
+        if fv.node_rank == 0:  # node 0 writes the folder and holds it
+            lock = runlock.for_launcher(config.model_dir)
+            aside = checkpoints.set_aside_run(config.model_dir) if config.restart else None
     except ConfigError as e:
         _fail(str(e))
-    if not fileio.is_url(config.model_dir):
+    if not fileio.is_url(config.model_dir) and fv.node_rank == 0:
         os.environ[runlock.HELD_FOR] = os.path.abspath(config.model_dir)
     if aside:
         print(f"[launch] --restart: moved the earlier run's files to {aside}.", flush=True)
@@ -623,7 +775,10 @@ def main(argv: list[str]) -> None:
             threads_per_task=fv.threads_per_task,
             stop_grace_secs=fv.stop_grace_secs,
             evaluator=fv.evaluator,
+            span=span,
         )
     finally:
         lock.release()
+        if server is not None:
+            server.close()
     sys.exit(code)
