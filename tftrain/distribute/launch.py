@@ -673,7 +673,7 @@ def main(argv: list[str]) -> None:
     spec = cluster_spec(
         fv.num_workers * fv.nnodes,
         fv.num_ps,
-        range(1, fv.num_workers + fv.num_ps + 3),
+        range(1, fv.num_workers * fv.nnodes + fv.num_ps + 3),
         host="host",
         evaluator=fv.evaluator,
     )
