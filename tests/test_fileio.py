@@ -131,3 +131,43 @@ def test_a_run_on_a_url_keeps_everything_there_and_resumes_past_a_damaged_checkp
     resumed = _weights_after(url, 80)
     assert fileio.exists(fileio.join(url, "checkpoints", "damaged", "ckpt-60.index"))
     assert resumed == _weights_after(str(tmp_path / "straight"), 80)
+
+
+def test_a_bucket_that_cannot_be_reached_is_one_line_before_anything_starts(tmp_path):
+    # No proxy listens where https_proxy points: every request fails at once.
+    closed = {
+        "https_proxy": "http://127.0.0.1:9",
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+        "NO_GCE_CHECK": "true",
+        "GCS_RETRY_CONFIG_MAX_RETRIES": "0",
+    }
+    for command in (["train"], ["launch", "--num_workers=2", "--"]):
+        result = run_tftrain(
+            *command,
+            "--experiment=fashion_mnist_mlp:smoke",
+            "--model_dir=gs://a-bucket/run",
+            *(["--strategy=multi_worker_mirrored"] if "launch" in command else []),
+            env=closed,
+            check=False,
+            cwd=str(tmp_path),
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(
+            "tftrain: error: --model_dir=gs://a-bucket/run cannot be reached: "
+        ), result.stderr
+        assert "Traceback" not in result.stderr and os.listdir(tmp_path) == []
+
+
+def test_a_bucket_failing_mid_run_is_one_line_and_a_blip_is_worth_a_retry():
+    from tftrain.cli import _explain_bucket
+    from tftrain.errors import EXIT_RETRY
+
+    config = type("Config", (), {"model_dir": "gs://b/run"})()
+    blip = tf.errors.UnavailableError(None, None, "reading gs://b/run/checkpoints: reset")
+    said, code = _explain_bucket(blip, config)
+    assert code == EXIT_RETRY and said.startswith("the bucket of --model_dir=gs://b/run failed")
+    refused = tf.errors.PermissionDeniedError(None, None, "writing gs://b/run/x: 403")
+    assert _explain_bucket(refused, config)[1] == 1
+    assert _explain_bucket(tf.errors.UnavailableError(None, None, "gs://other/x"), config) is None
+    local = type("Config", (), {"model_dir": "/runs/a"})()
+    assert _explain_bucket(blip, local) is None

@@ -24,8 +24,10 @@ def prepare(config: ExperimentConfig):
 
     config = config.validate()
     fileio.check_scheme(config.model_dir)
+    fileio.check_reachable(config.model_dir)
     if config.data_dir:
         fileio.check_scheme(config.data_dir, "--data_dir")
+        fileio.check_reachable(config.data_dir, "--data_dir")
     if fileio.exists(config.model_dir) and not fileio.isdir(config.model_dir):
         raise ConfigError(
             f"--model_dir={config.model_dir} is a file: expected a "

@@ -144,6 +144,9 @@ def _train_main(argv):
         said = _explain_resources(e, config) or _explain_labels(e)
         if said:
             _fail(said, code=1)
+        said = _explain_bucket(e, config)
+        if said:
+            _fail(*said)
         if not isinstance(
             e,
             (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError),
@@ -156,6 +159,29 @@ def _train_main(argv):
             f"({type(e).__name__}: {first[:300]}): a worker died or never started.",
             code=EXIT_RETRY,
         )
+
+
+def _explain_bucket(error, config) -> tuple[str, int] | None:
+    """One line for a failure of the bucket ``--model_dir`` is in, and its
+    exit code: 1 for a refusal (no permission, no bucket), EXIT_RETRY for the
+    rest (a network blip: started again, the run resumes)."""
+    import tensorflow as tf
+
+    from tftrain import fileio
+    from tftrain.errors import EXIT_RETRY
+
+    if not fileio.is_url(config.model_dir):
+        return None
+    bucket = config.model_dir.split("://", 1)[1].split("/", 1)[0]
+    if f"://{bucket}" not in str(error):
+        return None
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    final = isinstance(error, (tf.errors.PermissionDeniedError, tf.errors.NotFoundError))
+    return (
+        f"the bucket of --model_dir={config.model_dir} failed ({type(error).__name__}: "
+        f"{first}); the checkpoints saved are kept, and the same command resumes.",
+        1 if final else EXIT_RETRY,
+    )
 
 
 def _tasks_named_in(message: str, cluster) -> str | None:

@@ -70,6 +70,20 @@ def check_scheme(path: str, flag: str = "--model_dir") -> None:
     )
 
 
+def check_reachable(path: str, flag: str = "--model_dir") -> None:
+    """Raises ConfigError, with TensorFlow's reason, when the filesystem of
+    URL ``path`` cannot be reached (no network, no credentials, no bucket)."""
+    if not is_url(path):
+        return
+    import tensorflow as tf
+
+    try:
+        _gfile().exists(path)
+    except tf.errors.OpError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ConfigError(f"{flag}={path} cannot be reached: {first}") from None
+
+
 def check_shared(path: str, flag: str = "--model_dir") -> None:
     """Raises ConfigError for a folder a cluster's tasks cannot share."""
     if scheme(path) == "ram":

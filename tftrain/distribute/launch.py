@@ -709,6 +709,10 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         _fail(str(e))
     if fv.emit != "tfjob":
+        try:
+            fileio.check_reachable(config.model_dir)
+        except ConfigError as e:
+            _fail(str(e))
         # Every task gets the same experiment, wherever it starts.
         train_argv = with_absolute_experiment(train_argv)
     if fv.emit == "tfjob":
