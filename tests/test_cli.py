@@ -500,12 +500,34 @@ def test_a_test_split_unlike_the_training_split_is_one_line_before_anything_is_w
 
 
 def test_a_lost_task_is_named_by_its_address():
+    import socket
+
     from tftrain import cli
     from tftrain.distribute.cluster import parse_tf_config
 
-    spec = {"worker": ["127.0.0.1:54775", "127.0.0.1:5477", "127.0.0.1:600"]}
-    cluster = parse_tf_config(json.dumps({"cluster": spec, "task": {"type": "worker", "index": 2}}))
-    said = "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:54775: Failed"
-    assert cli._tasks_named_in(said, cluster) == "worker:0 at 127.0.0.1:54775"
-    assert cli._tasks_named_in("ipv4:127.0.0.1:600 and more", cluster) is None  # itself
-    assert cli._tasks_named_in("no address at all", cluster) is None
+    live, gone = socket.socket(), socket.socket()
+    live.bind(("127.0.0.1", 0))
+    live.listen()
+    gone.bind(("127.0.0.1", 0))
+    gone_port = gone.getsockname()[1]
+    gone.close()  # nothing listens there any more
+    try:
+        spec = {
+            "worker": [
+                f"127.0.0.1:{live.getsockname()[1]}",
+                f"127.0.0.1:{gone_port}",
+                "127.0.0.1:600",
+            ]
+        }
+        cluster = parse_tf_config(
+            json.dumps({"cluster": spec, "task": {"type": "worker", "index": 2}})
+        )
+        said = f"failed to connect to all addresses; last error: ipv4:{spec['worker'][0]}: Failed"
+        assert cli._tasks_named_in(said, cluster) == f"worker:0 at {spec['worker'][0]}"
+        # No address in TensorFlow's words (or only its own): the task whose
+        # port refuses a connection is the one gone; a live one is not named.
+        expected = f"worker:1 at 127.0.0.1:{gone_port} (nothing listens there now)"
+        assert cli._tasks_named_in("recvmsg:Connection reset by peer", cluster) == expected
+        assert cli._tasks_named_in("ipv4:127.0.0.1:600 and more", cluster) == expected
+    finally:
+        live.close()

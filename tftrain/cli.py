@@ -196,7 +196,28 @@ def _tasks_named_in(message: str, cluster) -> str | None:
                 continue  # its own address, where TensorFlow names it too
             if re.search(rf"(?<![\d.]){re.escape(address)}(?!\d)", message):
                 named.append(f"{task_type}:{index} at {address}")
-    return ", ".join(named) or None
+    return ", ".join(named) or _tasks_not_listening(cluster)
+
+
+def _tasks_not_listening(cluster, timeout: float = 1.0) -> str | None:
+    """The other tasks of ``cluster`` whose port refuses a connection now
+    (their server is gone): TensorFlow's error often names no address
+    ("Connection reset by peer"). At most a second a task."""
+    import socket
+
+    gone = []
+    for task_type, addresses in cluster.cluster.items():
+        for index, address in enumerate(addresses):
+            if (task_type, index) == (cluster.task_type, cluster.task_index):
+                continue
+            host, _, port = address.rpartition(":")
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+            except ConnectionRefusedError:
+                gone.append(f"{task_type}:{index} at {address} (nothing listens there now)")
+            except (OSError, ValueError):
+                pass  # unreachable or slow: not known to be gone
+    return ", ".join(gone) or None
 
 
 def _stop_watchdogs(box) -> None:
