@@ -7,6 +7,7 @@ They must be configured before any other TensorFlow work.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -85,3 +86,25 @@ def run_tftrain(
             f"{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+# A short multi-worker run, compared with the same run elsewhere (a bucket,
+# two launchers, Slurm): a constant rate, so a run resumed from any
+# checkpoint ends as an uninterrupted one.
+PAIR_FLAGS = [
+    "--experiment=fashion_mnist_mlp:smoke",
+    "--train_steps=60",
+    "--steps_per_loop=20",
+    "--lr_schedule=constant",
+    "--strategy=multi_worker_mirrored",
+]
+
+
+@pytest.fixture(scope="session")
+def two_launched_workers(tmp_path_factory) -> dict:
+    """metrics.json of ``tftrain launch --num_workers=2 -- PAIR_FLAGS``, run
+    once for every test that compares weights with it."""
+    model_dir = str(tmp_path_factory.mktemp("pair") / "run")
+    run_tftrain("launch", "--num_workers=2", "--", *PAIR_FLAGS, f"--model_dir={model_dir}")
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        return json.load(f)

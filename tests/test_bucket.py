@@ -16,17 +16,12 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, run_tftrain, start_tftrain
+from tests.conftest import PAIR_FLAGS, ROOT, run_tftrain, start_tftrain
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 BUCKET = "tftrain-test"
-SMOKE = [
-    "--experiment=fashion_mnist_mlp:smoke",
-    "--train_steps=60",
-    "--steps_per_loop=20",
-    "--lr_schedule=constant",  # a run stopped early is the start of a longer one
-]
+SMOKE = PAIR_FLAGS[:-1]  # a constant rate: a run stopped early starts a longer one
 
 
 def _openssl(*args, cwd):
@@ -206,19 +201,12 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def test_a_two_worker_run_in_a_bucket_survives_a_killed_worker(bucket, tmp_path):
+def test_a_two_worker_run_in_a_bucket_survives_a_killed_worker(
+    bucket, tmp_path, two_launched_workers
+):
     """Every file in the bucket, none in a local folder named after the URL;
     a worker SIGKILLed mid-run is restarted and the cluster resumes from the
     bucket's checkpoint, to the weights of a run never interrupted."""
-    straight = str(tmp_path / "straight")
-    run_tftrain(
-        "launch",
-        "--num_workers=2",
-        "--",
-        *SMOKE,
-        "--strategy=multi_worker_mirrored",
-        f"--model_dir={straight}",
-    )
     proc = start_tftrain(
         "launch",
         "--num_workers=2",
@@ -258,8 +246,7 @@ def test_a_two_worker_run_in_a_bucket_survives_a_killed_worker(bucket, tmp_path)
     assert not os.path.exists(tmp_path / "gs:")  # nothing local named after the URL
     _files_of_a_run(bucket.names("mwms"))
     recorded = json.loads(bucket.read("mwms/metrics.json"))
-    with open(os.path.join(straight, "metrics.json")) as f:
-        assert recorded["weights_sha256"] == json.load(f)["weights_sha256"]
+    assert recorded["weights_sha256"] == two_launched_workers["weights_sha256"]
     _predicts_as_recorded(bucket, "mwms", tmp_path)
 
 

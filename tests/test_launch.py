@@ -272,6 +272,7 @@ def test_killed_worker_restarts_the_cluster_from_the_last_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a killed worker restarts the cluster: tests/test_nodes.py, test_bucket.py
 def test_a_killed_pipeline_stage_restarts_the_cluster_from_the_last_checkpoint(tmp_path):
     model_dir = str(tmp_path / "run")
     pipeline = ["--strategy=model_parallel", "--log_interval_secs=0"]

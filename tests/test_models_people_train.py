@@ -44,6 +44,7 @@ def launch(tmp_path, name, experiment, *flags, workers=2, ps=0):
     return metrics(model_dir), result.stdout
 
 
+@pytest.mark.long  # test_user_experiments.py: sync BatchNorm over two replicas, smaller
 def test_resnet_mirrored_normalizes_as_one_device_only_with_sync_batchnorm(tmp_path):
     """In float64, so that what is compared is the arithmetic and not float32
     round-off, which BatchNorm's cancellations and SGD at 0.1 amplify to
@@ -85,6 +86,7 @@ def test_vit_in_two_stages_is_one_device_with_its_micro_batches(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.long  # test_user_experiments.py: launched workers' synced BatchNorm, smaller
 def test_launched_resnet_workers_with_sync_batchnorm_end_as_one_device(tmp_path):
     one = train(tmp_path, "one", precision="float64")
     two, out = launch(

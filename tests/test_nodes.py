@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from tests.conftest import run_tftrain, start_tftrain
+from tests.conftest import PAIR_FLAGS, run_tftrain, start_tftrain
 from tftrain.config import ConfigError
 from tftrain.distribute import rendezvous
 
-SMOKE = ["--experiment=fashion_mnist_mlp:smoke", "--train_steps=60", "--steps_per_loop=20"]
+SMOKE = PAIR_FLAGS[:-1]
 
 
 def _free_port() -> int:
@@ -60,7 +60,7 @@ def test_the_rendezvous_forms_each_round_and_passes_events_on():
         def wait_in_round_one():
             try:
                 nodes[0].join(1, ["h0:3"])
-            except ConfigError:  # nobody else comes: its bounded wait ends
+            except (ConfigError, OSError):  # nobody else comes, or the test ends
                 pass
 
         threading.Thread(target=wait_in_round_one, daemon=True).start()
@@ -152,15 +152,10 @@ def _finish(procs, timeout=600):
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_two_launchers_train_as_one_cluster_and_restart_together(tmp_path):
+def test_two_launchers_train_as_one_cluster_and_restart_together(tmp_path, two_launched_workers):
     """Two 1-worker launchers are one 2-worker cluster: node 1's worker,
     killed, restarts the whole cluster from the last checkpoint on both
     nodes, to the weights of an uninterrupted tftrain launch --num_workers=2."""
-    straight = str(tmp_path / "straight")
-    run_tftrain(
-        "launch", "--num_workers=2", "--", *SMOKE,
-        "--strategy=multi_worker_mirrored", f"--model_dir={straight}",
-    )  # fmt: skip
     model_dir = str(tmp_path / "run")
     procs = _nodes(_free_port(), model_dir, extra_launch=["--max_restarts=1"])
     lines = []
@@ -180,8 +175,7 @@ def test_two_launchers_train_as_one_cluster_and_restart_together(tmp_path):
     assert len(cluster["worker"]) == 2
     with open(os.path.join(model_dir, "metrics.json")) as f:
         got = json.load(f)
-    with open(os.path.join(straight, "metrics.json")) as f:
-        assert got["weights_sha256"] == json.load(f)["weights_sha256"]
+    assert got["weights_sha256"] == two_launched_workers["weights_sha256"]
     assert got["num_workers"] == 2
 
 

@@ -5,14 +5,17 @@ munge, started here)."""
 
 import json
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 
 import pytest
 
-from tests.conftest import ROOT, run_tftrain
+from tests.conftest import PAIR_FLAGS, ROOT
 from tftrain.config import ConfigError, ExperimentConfig
 from tftrain.distribute import cluster as cluster_lib
 from tftrain.distribute import slurm
@@ -86,7 +89,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
+def slurm_cluster():
     """slurmctld, slurmd and munged of a one-node cluster in a folder of
     their own (its own config, state, ports and munge socket)."""
     missing = [
@@ -99,7 +102,8 @@ def slurm_cluster(tmp_path_factory):
         )
     if os.geteuid() != 0:
         pytest.skip("starting slurmd needs root")
-    folder = tmp_path_factory.mktemp("slurm")
+    # munged wants every folder above its socket open to all: not pytest's.
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="tftrain-slurm-", dir="/tmp"))
     os.chmod(folder, 0o755)
     for sub in ("spool", "state", "log", "munge"):
         (folder / sub).mkdir()
@@ -185,23 +189,22 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 os.kill(int(pid), 15)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-SMOKE = ["--experiment=fashion_mnist_mlp:smoke", "--train_steps=60", "--steps_per_loop=20"]
+SMOKE = PAIR_FLAGS[:-1]
 
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_an_sbatch_job_of_two_tasks_trains_as_two_launched_workers(slurm_cluster, tmp_path):
-    launched = str(tmp_path / "launched")
-    run_tftrain(
-        "launch", "--num_workers=2", "--", *SMOKE,
-        "--strategy=multi_worker_mirrored", f"--model_dir={launched}",
-    )  # fmt: skip
+def test_an_sbatch_job_of_two_tasks_trains_as_two_launched_workers(
+    slurm_cluster, tmp_path, two_launched_workers
+):
     job_dir = str(tmp_path / "slurm")
     env = dict(os.environ, **slurm_cluster, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("TF_CONFIG", None)
-    env["PATH"] = os.path.dirname(shutil.which("tftrain") or "") + os.pathsep + env["PATH"]
+    # The tftrain command of this Python (a virtual environment's bin).
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
     result = subprocess.run(
         ["sbatch", "--wait", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
          f"--output={tmp_path}/job-%j.out", os.path.join(ROOT, "scripts", "tftrain.sbatch"),
@@ -213,7 +216,5 @@ def test_an_sbatch_job_of_two_tasks_trains_as_two_launched_workers(slurm_cluster
     assert "2 replica(s) on 2 worker(s)" in output
     with open(os.path.join(job_dir, "metrics.json")) as f:
         got = json.load(f)
-    with open(os.path.join(launched, "metrics.json")) as f:
-        expected = json.load(f)
-    assert got["weights_sha256"] == expected["weights_sha256"]
+    assert got["weights_sha256"] == two_launched_workers["weights_sha256"]
     assert got["num_workers"] == 2

@@ -312,6 +312,7 @@ def test_a_resume_over_tfrecords_sees_the_batches_an_uninterrupted_run_would(exp
 
 
 @pytest.mark.slow
+@pytest.mark.long  # test_cli.py: a killed run resumes to the uninterrupted weights
 def test_sigkill_mid_run_then_the_same_command_ends_as_an_uninterrupted_run(exp, tmp_path):
     flags = ["--train_steps=600", "--checkpoint_interval=50", "--steps_per_loop=10"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
