@@ -32,7 +32,7 @@ if ! command -v openssl >/dev/null 2>&1; then
   $SUDO apt-get install -y -q openssl >/dev/null 2>&1 || {
     $SUDO apt-get update -q >/dev/null
     $SUDO apt-get install -y -q openssl >/dev/null
-  }
+  } || echo "setup: could not install openssl; tests/test_bucket.py will fail" >&2
 fi
 
 # A one-machine Slurm cluster for tests/test_slurm.py (it starts its own
@@ -44,7 +44,7 @@ if ! command -v slurmd >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1; t
   $SUDO apt-get install -y -q --no-install-recommends $pkgs >/dev/null 2>&1 || {
     $SUDO apt-get update -q >/dev/null
     $SUDO apt-get install -y -q --no-install-recommends $pkgs >/dev/null
-  }
+  } || echo "setup: could not install Slurm; tests/test_slurm.py will fail" >&2
 fi
 
 PYTHON="${PYTHON:-python3}"

@@ -265,6 +265,7 @@ def test_a_parameter_server_run_in_a_bucket(bucket, tmp_path):
     assert f"metrics in gs://{BUCKET}/ps/metrics.json" in result.stdout
     assert os.listdir(tmp_path) == []
     _files_of_a_run(bucket.names("ps"))
+    _predicts_as_recorded(bucket, "ps", tmp_path)
 
 
 def test_a_damaged_checkpoint_in_the_bucket_is_set_aside_there(bucket, tmp_path):
