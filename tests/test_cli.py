@@ -222,7 +222,7 @@ def test_bad_input_one_message_no_traceback_model_dir_untouched(tmp_path, flags,
         ),
         (
             '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker"}}',
-            "but --strategy=one_device runs on one machine",
+            "but --strategy=one_device runs in one process",
         ),
     ],
 )

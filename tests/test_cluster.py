@@ -70,7 +70,12 @@ def test_malformed_tf_config_gets_one_clear_message(raw, message):
             "multi_worker_mirrored",
             "does not use ps tasks",
         ),
-        (TWO, ("worker", 0), "mirrored", "cluster of 2 workers, but --strategy=mirrored"),
+        (
+            TWO,
+            ("worker", 0),
+            "mirrored",
+            "Slurm sets it), but --strategy=mirrored runs in one process",
+        ),
         (TWO, ("worker", 0), "one_device", "--strategy=multi_worker_mirrored"),
     ],
 )

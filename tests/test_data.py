@@ -248,3 +248,26 @@ def test_a_tfds_dataset_that_is_not_here_and_cannot_be_downloaded_fails_at_once(
     with pytest.raises(DataError, match=r"--dataset=mnist is not prepared in .* cannot reach"):
         data.load("mnist", str(tmp_path))
     assert os.listdir(tmp_path) == []  # nothing left behind
+
+
+def test_records_the_parsing_cannot_read_are_one_line_naming_the_reason():
+    import tensorflow as tf
+
+    from tftrain import inputs
+    from tftrain.errors import DataError
+
+    record = tf.train.Example(
+        features=tf.train.Features(
+            feature={"x": tf.train.Feature(float_list=tf.train.FloatList(value=[1.0]))}
+        )
+    ).SerializeToString()
+    spec = {
+        "x": tf.io.FixedLenFeature([1], tf.float32),
+        "meta": tf.io.FixedLenFeature([1], tf.float32),
+    }
+    ds = tf.data.Dataset.from_tensors(record).map(lambda r: tf.io.parse_single_example(r, spec))
+    with pytest.raises(DataError) as said:
+        inputs._first(ds, object(), training=False)
+    message = str(said.value)
+    assert "the evaluation data cannot be read" in message
+    assert "Feature: meta" in message and "{{" not in message

@@ -108,7 +108,7 @@ def test_tfjob_manifest_of_a_parameter_server_cluster_with_an_evaluator():
         (["--", "--optimizer=bogus"], "--optimizer=bogus"),
         (["--", "--model_dir=runs/a"], "--model_dir=runs/a is relative"),
         (["--job_name=My_Job", "--", "--model_dir=gs://b/r"], "--job_name='My_Job'"),
-        (["--", "--strategy=one_device", "--model_dir=gs://b/r"], "one_device runs on one machine"),
+        (["--", "--strategy=one_device", "--model_dir=gs://b/r"], "one_device runs in one process"),
         (["--task_memory=lots", "--", "--model_dir=gs://b/r"], "--task_memory='lots'"),
         (["--", "--model_dir=gs://b/r", "--no_such_flag=1"], "no_such_flag"),
         (["--", "--model_dir=gs://b/r", "--batch_size=99"], "--batch_size=99 does not split"),

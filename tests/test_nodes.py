@@ -65,8 +65,9 @@ def test_the_rendezvous_forms_each_round_and_passes_events_on():
 
         threading.Thread(target=wait_in_round_one, daemon=True).start()
         time.sleep(0.5)
-        with pytest.raises(ConfigError, match="node 1's flags differ"):
-            rendezvous.Node(("127.0.0.1", port), 1, 5, key="other").join(1, ["h1:3"])
+        other = rendezvous.Node(("127.0.0.1", port), 1, 5, key="other", flags=["--seed=4"])
+        with pytest.raises(ConfigError, match=r"node 1's flags differ from node 0's \(--seed=4\)"):
+            other.join(1, ["h1:3"])
         with pytest.raises(ConfigError, match="node_rank 0 joined twice"):
             rendezvous.Node(("127.0.0.1", port), 0, 5, key="k").join(1, ["h0:4"])
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 from tftrain.errors import DataError
 from tftrain.tasks import call_user
@@ -176,8 +177,21 @@ def first_batch(task, config, training: bool = True):
 
 
 def _first(ds, task, training: bool):
-    for batch in ds.take(1):
-        return batch
+    import tensorflow as tf
+
+    what = "training" if training else "evaluation"
+    try:
+        for batch in ds.take(1):
+            return batch
+    except tf.errors.InvalidArgumentError as e:
+        # A record the parsing cannot read (a missing feature, a wrong type):
+        # TensorFlow's reason, without its graph's noise.
+        reason = re.sub(r"\{\{.*?\}\}\s*", "", str(e).strip().splitlines()[0])
+        reason = re.sub(r"^Error in user-defined function passed to \S+ ", "", reason)
+        raise DataError(
+            f"{type(task).__name__}.build_inputs(training={training}): the {what} data "
+            f"cannot be read: {reason[:400]}"
+        ) from None
     raise DataError(
         f"{type(task).__name__}.build_inputs(training={training}) gives no batch: the "
         + ("training" if training else "evaluation")

@@ -83,9 +83,10 @@ class ParallelMode:
             )
         if cluster is not None and cluster.num_workers > 1:
             raise ConfigError(
-                f"TF_CONFIG describes a cluster of {cluster.num_workers} workers, but "
-                f"--strategy={config.strategy} runs on one machine: expected "
-                "--strategy=multi_worker_mirrored (or unset TF_CONFIG)."
+                f"the cluster has {cluster.num_workers} workers (TF_CONFIG, as tftrain launch, "
+                f"a TFJob or Slurm sets it), but --strategy={config.strategy} runs in one "
+                "process: expected --strategy=multi_worker_mirrored, parameter_server or "
+                "model_parallel (or one process, without TF_CONFIG)."
             )
 
     def default_threads(self) -> tuple[int, int]:

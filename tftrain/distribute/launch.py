@@ -741,14 +741,20 @@ def main(argv: list[str]) -> None:
 
     span = server = None
     if fv.nnodes > 1:
-        key = rendezvous.fingerprint(
-            [*argv[1:], f"max_restarts={fv.max_restarts}"], fv.nnodes, fv.num_workers
-        )
+        agreed = [
+            *argv[1:],
+            f"--max_restarts={fv.max_restarts}",
+            f"--num_workers={fv.num_workers}",
+            f"--threads_per_task={fv.threads_per_task}",
+        ]
+        key = rendezvous.fingerprint(agreed, fv.nnodes, fv.num_workers)
         try:
             coordinator = rendezvous.parse_address(fv.coordinator)
             if fv.node_rank == 0:
                 server = rendezvous.Server(*coordinator, fv.nnodes, fv.rendezvous_timeout_secs)
-            node = rendezvous.Node(coordinator, fv.node_rank, fv.rendezvous_timeout_secs, key)
+            node = rendezvous.Node(
+                coordinator, fv.node_rank, fv.rendezvous_timeout_secs, key, flags=agreed
+            )
             host = fv.node_host or (coordinator[0] if fv.node_rank == 0 else None)
             host = host or node.local_host()
         except ConfigError as e:

@@ -132,12 +132,20 @@ class Server:
             if rank in members:
                 said = f"node_rank {rank} joined twice"
             elif first is not None and first[1]["fingerprint"] != hello.get("fingerprint"):
+                theirs, mine = set(first[1].get("flags", [])), set(hello.get("flags", []))
+                differ = sorted(mine ^ theirs)
                 said = (
-                    f"node {rank}'s flags differ from node {next(iter(members))}'s: every "
-                    "node must run the same tftrain launch command but --node_rank"
+                    f"node {rank}'s flags differ from node {next(iter(members))}'s"
+                    + (f" ({', '.join(differ[:4])})" if differ else "")
+                    + ": every node must run the same tftrain launch command but --node_rank"
                 )
             if said:
-                _send(conn, {"error": said})
+                # Every node of the round hears it: none waits out its timeout.
+                for member, _ in [(conn, None), *members.values()]:
+                    try:
+                        _send(member, {"error": said})
+                    except OSError:
+                        pass
                 conn.close()
                 return
             members[rank] = (conn, hello)
@@ -168,9 +176,16 @@ class Server:
 class Node:
     """One launcher's side: join a round, then send and receive events."""
 
-    def __init__(self, coordinator: tuple[str, int], node_rank: int, timeout: float, key: str):
+    def __init__(
+        self,
+        coordinator: tuple[str, int],
+        node_rank: int,
+        timeout: float,
+        key: str,
+        flags: list[str] | None = None,
+    ):
         self.coordinator, self.node_rank = coordinator, node_rank
-        self.timeout, self.key = timeout, key
+        self.timeout, self.key, self.flags = timeout, key, list(flags or [])
         self.conn: socket.socket | None = None
         self.lines: _Lines | None = None
 
@@ -210,6 +225,7 @@ class Node:
                 "node_rank": self.node_rank,
                 "addresses": addresses,
                 "fingerprint": self.key,
+                "flags": self.flags,
             },
         )
         try:
@@ -218,7 +234,7 @@ class Node:
                 if reply is None:
                     raise ConfigError("the coordinator closed the rendezvous.")
                 if "error" in reply:
-                    raise ConfigError(f"the rendezvous refused this node: {reply['error']}.")
+                    raise ConfigError(f"the rendezvous failed: {reply['error']}.")
                 if "cluster" in reply:
                     return reply["cluster"]
                 # An event of the round before, from a node that left late.
