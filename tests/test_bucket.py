@@ -268,6 +268,7 @@ def test_a_parameter_server_run_in_a_bucket(bucket, tmp_path):
     _predicts_as_recorded(bucket, "ps", tmp_path)
 
 
+@pytest.mark.long  # tests/test_fileio.py does the same on ram://, in-process
 def test_a_damaged_checkpoint_in_the_bucket_is_set_aside_there(bucket, tmp_path):
     run = f"gs://{BUCKET}/damaged"
     common = [*SMOKE, "--strategy=one_device", f"--model_dir={run}"]

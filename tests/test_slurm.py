@@ -31,7 +31,10 @@ def _step(monkeypatch, rank, nodes="node[01-02]", tasks_per_node="2(x2)", tasks=
         "SLURM_JOB_ID": job,
     }.items():
         monkeypatch.setenv(name, str(value))
-    monkeypatch.delenv("TF_CONFIG", raising=False)
+    # Set, then removed: monkeypatch then removes what the resolution sets
+    # (from_environment writes TF_CONFIG), so that no later test sees it.
+    monkeypatch.setenv("TF_CONFIG", "")
+    monkeypatch.delenv("TF_CONFIG")
 
 
 def test_a_parameter_server_step_over_two_nodes(monkeypatch):

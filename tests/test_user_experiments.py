@@ -301,6 +301,7 @@ def test_a_missing_experiment_file_or_one_without_get_config_is_one_line(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the plain tf.data stream's resume test covers the saved iterator
 def test_a_resume_over_tfrecords_sees_the_batches_an_uninterrupted_run_would(exp, tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     flags = ["--checkpoint_interval=10", "--steps_per_loop=5"]
