@@ -108,3 +108,29 @@ def two_launched_workers(tmp_path_factory) -> dict:
     run_tftrain("launch", "--num_workers=2", "--", *PAIR_FLAGS, f"--model_dir={model_dir}")
     with open(os.path.join(model_dir, "metrics.json")) as f:
         return json.load(f)
+
+
+def free_port() -> int:
+    """A loopback port free now (released at once, for a server about to start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_until(proc, pattern, lines, timeout=180):
+    """Reads ``proc``'s text stdout line by line (kept in ``lines``) until one
+    matches ``pattern``; returns the match, or fails with the last lines."""
+    import re
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if m := re.search(pattern, line):
+            return m
+    raise AssertionError(f"never saw {pattern!r}:\n{''.join(lines[-40:])}")

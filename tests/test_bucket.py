@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import PAIR_FLAGS, ROOT, run_tftrain, start_tftrain
+from tests.conftest import free_port as _free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -53,14 +54,6 @@ def _make_certificates(folder) -> tuple[str, str, str]:
         cwd=folder,
     )  # fmt: skip
     return tuple(os.path.join(folder, n) for n in ("ca.pem", "leaf.pem", "leaf.key"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Bucket:

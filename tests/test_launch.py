@@ -11,6 +11,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, run_tftrain, start_tftrain
+from tests.conftest import read_until as _read_until
 from tftrain.distribute import launch
 
 pytestmark = pytest.mark.cluster
@@ -227,18 +228,6 @@ def _launch(args, model_dir, extra=()):
         *extra,
         stderr=subprocess.STDOUT,
     )
-
-
-def _read_until(proc, pattern, lines, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if m := re.search(pattern, line):
-            return m
-    raise AssertionError(f"never saw {pattern!r}:\n{''.join(lines[-40:])}")
 
 
 def _alive(pid):

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -14,16 +13,12 @@ import time
 import pytest
 
 from tests.conftest import PAIR_FLAGS, run_tftrain, start_tftrain
+from tests.conftest import free_port as _free_port
+from tests.conftest import read_until as _read_until
 from tftrain.config import ConfigError
 from tftrain.distribute import rendezvous
 
 SMOKE = PAIR_FLAGS[:-1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_rendezvous_forms_each_round_and_passes_events_on():
@@ -124,18 +119,6 @@ def _nodes(port, model_dir, extra_train=(), extra_launch=()):
         )
         for rank in (0, 1)
     ]
-
-
-def _read_until(proc, pattern, lines, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if m := re.search(pattern, line):
-            return m
-    raise AssertionError(f"never saw {pattern!r}:\n{''.join(lines[-40:])}")
 
 
 def _finish(procs, timeout=600):

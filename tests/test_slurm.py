@@ -16,6 +16,7 @@ import time
 import pytest
 
 from tests.conftest import PAIR_FLAGS, ROOT
+from tests.conftest import free_port as _free_port
 from tftrain.config import ConfigError, ExperimentConfig
 from tftrain.distribute import cluster as cluster_lib
 from tftrain.distribute import slurm
@@ -83,12 +84,6 @@ def test_what_a_slurm_step_cannot_run_is_one_line(monkeypatch):
 
 
 # -- a real Slurm cluster ------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
