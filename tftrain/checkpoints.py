@@ -22,7 +22,7 @@ import re
 import tensorflow as tf
 
 from tftrain import fileio
-from tftrain.errors import ConfigError, RunError
+from tftrain.errors import ConfigError, RunError, first_line
 
 _NUMBERED = re.compile(r"ckpt-(\d+)$")
 
@@ -146,14 +146,10 @@ def set_aside_run(model_dir: str) -> str | None:
         moved = f"; what was moved is in {aside}" if moved else ""
         raise ConfigError(
             f"--restart could not move the earlier run's files in {model_dir} aside: "
-            f"{getattr(e, 'strerror', None) or _first_line(e)}{where}. "
+            f"{getattr(e, 'strerror', None) or first_line(e)[:300]}{where}. "
             f"Nothing was deleted{moved}."
         ) from None
     return aside
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def _remove_unfinished_saves(folder: str) -> None:

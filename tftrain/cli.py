@@ -13,6 +13,7 @@ import os
 import re
 import sys
 
+from tftrain.errors import first_line
 from tftrain.flagset import (  # the training flags, shared with tftrain launch
     _help,  # noqa: F401 - re-exported for the tests
     _is_flag,
@@ -175,7 +176,7 @@ def _explain_bucket(error, config) -> tuple[str, int] | None:
     bucket = config.model_dir.split("://", 1)[1].split("/", 1)[0]
     if f"://{bucket}" not in str(error):
         return None
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    first = first_line(error)[:300]
     final = isinstance(error, (tf.errors.PermissionDeniedError, tf.errors.NotFoundError))
     return (
         f"the bucket of --model_dir={config.model_dir} failed ({type(error).__name__}: "
@@ -274,7 +275,7 @@ def _explain_resources(error, config) -> str | None:
     writable, said in one line; else None."""
     import tensorflow as tf
 
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    first = first_line(error)
     # TensorFlow's wrapping: "{{function_node ...}} what [Op:SaveV2]".
     first = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]", "", first)[:200]
     if isinstance(error, tf.errors.PermissionDeniedError):

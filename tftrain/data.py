@@ -17,7 +17,7 @@ import struct
 
 import numpy as np
 
-from tftrain.errors import DataError  # re-exported: tftrain.data.DataError
+from tftrain.errors import DataError, first_line  # DataError re-exported: tftrain.data.DataError
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_DATASETS = ("fashion_mnist", "mnist")
@@ -1101,7 +1101,7 @@ def tfds(
         info = builder.info
         ready = builder.is_prepared()
     except Exception as e:  # noqa: BLE001 - TFDS raises many types for an unknown name
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise DataError(f"tfds: no dataset {name!r} ({first[:200]}).") from None
     if not ready:
         raise DataError(

@@ -10,6 +10,11 @@ from __future__ import annotations
 EXIT_RETRY = 200
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, or its type's name when it has none."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class ConfigError(ValueError):
     """A user-facing configuration mistake: one clear message, no traceback."""
 

@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from tftrain import fileio
+from tftrain.errors import first_line
 
 
 def weights_fingerprint(model) -> str:
@@ -88,7 +89,7 @@ def export_saved_model(model, features, path: str, log=print) -> str:
     except Exception as e:  # noqa: BLE001 - a model Keras cannot serialize: said, not fatal
         with contextlib.suppress(OSError, tf.errors.OpError):
             fileio.remove(keras_file + ".partial.keras")
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)[:200]
         log(
             f"Note: no model.keras was written ({type(e).__name__}: {first}); the SavedModel "
             f"in {path} serves the model, and the checkpoints hold its weights."

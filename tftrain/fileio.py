@@ -23,7 +23,7 @@ import glob as _glob
 import os
 import shutil
 
-from tftrain.errors import ConfigError
+from tftrain.errors import ConfigError, first_line
 
 # What to do for a scheme TensorFlow 2.21 does not have built in.
 # tensorflow-io's S3 and Azure filesystems (0.37.1, its latest release) are
@@ -80,7 +80,7 @@ def check_reachable(path: str, flag: str = "--model_dir") -> None:
     try:
         _gfile().exists(path)
     except tf.errors.OpError as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e)[:300]
         raise ConfigError(f"{flag}={path} cannot be reached: {first}") from None
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from tftrain.errors import ConfigError, DataError, UserCodeError
+from tftrain.errors import ConfigError, DataError, UserCodeError, first_line
 
 # Names the loop itself reports: no metric may take them.
 RESERVED = ("loss", "examples", "learning_rate", "gradient_norm")
@@ -391,7 +391,7 @@ def check_fit(name: str, model, loss, metrics, batch) -> None:
     try:
         value = loss(labels, outputs, sample_weight=weights)
     except Exception as e:  # noqa: BLE001 - shapes that do not fit, said in one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e)[:300]
         raise DataError(
             f"{name}: the loss ({type(loss).__name__}) cannot score the model's outputs "
             f"{list(outputs.shape)} against labels {list(labels.shape)} ({first})."
