@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, run_tftrain, start_tftrain
+from tests.conftest import ROOT, free_port, run_tftrain, start_tftrain
 from tests.conftest import read_until as _read_until
 from tftrain.distribute import launch
 
@@ -390,8 +390,50 @@ def test_a_worker_that_never_comes_is_a_failure_not_a_hang(tmp_path):
         timeout=120,
     )
     assert result.returncode != 0
-    assert "no progress for" in result.stderr and "never started" in result.stderr
+    assert "no progress for" in result.stderr, result.stderr
+    worker_1 = json.loads(tf_config)["cluster"]["worker"][1]
+    assert f"nothing answers at worker:1 at {worker_1}: died or never started" in result.stderr
     assert time.time() - start < 60
+
+
+def _watch(pid: int, *peers: str) -> str:
+    """What the watchdog's watcher says when ``pid`` makes no progress for 1 s."""
+    from tftrain.distribute import watchdog
+
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", watchdog._WATCHER, str(pid), "1", *peers],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # stdin stays open and silent (its end would be the run's end).
+    watcher.wait(timeout=30)
+    said = watcher.stderr.read()
+    watcher.stdin.close()
+    assert watcher.returncode == 1, said
+    return said
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["this_task_stopped", "a_peer_gone"])
+def test_the_watchdog_kills_then_blames_the_task_that_hung(frozen):
+    # A task stopped by SIGSTOP (Ctrl-Z, a debugger) is named as itself, not
+    # as "another task"; otherwise the peers whose ports refuse are named.
+    task = subprocess.Popen(["sleep", "60"])
+    try:
+        if frozen:
+            os.kill(task.pid, signal.SIGSTOP)
+        gone = f"127.0.0.1:{free_port()}"
+        said = _watch(task.pid, f"worker:1={gone}")
+        assert task.wait(timeout=10) == -signal.SIGKILL  # killed first
+    finally:
+        task.kill()
+        task.wait()
+    assert said.count("\n") == 1 and said.startswith("tftrain: error: no progress for "), said
+    if frozen:
+        assert "this task was stopped (SIGSTOP, Ctrl-Z or a debugger)" in said, said
+        assert "worker:1" not in said
+    else:
+        assert f"nothing answers at worker:1 at {gone}: died or never started" in said, said
 
 
 def test_collectives_do_not_leak_threads():

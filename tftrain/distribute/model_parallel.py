@@ -74,7 +74,7 @@ class ModelParallel(ParallelMode):
             return super().watchdog()
         from tftrain.distribute.watchdog import Watchdog
 
-        watchdog = Watchdog(self.config.collective_timeout_secs)
+        watchdog = Watchdog(self.config.collective_timeout_secs, self.cluster)
         watchdog.kick("connecting to the tasks that hold the pipeline's stages")
         return watchdog
 

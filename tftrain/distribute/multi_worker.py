@@ -53,7 +53,7 @@ class MultiWorkerMirrored(ParallelMode):
             return super().watchdog()
         from tftrain.distribute.watchdog import Watchdog
 
-        watchdog = Watchdog(self.config.collective_timeout_secs)
+        watchdog = Watchdog(self.config.collective_timeout_secs, self.cluster)
         watchdog.kick("waiting for every worker of the cluster to start")
         return watchdog
 

@@ -65,7 +65,7 @@ class ParameterServer(ParallelMode):
     def watchdog(self):
         from tftrain.distribute.watchdog import Watchdog
 
-        watchdog = Watchdog(self.config.collective_timeout_secs)
+        watchdog = Watchdog(self.config.collective_timeout_secs, self.cluster)
         watchdog.kick("connecting to the parameter servers and workers")
         return watchdog
 

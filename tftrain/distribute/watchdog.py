@@ -7,7 +7,8 @@ thread nor a signal handler of the stuck process gets to run. The watchdog
 is therefore a small separate process: the run sends it a line at each
 stage; if none comes for ``timeout_secs``, it SIGKILLs the run, then says
 what the run was waiting for (kill first: a console that is gone cannot
-stop the kill).
+stop the kill): the run itself if it was stopped (SIGSTOP, Ctrl-Z, a
+debugger), else the other tasks whose ports refuse a connection.
 """
 
 from __future__ import annotations
@@ -24,7 +25,33 @@ import os, select, signal, sys, time
 # watcher keeps watching that save.
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-parent, timeout = int(sys.argv[1]), float(sys.argv[2])
+parent, timeout, peers = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+
+
+def stopped(pid):
+    # Linux's process state: T stopped by a signal, t stopped by a tracer.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def gone(peers):
+    import socket
+    names = []
+    for peer in peers:
+        name, _, address = peer.partition("=")
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+        except ConnectionRefusedError:
+            names.append(f"{name} at {address}")
+        except (OSError, ValueError):
+            pass  # slow or unreachable: not known to be gone
+    return names
+
+
 stage, last, buf = "starting", time.monotonic(), b""
 while True:
     ready, _, _ = select.select([0], [], [], 1.0)
@@ -40,15 +67,23 @@ while True:
             stage, last = line.decode(errors="replace"), time.monotonic()
     elif time.monotonic() - last > timeout:
         idle = time.monotonic() - last
+        frozen = stopped(parent)
         try:
             os.kill(parent, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        said = f"tftrain: error: no progress for {idle:.0f} s while {stage}: "
+        if frozen:
+            said += ("this task was stopped (SIGSTOP, Ctrl-Z or a debugger), so the cluster "
+                     "could not go on without it; ended it.")
+        else:
+            lost = gone(peers)
+            said += (f"nothing answers at {', '.join(lost)}: died or never started" if lost
+                     else "another task of the cluster died, froze or never started")
+            said += (f" (or --collective_timeout_secs={timeout:g} is too short for one loop "
+                     "of --steps_per_loop steps).")
         try:
-            sys.stderr.write(
-                f"tftrain: error: no progress for {idle:.0f} s while {stage}: another task "
-                "of the cluster died or never started (or --collective_timeout_secs="
-                f"{timeout:g} is too short for one loop of --steps_per_loop steps).\n")
+            sys.stderr.write(said + "\n")
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
@@ -59,10 +94,13 @@ while True:
 class Watchdog:
     """Kills this process when ``kick`` has not been called for ``timeout_secs``."""
 
-    def __init__(self, timeout_secs: float):
+    def __init__(self, timeout_secs: float, cluster=None):
+        """``cluster``: this task's ``Cluster``; its other tasks are the ones
+        a kill's message can name."""
         self.timeout_secs = float(timeout_secs)
+        peers = [] if cluster is None else _peers(cluster)
         self._process = subprocess.Popen(
-            [sys.executable, "-c", _WATCHER, str(os.getpid()), str(self.timeout_secs)],
+            [sys.executable, "-c", _WATCHER, str(os.getpid()), str(self.timeout_secs), *peers],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             # The console itself: file descriptor 2 may be tftrain.quiet's
@@ -88,6 +126,18 @@ class Watchdog:
             self._process.stdin.flush()
         except (BrokenPipeError, ValueError):
             pass
+
+
+def _peers(cluster) -> list[str]:
+    """``type:index=address`` of each task of ``cluster`` but this one (and
+    the evaluator, which runs no server)."""
+    return [
+        f"{task_type}:{index}={address}"
+        for task_type, addresses in cluster.cluster.items()
+        for index, address in enumerate(addresses)
+        if task_type != "evaluator"
+        and (task_type, index) != (cluster.task_type, cluster.task_index)
+    ]
 
 
 class NoWatchdog:
