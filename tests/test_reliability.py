@@ -415,8 +415,10 @@ def test_restart_that_cannot_set_the_run_aside_says_so_in_one_line(tmp_path):
 
 def test_a_folder_with_a_live_run_refuses_a_second_run_and_a_restart(tmp_path):
     model_dir = str(tmp_path / "run")
-    # One loop of 100,000 steps: the live run trains all through the test.
-    live = _one_long_loop(model_dir)
+    # A run of a million steps trains all through the attempts, then is
+    # stopped by SIGTERM at the step it reached.
+    flags = [*SMOKE[:3], "--checkpoint_interval=1000000", "--eval_interval=1000000"]
+    live = start_tftrain("train", *flags, "--train_steps=1000000", f"--model_dir={model_dir}")
     out = _Lines(live.stdout)
     try:
         assert out.wait_for("eval at step 0", 120), "the run did not start"
@@ -434,8 +436,17 @@ def test_a_folder_with_a_live_run_refuses_a_second_run_and_a_restart(tmp_path):
             assert f"pid {live.pid} on " in said[-1] and "Traceback" not in result.stderr
             assert "previous" not in os.listdir(model_dir)  # --restart moved nothing
         assert live.poll() is None
+        live.send_signal(signal.SIGTERM)
+        stopped = out.wait_for("Stopped at step", 60)
+        assert live.wait(timeout=60) == 128 + signal.SIGTERM and stopped, stopped
     finally:
         live.kill()
         live.wait()
-    # The kernel let go of the lock with the killed process: the folder is free.
-    assert train(model_dir, 20).returncode == 0
+    # The kernel let go of the lock with the process: the same command
+    # resumes there, and the run ends as one nobody disturbed.
+    step = int(stopped.split()[3].split("/")[0]) + 10
+    resumed = run_tftrain("train", *flags, f"--train_steps={step}", f"--model_dir={model_dir}")
+    assert f"at step {step - 10}." in resumed.stdout, resumed.stdout
+    alone = str(tmp_path / "alone")
+    run_tftrain("train", *flags, f"--train_steps={step}", f"--model_dir={alone}")
+    assert metrics(model_dir)["weights_sha256"] == metrics(alone)["weights_sha256"]
