@@ -30,6 +30,8 @@ USAGE = """usage: tftrain <command> [flags]
 commands:
   train    train, evaluate and export a model (tftrain train --helpshort)
   launch   run a local cluster, one process per task (tftrain launch --helpshort)
+  plan     predict (and with --measure, time) every parallel mode for a run
+           (tftrain plan --helpshort)
 """
 
 
@@ -337,7 +339,7 @@ def _run_absl(main, define, command: str, argv: list[str]) -> None:
     own = argv[: argv.index("--")] if "--" in argv else argv
     asked = next((a for a in own if a.lstrip("-") in ("h", "help", "helpshort", "helpfull")), None)
     if asked:
-        tail = " [-- <train flags>]" if command == "launch" else ""
+        tail = " [-- <train flags>]" if command in ("launch", "plan") else ""
         print(f"usage: tftrain {command} [flags]{tail}\n")
         if command == "train":
             print(_show_defaults(flags.FLAGS, own) + "\n")
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``tftrain`` console command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        print("tftrain: error: expected a command: train or launch.\n", file=sys.stderr)
+        print("tftrain: error: expected a command: train, launch or plan.\n", file=sys.stderr)
         print(USAGE, end="", file=sys.stderr)
         sys.exit(2)
     if argv[0] in ("-h", "--help", "help"):
@@ -408,9 +410,13 @@ def main(argv: list[str] | None = None) -> None:
         from tftrain.distribute import launch
 
         _run_absl(launch.main, launch.define_flags, "launch", rest)
+    elif command == "plan":
+        from tftrain import plan
+
+        _run_absl(plan.main, plan.define_flags, "plan", rest)
     else:
         print(
-            f"tftrain: error: unknown command {command!r}: expected train or launch.\n",
+            f"tftrain: error: unknown command {command!r}: expected train, launch or plan.\n",
             file=sys.stderr,
         )
         print(USAGE, end="", file=sys.stderr)

@@ -576,19 +576,16 @@ class Span:
         self.node, self.node_rank, self.host = node, node_rank, host
 
 
-def check_train_argv(train_argv: list[str], spec: dict[str, list[str]]):
-    """The training flags checked as every task of ``spec`` will check them,
-    before any task starts; returns the config.
+def config_of_train_argv(train_argv: list[str]):
+    """The config that ``tftrain train`` would make of ``train_argv``.
 
     Raises:
-      ConfigError: the first thing a task would refuse.
+      ConfigError: a flag that is unknown or does not parse.
     """
     from absl import flags
 
     from tftrain import flagset
     from tftrain.config import ConfigError
-    from tftrain.distribute import base
-    from tftrain.distribute import cluster as cluster_lib
 
     values = flags.FlagValues()
     flagset.define_train_flags(values)
@@ -611,7 +608,20 @@ def check_train_argv(train_argv: list[str], spec: dict[str, list[str]]):
             raise ConfigError(
                 f"unknown training flag or argument {arg!r} (tftrain train --help lists them)."
             )
-    config = flagset.config_from_flags(values, loaded)
+    return flagset.config_from_flags(values, loaded)
+
+
+def check_train_argv(train_argv: list[str], spec: dict[str, list[str]]):
+    """The training flags checked as every task of ``spec`` will check them,
+    before any task starts; returns the config.
+
+    Raises:
+      ConfigError: the first thing a task would refuse.
+    """
+    from tftrain.distribute import base
+    from tftrain.distribute import cluster as cluster_lib
+
+    config = config_of_train_argv(train_argv)
     for task_type, index in tasks_of(spec):
         document = {"cluster": spec, "task": {"type": task_type, "index": index}}
         cluster = cluster_lib.parse_tf_config(json.dumps(document))

@@ -1,0 +1,217 @@
+"""tftrain plan: the cost model's directions on synthetic inputs, the
+cluster spec, and the command as a user runs it."""
+
+import json
+import math
+import os
+
+import pytest
+
+from tests.conftest import run_tftrain
+from tftrain import costmodel, plan
+
+# A CPU worker that needs 0.2 ms a step and 10 us an example on one core,
+# and half of that per example on two.
+COMPUTE = costmodel.Compute(((1, 2e-4, 1e-5), (2, 2e-4, 5e-6)))
+LAN = costmodel.Link(bandwidth=10e9 / 8, latency=50e-6)  # 10 Gbit/s
+
+
+def _links(network=LAN):
+    return costmodel.Links(ring=network, ring_call=0.0, grpc=network, ps_step=1e-3)
+
+
+def _cluster(workers, network=LAN, cores=2):
+    return costmodel.Cluster(workers, cores, network, local=False)
+
+
+def test_the_ring_and_the_bubble_are_the_textbook_formulas():
+    link = costmodel.Link(bandwidth=1e9, latency=1e-5)
+    # 2(N-1)/N x bytes / bandwidth + 2(N-1) x latency
+    assert costmodel.ring_seconds(8e6, 4, link) == pytest.approx(6 / 4 * 8e6 / 1e9 + 6 * 1e-5)
+    assert costmodel.ring_seconds(8e6, 1, link) == 0.0
+    assert costmodel.bubble_fraction(2, 1) == pytest.approx(0.5)
+    assert costmodel.bubble_fraction(4, 8) == pytest.approx(3 / 11)
+
+
+def test_compute_passes_through_what_was_measured_and_follows_amdahl_between():
+    compute = costmodel.Compute(((1, 1e-3, 4e-5), (4, 4e-4, 1.6e-5)))
+    assert compute.seconds(100, 1) == pytest.approx(1e-3 + 4e-3)
+    assert compute.seconds(100, 4) == pytest.approx(4e-4 + 1.6e-3)
+    between = [compute.seconds(100, c) for c in (1, 2, 3, 4, 8, 64)]
+    assert between == sorted(between, reverse=True)  # more cores: never slower
+    # Amdahl: a serial part remains however many cores.
+    assert compute.seconds(100, 10**6) > 0.2 * compute.seconds(100, 4)
+
+
+def test_all_reduce_beats_one_parameter_server_for_a_dense_model_as_workers_grow():
+    # A ResNet-50-sized dense model (25.6 M float32 parameters), 50 ms of compute a step.
+    model = costmodel.Model(parameter_bytes=4 * 25_600_000)
+    compute = costmodel.Compute(((8, 5e-3, 45e-3 / 256),))
+    gaps = []
+    for n in (2, 4, 8, 16, 32):
+        cluster = costmodel.Cluster(n, 8, LAN, local=False)
+        ring = costmodel.multi_worker(model, compute, 256 * n, cluster, _links(), "tcp")
+        ps = costmodel.parameter_server(model, compute, 256, cluster, _links(), 1)
+        gaps.append(ring.examples_per_second / ps.examples_per_second)
+    assert gaps == sorted(gaps) and gaps[-1] > 2, gaps
+    # One server's link bounds its updates a second: more workers add nothing.
+    ps_rates = [
+        costmodel.parameter_server(model, compute, 256, _cluster(n, cores=8), _links(), 1)
+        for n in (16, 32)
+    ]
+    assert ps_rates[0].bound == "ps bandwidth"
+    assert ps_rates[1].examples_per_second == pytest.approx(ps_rates[0].examples_per_second)
+
+
+def test_sharded_parameter_servers_help_a_sparse_embedding_model():
+    # 1 GB of embedding rows, of which a step touches 100 per example, and a
+    # small dense part: the servers move rows, the ring would move the table.
+    model = costmodel.Model(
+        parameter_bytes=(250_000_000 + 100_000) * 4,
+        embedding_bytes=250_000_000 * 4,
+        sparse_bytes_per_example=100 * 64 * 4,
+    )
+    compute = costmodel.Compute(((8, 2e-3, 1e-5),))
+    cluster = costmodel.Cluster(16, 8, LAN, local=False)
+    rates = [
+        costmodel.parameter_server(model, compute, 512, cluster, _links(), ps).examples_per_second
+        for ps in (1, 2, 4, 8)
+    ]
+    assert rates == sorted(rates) and rates[-1] > 2 * rates[0], rates
+    ring = costmodel.multi_worker(model, compute, 512 * 16, cluster, _links(), "tcp")
+    assert rates[-1] > 5 * ring.examples_per_second
+
+
+def test_the_pipeline_efficiency_rises_with_micro_batches_as_the_bubble_says():
+    # No fixed cost and nothing crossing the cut: efficiency is M / (M + K - 1).
+    compute = costmodel.Compute(((1, 0.0, 1e-4),))
+    model = costmodel.Model(parameter_bytes=10**6, stages={2: ((0.5, 0.5), (0.0,))})
+    cluster = costmodel.Cluster(2, 1, LAN, local=False)
+    ideal = 512 / compute.seconds(512, 1) * 2  # two stages, no bubble
+    for m in (1, 2, 4, 8, 16, 32):
+        p = costmodel.model_parallel(model, compute, 512, cluster, _links(), 2, m, False)
+        assert p.examples_per_second / ideal == pytest.approx(1 - costmodel.bubble_fraction(2, m))
+        assert p.bound == "pipeline bubble"
+
+
+def test_all_reduce_is_the_bound_below_the_batch_the_plan_names_and_compute_above():
+    model = costmodel.Model(parameter_bytes=4 * 10_000_000)
+    cluster = _cluster(8)
+    first = costmodel.multi_worker(model, COMPUTE, 64, cluster, _links(), "tcp")
+    edge = first.communication_bound_below_batch
+    assert edge and edge > 64
+    below = costmodel.multi_worker(model, COMPUTE, edge // 2, cluster, _links(), "tcp")
+    above = costmodel.multi_worker(model, COMPUTE, edge * 2, cluster, _links(), "tcp")
+    assert below.bound == "all-reduce" and above.bound == "compute"
+    assert above.examples_per_second > below.examples_per_second
+    # A faster network moves the edge down.
+    fast = costmodel.Link(bandwidth=100e9 / 8, latency=5e-6)
+    faster = costmodel.multi_worker(model, COMPUTE, 64, _cluster(8, fast), _links(fast), "tcp")
+    assert faster.communication_bound_below_batch < edge
+
+
+def test_the_input_pipeline_bounds_every_mode_it_is_slower_than():
+    model = costmodel.Model(parameter_bytes=10**5)
+    p = costmodel.one_device(model, COMPUTE, 256, _cluster(1), input_rate=1000.0)
+    assert p.bound == "input" and p.examples_per_second == 1000.0
+
+
+@pytest.mark.parametrize(
+    "spec, workers, cores, bandwidth, latency",
+    [
+        ("4xcpu:16,25Gbit/s,20us", 4, 16, 25e9 / 8, 20e-6),
+        ("8", 8, 2, 10e9 / 8, 50e-6),  # this machine's cores, the default network
+        ("2xcpu:4,1.25GB/s,0.2ms", 2, 4, 1.25e9, 2e-4),
+        ("3, 100Mbps", 3, 2, 100e6 / 8, 50e-6),
+    ],
+)
+def test_cluster_specs(spec, workers, cores, bandwidth, latency):
+    c = plan.parse_cluster(spec, cores=2)
+    assert (c.workers, c.cores_per_task, c.local) == (workers, cores, False)
+    assert c.network.bandwidth == pytest.approx(bandwidth)
+    assert c.network.latency == pytest.approx(latency)
+    assert plan.parse_cluster("local", cores=2).local
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--cluster=four"], "--cluster=four: expected 'local' or N[xcpu:C]"),
+        (["--cluster=4xgpu"], "devices other than CPU cores, such as 'gpu'"),
+        (["--cluster=0"], "expected at least 1 worker"),
+        (["--cluster=4,0Gbit/s"], "bandwidth '0Gbit/s': expected more than zero"),
+        (["--cluster=4,10Gbit/s,fast"], "latency 'fast': expected a number and a unit"),
+        (["--cluster=4xcpu:2", "--measure"], "--measure runs the modes on this machine"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_before_anything_runs(tmp_path, flags, said):
+    result = run_tftrain(
+        "plan",
+        *flags,
+        f"--output={tmp_path / 'plan.json'}",
+        "--",
+        "--experiment=fashion_mnist_mlp:smoke",
+        check=False,
+        timeout=120,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert said in lines[-1] and "Traceback" not in result.stderr, lines
+    assert not os.path.exists(tmp_path / "plan.json")
+
+
+def test_a_plan_without_a_run_to_plan_or_with_a_bad_training_flag_is_one_line(tmp_path):
+    for train in ([], ["--experiment=fashion_mnist_mlp:smoke", "--batch_size=lots"]):
+        result = run_tftrain("plan", "--", *train, check=False, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.slow
+def test_a_plan_of_a_user_run_ranks_every_mode_and_writes_plan_json(tmp_path):
+    out, logdir = tmp_path / "plan.json", tmp_path / "curves"
+    result = run_tftrain(
+        "plan",
+        "--cluster=4xcpu:8,25Gbit/s,20us",
+        f"--output={out}",
+        f"--logdir={logdir}",
+        "--",
+        "--experiment=fashion_mnist_mlp:smoke",
+        timeout=900,
+    )
+    document = json.loads(out.read_text())
+    modes = document["modes"]
+    names = [m["mode"] for m in modes]
+    for wanted in (
+        "one_device",
+        "multi_worker_mirrored (tcp ring) x4",
+        "parameter_server 4 workers, 1 ps",
+    ):
+        assert wanted in names, names
+    speeds = [m["predicted_examples_per_second"] for m in modes]
+    assert speeds == sorted(speeds, reverse=True) and all(s > 0 for s in speeds)
+    for m in modes:
+        assert {"mode", "flags", "predicted_examples_per_second", "bound"} <= set(m)
+        assert m["bound"] in (
+            "compute",
+            "all-reduce",
+            "ps bandwidth",
+            "ps traffic",
+            "pipeline bubble",
+            "activations",
+            "input",
+        )
+    best = modes[0]
+    assert best["command"] in result.stdout  # the command to paste
+    assert best["command"].startswith("tftrain ")
+    measured = document["measured_inputs"]
+    assert measured["parameter_bytes"] > 0 and measured["ring"]["bandwidth_bytes_per_second"] > 0
+    # The scaling curves: one TensorBoard scalar per mode and axis.
+    import tensorflow as tf
+
+    tags = set()
+    for name in os.listdir(logdir):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+            tags |= {v.tag for v in event.summary.value}
+    assert any(t.startswith("workers/") for t in tags) and any(t.startswith("batch/") for t in tags)
+    assert not math.isnan(best["predicted_step_seconds"])

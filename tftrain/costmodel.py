@@ -1,0 +1,329 @@
+"""What each parallel mode costs: the model behind ``tftrain plan``.
+
+The inputs are measured on this machine by ``tftrain.plan`` (compute per
+step, the links' bandwidth and latency) or given by the user (a cluster's
+size and network); nothing here runs TensorFlow, so each direction the
+model claims is tested on synthetic inputs (tests/test_plan.py). The
+formulas and their sources are in BUILD_NOTES.md ("tftrain plan").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute:
+    """Seconds of one training step on one task: ``overhead + batch x
+    per_example`` on ``cores`` cores, fitted from steps measured at two
+    batches for each core count in ``fits`` ((cores, overhead, per_example)).
+
+    Between and beyond the measured core counts each term follows Amdahl's
+    law, its serial fraction fitted from the smallest and largest counts
+    measured (one count: everything parallel)."""
+
+    fits: tuple[tuple[int, float, float], ...]
+
+    def seconds(self, batch: float, cores: float) -> float:
+        return self._term(1, cores) + batch * self._term(2, cores)
+
+    def _term(self, index: int, cores: float) -> float:
+        fits = sorted(self.fits)
+        for c, *terms in fits:
+            if math.isclose(c, cores):
+                return terms[index - 1]
+        low, high = fits[0], fits[-1]
+        at_one = low[index] * low[0]  # one core, if all of it were parallel
+        serial = 0.0
+        if high[0] > low[0]:
+            # t(c) = t1 (s + (1 - s) / c) through both measured points.
+            ratio = high[index] / low[index]
+            a, b = 1 / low[0], 1 / high[0]
+            serial = min(max((ratio * a - b) / ((1 - b) - ratio * (1 - a)), 0.0), 1.0)
+            at_one = low[index] / (serial + (1 - serial) * a)
+        return at_one * (serial + (1 - serial) / max(cores, 1e-9))
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """A path between two tasks: ``latency + bytes / bandwidth`` per message."""
+
+    bandwidth: float  # bytes/s
+    latency: float  # s
+
+    def seconds(self, nbytes: float, messages: float = 1) -> float:
+        return messages * self.latency + nbytes / self.bandwidth
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """What the modes move and hold, besides compute."""
+
+    parameter_bytes: int  # trainable variables: a dense gradient's bytes too
+    sparse_bytes_per_example: float = 0.0  # embedding rows a step's examples touch
+    embedding_bytes: int = 0  # of parameter_bytes, in embedding tables
+    optimizer_slots: int = 1  # values the optimizer keeps per parameter
+    activation_bytes_per_example: float = 0.0  # what the backward pass keeps
+    base_memory: int = 0  # a task's resident memory before its model's
+    # Pipeline: for K stages, each stage's share of the forward+backward
+    # time (as tftrain cuts the model) and the activation bytes per example
+    # crossing each cut.
+    stages: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """Where the tasks run. ``local``: all of them on this machine's
+    ``cores`` (each task gets its share); otherwise each worker has
+    ``cores_per_task`` cores of its own and ``network`` between tasks."""
+
+    workers: int
+    cores_per_task: float
+    network: Link
+    local: bool = True
+    cores: int = 0  # the machine's, when local
+
+
+@dataclasses.dataclass(frozen=True)
+class Links:
+    """What a step's communication goes through.
+
+    ``ring``: tftrain's TCP ring (bandwidth, latency per hop) plus ``ring_call``
+    seconds a step for entering it from the graph; ``grpc``: TensorFlow's
+    gRPC (a parameter server's reads and writes, its ring collectives, a
+    pipeline's transfers between processes), with ``ps_step`` the fixed
+    seconds a parameter-server update costs (dispatch, one read and one
+    write of every variable); ``grpc_pack`` the collectives' pack size."""
+
+    ring: Link
+    ring_call: float
+    grpc: Link
+    ps_step: float
+    grpc_pack: int = 256 << 10
+
+
+@dataclasses.dataclass
+class Prediction:
+    mode: str
+    flags: list[str]
+    launch: dict  # tftrain launch's own flags ({} for one process)
+    step_seconds: float
+    examples_per_second: float
+    bound: str  # compute, all-reduce, ps bandwidth, pipeline bubble, input
+    memory_per_task: int
+    communication_bound_below_batch: int | None = None
+    efficiency: float = 0.0  # examples/s against one_device's
+    parts: dict = dataclasses.field(default_factory=dict)
+
+
+def ring_seconds(nbytes: float, n: int, link: Link, messages_per_hop: int = 1) -> float:
+    """A ring all-reduce of ``nbytes`` over ``n`` tasks: 2(N-1) hops, each
+    moving a 1/N chunk (Patarasuk & Yuan 2009; Horovod, Sergeev & Del Balso
+    2018): 2(N-1)/N x bytes / bandwidth + 2(N-1) x latency."""
+    if n <= 1:
+        return 0.0
+    hops = 2 * (n - 1)
+    return hops * messages_per_hop * link.latency + hops / n * nbytes / link.bandwidth
+
+
+def bubble_fraction(stages: int, microbatches: int) -> float:
+    """GPipe's idle share (Huang et al. 2019): (K-1)/(M+K-1)."""
+    return (stages - 1) / (microbatches + stages - 1)
+
+
+def _memory(model: Model, batch: float, state_share: float = 1.0) -> int:
+    # Weights, gradients and the optimizer's slots, plus what the backward
+    # pass keeps for this task's examples.
+    state = model.parameter_bytes * (2 + model.optimizer_slots) * state_share
+    return int(model.base_memory + state + model.activation_bytes_per_example * batch)
+
+
+def _cores(cluster: Cluster, tasks_here: int) -> float:
+    if cluster.local:
+        return max(cluster.cores / max(tasks_here, 1), 1e-3)
+    return cluster.cores_per_task
+
+
+def _finish(p: Prediction, batch: int, input_rate: float | None) -> Prediction:
+    p.examples_per_second = batch / p.step_seconds
+    if input_rate and input_rate < p.examples_per_second:
+        p.examples_per_second = input_rate
+        p.step_seconds = batch / input_rate
+        p.bound = "input"
+    return p
+
+
+def one_device(model: Model, compute: Compute, batch: int, cluster: Cluster, input_rate=None):
+    cores = cluster.cores if cluster.local else cluster.cores_per_task
+    t = compute.seconds(batch, cores)
+    p = Prediction(
+        "one_device", ["--strategy=one_device"], {}, t, 0, "compute", _memory(model, batch)
+    )
+    p.parts = {"compute": t}
+    return _finish(p, batch, input_rate)
+
+
+def mirrored(model, compute, batch, cluster, replicas: int, input_rate=None):
+    """``replicas`` devices in one process; on CPU they are logical devices
+    sharing the cores, each replica with its share, side by side; the
+    all-reduce is in memory (its cost: one pass over the gradients each)."""
+    cores = (cluster.cores if cluster.local else cluster.cores_per_task) / replicas
+    t_compute = compute.seconds(batch / replicas, cores)
+    t_reduce = replicas * model.parameter_bytes / 10e9  # memory bandwidth, order of magnitude
+    p = Prediction(
+        f"mirrored x{replicas}",
+        ["--strategy=mirrored", f"--num_replicas={replicas}"],
+        {},
+        t_compute + t_reduce,
+        0,
+        "compute",
+        _memory(model, batch),
+    )
+    p.parts = {"compute": t_compute, "all-reduce": t_reduce}
+    return _finish(p, batch, input_rate)
+
+
+def multi_worker(model, compute, batch, cluster, links: Links, collective: str, input_rate=None):
+    """N workers, each computing B/N and then summing the gradients: the
+    step is compute + all-reduce (tftrain's ring waits for the whole
+    gradient; no overlap is assumed)."""
+    n = cluster.workers
+    cores = _cores(cluster, n)
+    per_worker = batch / n
+    t_compute = compute.seconds(per_worker, cores)
+    g = model.parameter_bytes
+    if collective == "tcp":
+        link = _slower(links.ring, cluster)
+        t_reduce = ring_seconds(g, n, link) + (links.ring_call if n > 1 else 0.0)
+        name, flags = "multi_worker_mirrored (tcp ring)", ["--collective=tcp"]
+    else:
+        link = _slower(links.grpc, cluster)
+        packs = max(math.ceil(g / links.grpc_pack), 1)
+        t_reduce = ring_seconds(g, n, link, messages_per_hop=packs)
+        name, flags = "multi_worker_mirrored (grpc)", ["--collective=grpc"]
+    p = Prediction(
+        f"{name} x{n}",
+        ["--strategy=multi_worker_mirrored", *flags],
+        {"num_workers": n},
+        t_compute + t_reduce,
+        0,
+        "all-reduce" if t_reduce > t_compute else "compute",
+        _memory(model, per_worker),
+    )
+    p.parts = {"compute": t_compute, "all-reduce": t_reduce}
+    # Below this global batch the all-reduce takes longer than the compute.
+    fixed = compute.seconds(0, cores)
+    slope = compute.seconds(1, cores) - fixed
+    if n > 1 and slope > 0:
+        p.communication_bound_below_batch = max(int(math.ceil(n * (t_reduce - fixed) / slope)), 0)
+    return _finish(p, batch, input_rate)
+
+
+def _slower(link: Link, cluster: Cluster) -> Link:
+    """The link a local measurement gives, limited by the cluster's network."""
+    if cluster.local:
+        return link
+    net = cluster.network
+    return Link(min(link.bandwidth, net.bandwidth), max(link.latency, net.latency))
+
+
+def parameter_server(model, compute, batch, cluster, links: Links, ps: int, input_rate=None):
+    """Asynchronous SGD: each worker reads the variables, computes a step of
+    the global batch and writes its update, on its own. A worker's step:
+    compute + the fixed cost of an update + its bytes both ways (dense
+    variables whole, embedding tables only the rows its examples touch),
+    spread over ``ps`` servers; each server's link carries every worker's
+    share, which bounds the updates a second (Dean et al. 2012; Li et al.
+    2014)."""
+    w = cluster.workers
+    # Locally the chief and the parameter servers are tasks too, but they
+    # mostly wait: the workers get the cores.
+    cores = _cores(cluster, w)
+    dense = model.parameter_bytes - model.embedding_bytes
+    sparse = min(model.sparse_bytes_per_example * batch, model.embedding_bytes)
+    moved = 2 * (dense + sparse)  # read and write
+    link = _slower(links.grpc, cluster)
+    t_compute = compute.seconds(batch, cores)
+    t_comm = links.ps_step + link.seconds(moved / ps if not cluster.local else moved, 0)
+    t_worker = t_compute + t_comm
+    # What the servers' links allow: every update crosses them once.
+    ps_rate = ps * link.bandwidth / max(moved, 1)
+    updates = min(w / t_worker, ps_rate)
+    bound = (
+        "ps bandwidth"
+        if ps_rate < w / t_worker
+        else ("ps traffic" if t_comm > t_compute else "compute")
+    )
+    p = Prediction(
+        f"parameter_server {w} workers, {ps} ps",
+        ["--strategy=parameter_server"],
+        {"num_workers": w, "num_ps": ps},
+        1 / updates,
+        0,
+        bound,
+        _memory(model, batch),
+    )
+    p.parts = {"compute": t_compute, "ps traffic": t_comm, "updates/s": updates}
+    fixed = compute.seconds(0, cores)
+    slope = compute.seconds(1, cores) - fixed
+    if slope > 0:
+        p.communication_bound_below_batch = max(int(math.ceil((t_comm - fixed) / slope)), 0)
+    return _finish(p, batch, input_rate)
+
+
+def model_parallel(
+    model,
+    compute,
+    batch,
+    cluster,
+    links: Links,
+    stages: int,
+    microbatches: int,
+    processes: bool,
+    input_rate=None,
+):
+    """A GPipe pipeline: K stages, M micro-batches. The step is (M+K-1) slots
+    of the slowest stage's micro-batch (its share of the layers' time at
+    B/M, and of the step's fixed cost), plus each cut's activations and
+    their gradients for each micro-batch, over gRPC between processes (in
+    memory within one).
+
+    Stages in one process on this machine's CPU (logical devices) share its
+    cores: no stage has hardware of its own, so the step also takes at least
+    all of its work done on all the cores, the fixed cost once per
+    micro-batch (M x fixed + B x per example)."""
+    # A model whose cut was not measured: equal stages, nothing crossing.
+    parts, crossing = model.stages.get(stages, ((1 / stages,) * stages, (0.0,) * (stages - 1)))
+    k = len(parts)
+    shared = cluster.local and not processes
+    cores = cluster.cores if shared else _cores(cluster, k)
+    mb = batch / microbatches
+    fixed = compute.seconds(0, cores)
+    per_example = compute.seconds(1, cores) - fixed
+    slot = max(fixed / k + mb * per_example * share for share in parts)
+    transfer = 0.0
+    if processes:
+        link = _slower(links.grpc, cluster)
+        for per_example_bytes in crossing:
+            # Activations forward, their gradients back.
+            transfer += 2 * link.seconds(per_example_bytes * mb)
+    t = (microbatches + k - 1) * (slot + transfer)
+    bubble = bubble_fraction(k, microbatches)
+    bound = "pipeline bubble" if bubble * t > transfer * (microbatches + k - 1) else "activations"
+    work = microbatches * fixed + batch * per_example
+    if shared and work > t:
+        t, bound = work, "compute"
+    where = "launched" if processes else "one process"
+    p = Prediction(
+        f"model_parallel {k} stages, {microbatches} micro-batches ({where})",
+        ["--strategy=model_parallel", f"--num_microbatches={microbatches}"]
+        + ([] if processes else [f"--num_stages={k}"]),
+        {"num_workers": k} if processes else {},
+        t,
+        0,
+        bound,
+        _memory(model, mb * (microbatches + k - 1), state_share=1 / k),
+    )
+    p.parts = {"slot": slot, "transfer": transfer, "bubble": bubble}
+    return _finish(p, batch, input_rate)

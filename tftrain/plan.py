@@ -1,0 +1,619 @@
+"""``tftrain plan``: which parallel mode for this model on this cluster.
+
+It measures on this machine what it can (a training step's time at two
+batches on all the cores and on each task's share of them, the model's
+bytes and its pipeline cuts, tftrain's TCP ring and a parameter-server
+update over gRPC on loopback), takes the rest from ``--cluster``, predicts
+every mode with ``tftrain.costmodel``, and prints them ranked by
+examples/s with the command of the best. ``--measure`` then runs each mode
+this machine can run, as ``tftrain train`` or ``tftrain launch`` would, and
+prints the measured speed beside the predicted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+from tftrain import costmodel
+from tftrain.config import ConfigError
+
+_UNITS = {
+    "bit/s": 1 / 8,
+    "bps": 1 / 8,
+    "b/s": 1,
+    "byte/s": 1,
+    "bytes/s": 1,
+}
+_PREFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_LATENCY = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
+DEFAULT_NETWORK = "10Gbit/s,50us"
+
+
+def define_flags(flag_values) -> None:
+    from absl import flags
+
+    flags.DEFINE_string(
+        "cluster",
+        "local",
+        "where the run would go: 'local' (this machine's cores shared by its tasks), or "
+        "'N[xcpu:C][,BANDWIDTH][,LATENCY]': N workers of C cores each (default: this "
+        f"machine's count) joined by a network ({DEFAULT_NETWORK} unless given), e.g. "
+        "4xcpu:16,25Gbit/s,20us",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "max_ps",
+        2,
+        "parameter-server rows for 1 to this many servers",
+        lower_bound=1,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_bool(
+        "measure",
+        False,
+        "also run each mode this machine can run for a short stretch (launched as a real run "
+        "would be) and print measured against predicted",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_float(
+        "measure_secs",
+        20.0,
+        "seconds of training each measured mode gets (about)",
+        lower_bound=1.0,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "output", "plan.json", "where the plan goes (JSON)", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "logdir",
+        "",
+        "write the predicted scaling curves (examples/s against workers and against the "
+        "global batch) as TensorBoard scalars here",
+        flag_values=flag_values,
+    )
+
+
+# -- the cluster --------------------------------------------------------------
+
+
+def parse_bandwidth(text: str) -> float:
+    m = re.fullmatch(
+        r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?)(bit/s|bps|b/s|byte/s|bytes/s)\s*", text, re.I
+    )
+    if not m:
+        raise ConfigError(
+            f"bandwidth {text!r}: expected a number and a unit, e.g. 10Gbit/s, 1.25GB/s, 100Mbps."
+        )
+    unit = m.group(3)
+    per = _UNITS["bit/s"] if unit.lower() in ("bit/s", "bps") or unit == "b/s" else 1
+    if unit == "B/s" or unit.lower() in ("byte/s", "bytes/s"):
+        per = 1
+    value = float(m.group(1)) * _PREFIX[m.group(2).lower()] * per
+    if value <= 0:
+        raise ConfigError(f"bandwidth {text!r}: expected more than zero.")
+    return value
+
+
+def parse_latency(text: str) -> float:
+    m = re.fullmatch(r"\s*([0-9.]+(?:e-?[0-9]+)?)\s*(ns|us|µs|ms|s)\s*", text)
+    if not m:
+        raise ConfigError(f"latency {text!r}: expected a number and a unit, e.g. 50us, 0.2ms.")
+    return float(m.group(1)) * _LATENCY[m.group(2)]
+
+
+def parse_cluster(text: str, cores: int) -> costmodel.Cluster:
+    """``local`` or ``N[xcpu:C][,BANDWIDTH][,LATENCY]``.
+
+    Raises:
+      ConfigError: a spec that does not parse, in one line.
+    """
+    text = text.strip()
+    if text == "local":
+        return costmodel.Cluster(
+            workers=max(cores, 2),
+            cores_per_task=cores,
+            network=costmodel.Link(1e12, 0),
+            cores=cores,
+        )
+    head, *rest = [p.strip() for p in text.split(",")]
+    m = re.fullmatch(r"(\d+)\s*(?:x\s*(?:cpu:(\d+)|(\w+.*)))?", head)
+    if not m or m.group(3):
+        said = (
+            f"--cluster={text}: expected 'local' or N[xcpu:C][,BANDWIDTH][,LATENCY], "
+            "e.g. 4xcpu:16,25Gbit/s,20us"
+        )
+        if m and m.group(3):
+            said += (
+                f" (devices other than CPU cores, such as {m.group(3)!r}, cannot be measured here)"
+            )
+        raise ConfigError(said + ".")
+    workers, per = int(m.group(1)), int(m.group(2) or cores)
+    if workers < 1 or per < 1:
+        raise ConfigError(f"--cluster={text}: expected at least 1 worker of at least 1 core.")
+    if len(rest) > 2:
+        raise ConfigError(f"--cluster={text}: expected at most a bandwidth and a latency after N.")
+    bandwidth_text, latency_text = (rest + [None, None])[:2]
+    default_bw, default_lat = DEFAULT_NETWORK.split(",")
+    return costmodel.Cluster(
+        workers=workers,
+        cores_per_task=per,
+        network=costmodel.Link(
+            parse_bandwidth(bandwidth_text or default_bw),
+            parse_latency(latency_text or default_lat),
+        ),
+        local=False,
+    )
+
+
+# -- measurements ---------------------------------------------------------------
+
+
+def _python(args: list[str], timeout: float, env=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ if env is None else env, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CONFIG", None) if "TF_CONFIG" not in (env or {}) else None
+    return subprocess.run(
+        [sys.executable, "-m", "tftrain.plan_probe", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def _probe(kind: str, request: dict, timeout: float = 1800, env=None) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        ask, answer = os.path.join(folder, "request.json"), os.path.join(folder, "result.json")
+        with open(ask, "w") as f:
+            json.dump(request, f)
+        done = _python([kind, ask, answer], timeout, env)
+        if not os.path.exists(answer):
+            tail = "\n".join((done.stderr or "").strip().splitlines()[-15:])
+            raise RuntimeError(f"the {kind} measurement failed:\n{tail}")
+        with open(answer) as f:
+            return json.load(f)
+
+
+def measure_compute(train_argv, config, cores: int, stages, microbatches, log) -> tuple:
+    """(Compute, model dict, memory) from steps at the global batch and half of
+    it, on all of ``cores`` and on half of them."""
+    batch = config.batch_size
+    batches = sorted({batch, max(batch // 2, 1)})
+    counts = sorted({cores, max(cores // 2, 1)}, reverse=True)
+    fits, model, memory = [], None, {}
+    for c in counts:
+        log(f"measuring training steps at batches {batches} on {c} core(s)...")
+        got = _probe(
+            "compute",
+            {
+                "train_argv": train_argv,
+                "threads": c,
+                "batches": batches,
+                "profile": model is None,
+                "stages": stages,
+                "microbatches": {str(k): m for k, m in microbatches.items()},
+            },
+        )
+        model = model or got.get("model")
+        memory = memory or {"base": got["base_memory"], "peak": got["peak_memory"]}
+        seconds = {int(b): 1 / s for b, s in got["steps_per_second"].items()}
+        if len(batches) == 1:
+            b = batches[0]
+            fits.append((c, 0.0, seconds[b] / b))
+        else:
+            lo, hi = batches
+            slope = (seconds[hi] - seconds[lo]) / (hi - lo)
+            if slope <= 0 or seconds[hi] - slope * hi < 0:
+                # Noise larger than the batch's effect: all of it per example.
+                fits.append((c, 0.0, seconds[hi] / hi))
+            else:
+                fits.append((c, seconds[hi] - slope * hi, slope))
+    return costmodel.Compute(tuple(fits)), model, memory
+
+
+def measure_ring(nbytes: int, log) -> costmodel.Link:
+    """tftrain's TCP ring between 2 processes on loopback, at 4 KiB and at
+    ``nbytes``: latency per hop and bandwidth."""
+    from tftrain.distribute import launch
+
+    log("measuring tftrain's TCP ring on loopback...")
+    ports = [int(a.rsplit(":", 1)[1]) for a in launch.free_cluster_spec(2)["worker"]]
+    small, large = 4096, max(int(nbytes), 8192)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tftrain.plan_probe",
+                "ring",
+                str(rank),
+                *map(str, ports),
+                str(small),
+                str(large),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in range(2)
+    ]
+    out = [p.communicate(timeout=300) for p in procs]
+    if not out[0][0].strip():
+        raise RuntimeError(f"the ring measurement failed:\n{out[0][1][-2000:]}")
+    t = json.loads(out[0][0].strip().splitlines()[-1])
+    t_small, t_large = t[str(small)], t[str(large)]
+    # Two workers: 2 hops, each of half the bytes (costmodel.ring_seconds).
+    per_byte = max((t_large - t_small) / (large - small), 1e-13)
+    return costmodel.Link(bandwidth=1 / per_byte, latency=max(t_small - small * per_byte, 0) / 2)
+
+
+def measure_grpc(shapes: list, log) -> tuple[costmodel.Link, float]:
+    """A parameter-server update through TensorFlow's gRPC on loopback: a
+    chief (here, in a probe), a worker and a ps. Returns the link (bandwidth
+    from the bytes an update moves) and the fixed seconds of an update."""
+    from tftrain.distribute import launch
+
+    log("measuring a parameter-server update over gRPC on loopback...")
+    spec = launch.free_cluster_spec(1)
+    spec = {
+        "chief": [spec["worker"][0]],
+        **{k: [a] for k, a in zip(("worker", "ps"), launch.free_cluster_spec(2)["worker"])},
+    }
+    servers = []
+    code = (
+        "import os, json, tensorflow as tf\n"
+        "c = tf.distribute.cluster_resolver.TFConfigClusterResolver()\n"
+        "tf.distribute.Server(c.cluster_spec(), job_name=c.task_type, task_index=c.task_id,"
+        " protocol='grpc', start=True).join()\n"
+    )
+    try:
+        for role in ("worker", "ps"):
+            env = dict(
+                os.environ,
+                TF_CPP_MIN_LOG_LEVEL="2",
+                TF_CONFIG=json.dumps({"cluster": spec, "task": {"type": role, "index": 0}}),
+            )
+            servers.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        env = dict(
+            os.environ,
+            TF_CONFIG=json.dumps({"cluster": spec, "task": {"type": "chief", "index": 0}}),
+        )
+        t = _probe("grpc", {"shapes": shapes}, timeout=600, env=env)
+    finally:
+        for s in servers:
+            s.kill()
+            s.wait()
+    moved = 2 * sum(4 * math.prod(s) for s in shapes)  # read and write, float32
+    per_byte = max((t["full"] - t["tiny"]) / max(moved, 1), 1e-13)
+    return costmodel.Link(1 / per_byte, t["tiny"] / max(2 * len(shapes), 1)), t["tiny"]
+
+
+# -- predictions ----------------------------------------------------------------
+
+
+def predictions(model, compute, batch, cluster, links, max_ps: int, stages, microbatches):
+    rows = [costmodel.one_device(model, compute, batch, cluster)]
+    if cluster.local and cluster.cores >= 2:
+        rows.append(costmodel.mirrored(model, compute, batch, cluster, 2))
+    n = cluster.workers
+    if n >= 2:
+        for collective in ("tcp", "grpc"):
+            rows.append(costmodel.multi_worker(model, compute, batch, cluster, links, collective))
+        for ps in range(1, max_ps + 1):
+            rows.append(costmodel.parameter_server(model, compute, batch, cluster, links, ps))
+    for k in stages:
+        if k > max(n, 1) and not cluster.local:
+            continue
+        for processes in (False, True) if cluster.local else (True,):
+            rows.append(
+                costmodel.model_parallel(
+                    model, compute, batch, cluster, links, k, microbatches[k], processes
+                )
+            )
+    base = rows[0].examples_per_second
+    for r in rows:
+        r.efficiency = r.examples_per_second / base
+    return sorted(rows, key=lambda r: -r.examples_per_second)
+
+
+def _model_of(profile: dict, memory: dict, batch: int) -> tuple[costmodel.Model, dict]:
+    # The probe's peak memory at the global batch, less what the model adds,
+    # is a task's base: TensorFlow, the data, the runtime.
+    stage_info = profile.get("stages", {})
+    model = costmodel.Model(
+        parameter_bytes=profile["parameter_bytes"],
+        sparse_bytes_per_example=profile["sparse_bytes_per_example"],
+        embedding_bytes=profile["embedding_bytes"],
+        optimizer_slots=profile["optimizer_slots"],
+        activation_bytes_per_example=profile["activation_bytes_per_example"],
+        base_memory=max(
+            memory["peak"]
+            - profile["parameter_bytes"] * (2 + profile["optimizer_slots"])
+            - profile["activation_bytes_per_example"] * batch,
+            0,
+        ),
+        stages={
+            int(k): (tuple(v["shares"]), tuple(v["cut_bytes_per_example"]))
+            for k, v in stage_info.items()
+        },
+    )
+    return model, stage_info
+
+
+# -- output ---------------------------------------------------------------------
+
+
+def command_of(p: costmodel.Prediction, train_argv: list[str]) -> str:
+    own = [
+        a
+        for a in train_argv
+        if not a.startswith(
+            (
+                "--strategy=",
+                "--num_replicas=",
+                "--collective=",
+                "--num_microbatches=",
+                "--num_stages=",
+            )
+        )
+    ]
+    if p.launch:
+        head = ["tftrain", "launch", *(f"--{k}={v}" for k, v in p.launch.items()), "--"]
+    else:
+        head = ["tftrain", "train"]
+    return " ".join([*head, *own, *p.flags])
+
+
+def table(rows, measured: dict | None) -> str:
+    lines = []
+    head = f"{'mode':<58}{'examples/s':>12}{'vs one':>8}  {'bound':<16}{'memory/task':>12}"
+    if measured:
+        head += f"{'measured':>12}{'error':>8}"
+    lines.append(head)
+    for r in rows:
+        line = (
+            f"{r.mode:<58}{r.examples_per_second:>12,.0f}{r.efficiency:>8.2f}  {r.bound:<16}"
+            f"{r.memory_per_task / 2**20:>9,.0f} MiB"
+        )
+        if measured:
+            got = measured.get(r.mode)
+            if got:
+                line += f"{got:>12,.0f}{(r.examples_per_second - got) / got:>+8.0%}"
+            else:
+                line += f"{'-':>12}{'':>8}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write_curves(logdir, model, compute, batch, cluster, links, max_ps, log) -> None:
+    """examples/s against workers (1 to 4x the cluster's, at this batch) and
+    against the global batch (at the cluster's workers), one scalar tag per
+    mode: TensorBoard draws the curves."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(logdir)
+    with writer.as_default():
+        for n in range(1, max(4 * cluster.workers, 8) + 1):
+            c = dataclasses.replace(cluster, workers=n)
+            for p in (
+                costmodel.multi_worker(model, compute, batch, c, links, "tcp"),
+                *(
+                    costmodel.parameter_server(model, compute, batch, c, links, ps)
+                    for ps in range(1, max_ps + 1)
+                ),
+            ):
+                tf.summary.scalar(f"workers/{_tag(p.mode)}", p.examples_per_second, step=n)
+        b = 8
+        while b <= 64 * batch:
+            for p in (
+                costmodel.one_device(model, compute, b, cluster),
+                costmodel.multi_worker(model, compute, b, cluster, links, "tcp"),
+                costmodel.parameter_server(model, compute, b, cluster, links, 1),
+            ):
+                tf.summary.scalar(f"batch/{_tag(p.mode)}", p.examples_per_second, step=b)
+            b *= 2
+    writer.close()
+    log(f"Scaling curves: tensorboard --logdir={logdir}")
+
+
+def _tag(mode: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", "_", re.sub(r"\b\d+\b", "N", mode)).strip("_")
+
+
+# -- --measure -------------------------------------------------------------------
+
+
+def runnable_here(p: costmodel.Prediction, cores: int) -> bool:
+    return True  # every row of a local cluster is a run this machine can start
+
+
+def measure_mode(p, train_argv, config, seconds: float, log) -> float | None:
+    """Steady-state examples/s of the mode run for about ``seconds``."""
+    steps_per_second = p.examples_per_second / config.batch_size
+    loop = int(min(max(round(steps_per_second * 0.5), 2), config.steps_per_loop or 100))
+    steps = loop * (1 + max(math.ceil(seconds * steps_per_second / loop), 2))
+    with tempfile.TemporaryDirectory() as model_dir:
+        own = [
+            *[
+                a
+                for a in train_argv
+                if not a.startswith(("--model_dir=", "--train_steps=", "--steps_per_loop="))
+            ],
+            f"--model_dir={model_dir}",
+            f"--train_steps={steps}",
+            f"--steps_per_loop={loop}",
+            f"--eval_interval={10**9}",
+            f"--checkpoint_interval={10**9}",
+            f"--max_eval_examples={config.eval_batch_size or config.batch_size}",
+            "--noexport",
+        ]
+        command = command_of(p, own).split()[1:]
+        log(f"measuring {p.mode}: {steps} steps...")
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        env.pop("TF_CONFIG", None)
+        done = subprocess.run(
+            [sys.executable, "-m", "tftrain", *command],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=max(600, 20 * seconds),
+        )
+        try:
+            with open(os.path.join(model_dir, "metrics.json")) as f:
+                return json.load(f)["examples_per_second"]
+        except (OSError, KeyError, ValueError):
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            log(f"  {p.mode} did not finish: {tail[0]}")
+            return None
+
+
+# -- the command ------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    from tftrain import resources
+    from tftrain.cli import _quiet_tensorflow
+    from tftrain.distribute import launch
+    from tftrain.errors import UserCodeError
+    from tftrain.flagset import fail as _fail
+    from tftrain.flagset import user_code_failed
+
+    _quiet_tensorflow()
+    fv = flags.FLAGS
+    train_argv = list(argv[1:])
+    if not any(a.startswith("--experiment=") for a in train_argv):
+        _fail(
+            "expected the run to plan: tftrain plan [flags] -- --experiment=NAME [training flags]."
+        )
+    if not any(a.startswith("--model_dir=") for a in train_argv):
+        # Measurements use folders of their own; the command printed needs one.
+        named = next(a for a in train_argv if a.startswith("--experiment="))
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(named.split("=", 1)[1]))
+        train_argv.append(f"--model_dir=runs/{name.removesuffix('.py')}")
+    cores = resources.usable_cores()
+    try:
+        cluster = parse_cluster(fv.cluster, cores)
+        config = launch.config_of_train_argv(train_argv)
+    except UserCodeError as e:
+        user_code_failed(e)
+    except ConfigError as e:
+        _fail(str(e))
+    if fv.measure and not cluster.local:
+        _fail("--measure runs the modes on this machine: use it with --cluster=local.")
+    log = print
+    batch = config.batch_size
+    k_values = [k for k in (2,) if k <= max(cluster.workers, 2)]
+    # As model_parallel would split the batch: --num_microbatches, or its default.
+    microbatches = {
+        k: config.replace(strategy="model_parallel", num_stages=k).microbatches for k in k_values
+    }
+    start = time.time()
+    try:
+        compute, profile, memory = measure_compute(
+            train_argv, config, cores, k_values, microbatches, log
+        )
+        model, _ = _model_of(profile, memory, batch)
+        links = costmodel.Links(
+            ring=measure_ring(model.parameter_bytes, log),
+            ring_call=profile["ring_call_seconds"],
+            grpc=costmodel.Link(1e9, 1e-4),
+            ps_step=0.0,
+        )
+        grpc, ps_step = measure_grpc(profile["variable_shapes"], log)
+        links = costmodel.Links(links.ring, links.ring_call, grpc, ps_step)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        _fail(f"a measurement failed: {e}")
+    rows = predictions(model, compute, batch, cluster, links, fv.max_ps, k_values, microbatches)
+    measured = {}
+    if fv.measure:
+        for p in rows:
+            got = measure_mode(p, train_argv, config, fv.measure_secs, log)
+            if got:
+                measured[p.mode] = got
+    where = (
+        "this machine"
+        if cluster.local
+        else f"{cluster.workers} workers of {cluster.cores_per_task:g} cores"
+    )
+    print(
+        f"\nPlan for {config.experiment or config.model} at global batch {batch} on {where} "
+        f"(measured in {time.time() - start:.0f} s on {cores} core(s)):\n"
+    )
+    print(table(rows, measured))
+    best = rows[0]
+    print(
+        f"\nBest predicted: {best.mode}, {best.examples_per_second:,.0f} examples/s "
+        f"({best.bound}-bound):"
+    )
+    print("  " + command_of(best, train_argv))
+    if measured:
+        fastest = max(measured, key=measured.get)
+        print(f"Fastest measured: {fastest}, {measured[fastest]:,.0f} examples/s.")
+    document = {
+        "experiment": config.experiment,
+        "global_batch": batch,
+        "cluster": fv.cluster,
+        "cores": cores,
+        "measured_inputs": {
+            "compute": [
+                {"cores": c, "step_overhead_seconds": o, "seconds_per_example": e}
+                for c, o, e in compute.fits
+            ],
+            "parameter_bytes": model.parameter_bytes,
+            "ring": {
+                "bandwidth_bytes_per_second": links.ring.bandwidth,
+                "latency_seconds": links.ring.latency,
+            },
+            "grpc": {
+                "bandwidth_bytes_per_second": links.grpc.bandwidth,
+                "latency_seconds": links.grpc.latency,
+                "ps_update_seconds": links.ps_step,
+            },
+        },
+        "modes": [
+            {
+                "mode": p.mode,
+                "flags": p.flags,
+                "launch": p.launch,
+                "command": command_of(p, train_argv),
+                "predicted_examples_per_second": p.examples_per_second,
+                "predicted_step_seconds": p.step_seconds,
+                "efficiency": p.efficiency,
+                "bound": p.bound,
+                "memory_per_task_bytes": p.memory_per_task,
+                "communication_bound_below_batch": p.communication_bound_below_batch,
+                "parts": p.parts,
+                **({"measured_examples_per_second": measured.get(p.mode)} if fv.measure else {}),
+            }
+            for p in rows
+        ],
+    }
+    from tftrain import fileio
+
+    try:
+        fileio.write_text_atomically(fv.output, json.dumps(document, indent=1) + "\n")
+    except OSError as e:
+        _fail(f"--output={fv.output}: cannot write it ({e.strerror or e}).")
+    print(f"Plan written to {fv.output}.")
+    if fv.logdir:
+        write_curves(fv.logdir, model, compute, batch, cluster, links, fv.max_ps, log)

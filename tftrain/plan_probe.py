@@ -1,0 +1,255 @@
+"""The measurements behind ``tftrain plan``, each in a process of its own
+(TensorFlow's thread pools are sized once per process).
+
+    python -m tftrain.plan_probe compute REQUEST.json RESULT.json
+    python -m tftrain.plan_probe ring RANK PORT0 PORT1 NBYTES... (no TensorFlow)
+    python -m tftrain.plan_probe grpc REQUEST.json RESULT.json
+
+``compute``: steps of the real trainer (``tftrain.train``, one device) at
+each batch of the request, on this process's threads; the model's bytes,
+layers and cuts. ``grpc``: updates of variables shaped like the model's on
+a parameter server through a ``ClusterCoordinator``, as parameter-server
+training makes them. ``ring``: tftrain's TCP ring on NumPy buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+
+SLOTS = {"sgd": 0, "momentum": 1, "adagrad": 1, "adam": 2, "rmsprop": 2}
+
+
+def _config(train_argv):
+    from tftrain.distribute import launch
+
+    return launch.config_of_train_argv(train_argv)
+
+
+def _rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _steps_per_second(config, batch: int, target: float) -> float:
+    """Training steps a second at ``batch``: steady state (tftrain leaves the
+    first loop, which traces, out of examples/s)."""
+    import tftrain
+
+    def run(loop: int, loops: int) -> float:
+        with tempfile.TemporaryDirectory() as model_dir:
+            result = tftrain.train(
+                config,
+                strategy="one_device",
+                batch_size=batch,
+                train_steps=loop * loops,
+                steps_per_loop=loop,
+                eval_interval=10**9,
+                checkpoint_interval=10**9,
+                max_eval_examples=config.eval_batch_size or batch,
+                log_interval_secs=10**6,
+                export=False,
+                model_dir=model_dir,
+            )
+        return result["examples_per_second"] / batch
+
+    rough = run(2, 2)
+    loop = int(min(max(round(0.5 * rough), 2), config.steps_per_loop or 100))
+    loops = 1 + max(math.ceil(target * rough / loop), 1)
+    if loops * loop <= 4:
+        return rough
+    return run(loop, loops)
+
+
+def _bytes(variable) -> int:
+    import numpy as np
+
+    return math.prod(variable.shape) * np.dtype(variable.dtype).itemsize
+
+
+def _ring_call_seconds(shapes) -> float:
+    """What entering tftrain's ring from the graph costs a step, the network
+    aside: the gradients through ``tf.numpy_function`` and copied once (a
+    ring of one)."""
+    import statistics
+
+    import tensorflow as tf
+
+    from tftrain.distribute.ring import RingAllReduce
+
+    alone = RingAllReduce(0, 1, timeout=10)
+    gradients = [tf.ones(s) for s in shapes]
+    call = tf.function(lambda: alone.reduce_in_graph(gradients))
+    call()
+    times = []
+    for _ in range(21):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _model_profile(config, stages: list[int], microbatches: dict) -> dict:
+    import keras
+
+    from tftrain import _internal, pipeline
+    from tftrain.tasks import call_user, from_config
+
+    task = from_config(config)
+    model = call_user("build_model", task.build_model, config)
+    variables = model.trainable_variables
+    parameter_bytes = sum(_bytes(v) for v in variables)
+    embedding_bytes, sparse = 0, 0.0
+    activations = 0.0
+    for layer in _internal.all_layers(model):
+        if isinstance(layer, keras.layers.Embedding):
+            embedding_bytes += sum(_bytes(v) for v in layer.trainable_variables)
+            rows = (
+                math.prod(d or 1 for d in layer.input.shape[1:]) if hasattr(layer, "input") else 1
+            )
+            sparse += rows * layer.output_dim * 4
+        try:
+            shape = layer.output.shape
+        except (AttributeError, ValueError):
+            continue
+        if (
+            isinstance(shape, (list, tuple))
+            and shape
+            and not isinstance(shape[0], (int, type(None)))
+        ):
+            continue
+        activations += 4 * math.prod(d or 1 for d in shape[1:])
+    cuts = {}
+    try:
+        layers = pipeline.segments(model)
+    except Exception:  # noqa: BLE001 - a model that cannot be cut: no pipeline rows
+        layers = []
+    for k in stages:
+        if len(layers) < k:
+            continue
+        micro = max(config.batch_size // microbatches[str(k)], 1)
+        kind, costs = pipeline.layer_costs(
+            layers, model.inputs[0].shape[1:], model.inputs[0].dtype, micro, "time"
+        )
+        bounds = pipeline.partition(costs, k, holds=[bool(la.weights) for la in layers])
+        total = sum(costs)
+        shares = [sum(costs[a:b]) / total for a, b in zip(bounds, bounds[1:])]
+        crossing = []
+        for b in bounds[1:-1]:
+            out = layers[b - 1].output
+            crossing.append(4 * math.prod(d or 1 for d in out.shape[1:]))
+        cuts[str(k)] = {"shares": shares, "cut_bytes_per_example": crossing, "balance": kind}
+    return {
+        "ring_call_seconds": _ring_call_seconds([list(v.shape) for v in variables]),
+        "parameter_bytes": int(parameter_bytes),
+        "variable_shapes": [list(v.shape) for v in variables],
+        "embedding_bytes": int(embedding_bytes),
+        "sparse_bytes_per_example": sparse,
+        "activation_bytes_per_example": 2 * activations,  # outputs and their gradients
+        "optimizer_slots": SLOTS.get(config.optimizer, 1),
+        "stages": cuts,
+    }
+
+
+def compute(request: dict) -> dict:
+    config = _config(request["train_argv"])
+    config = config.replace(intra_op_threads=request["threads"], inter_op_threads=0)
+    base = _rss()
+    result = {"threads": request["threads"], "steps_per_second": {}}
+    for batch in request["batches"]:
+        result["steps_per_second"][str(batch)] = _steps_per_second(
+            config, batch, request.get("seconds", 2.0)
+        )
+    if request.get("profile"):
+        result["model"] = _model_profile(config, request["stages"], request["microbatches"])
+    result["base_memory"] = base
+    result["peak_memory"] = _rss()
+    return result
+
+
+def ring(rank: int, ports: list[int], sizes: list[int]) -> None:
+    import numpy as np
+
+    from tftrain.distribute.ring import RingAllReduce
+
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})
+    r = RingAllReduce(rank, 2, timeout=60)
+    r.listen("127.0.0.1", ports[rank])
+    time.sleep(0.5)  # both listening before either connects
+    r.connect([("127.0.0.1", p) for p in ports])
+    timings = {}
+    for size in sizes:
+        values = np.ones(max(size // 4, 1), np.float32)
+        for _ in range(10):
+            r.all_reduce([values])
+        repeats = max(20, min(2000, int(0.5e9 / max(size, 1))))
+        start = time.perf_counter()
+        for _ in range(repeats):
+            r.all_reduce([values])
+        timings[str(size)] = (time.perf_counter() - start) / repeats
+    if rank == 0:
+        print(json.dumps(timings), flush=True)
+
+
+def _update_of(variables):
+    import tensorflow as tf
+
+    @tf.function
+    def update():
+        for v in variables:  # read each, write each: what an update moves
+            v.assign_add(v.read_value() * 0.0 + 1e-3)
+        return tf.constant(0)
+
+    return update
+
+
+def grpc(request: dict) -> dict:
+    """Seconds per parameter-server update of variables of ``shapes`` (and of
+    as many one-value variables): the chief here, a worker and a ps in the
+    cluster of the request's TF_CONFIG."""
+    import tensorflow as tf
+
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    strategy = tf.distribute.experimental.ParameterServerStrategy(resolver)
+    coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    timings = {}
+    for name, shapes in (("full", request["shapes"]), ("tiny", [[1]] * len(request["shapes"]))):
+        with strategy.scope():
+            variables = [tf.Variable(tf.zeros(s)) for s in shapes]
+
+        update = _update_of(variables)
+
+        for _ in range(5):
+            coordinator.schedule(update)
+        coordinator.join()
+        repeats = request.get("repeats", 50)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            coordinator.schedule(update)
+        coordinator.join()
+        timings[name] = (time.perf_counter() - start) / repeats
+    return timings
+
+
+def main(argv: list[str]) -> None:
+    kind = argv[1]
+    if kind == "ring":
+        rank, ports, sizes = int(argv[2]), [int(argv[3]), int(argv[4])], [int(a) for a in argv[5:]]
+        ring(rank, ports, sizes)
+        return
+    with open(argv[2]) as f:
+        request = json.load(f)
+    result = compute(request) if kind == "compute" else grpc(request)
+    with open(argv[3], "w") as f:
+        json.dump(result, f)
+    sys.stdout.flush()
+    os._exit(0)  # TensorFlow's server threads never end on their own
+
+
+if __name__ == "__main__":
+    main(sys.argv)
