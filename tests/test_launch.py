@@ -111,6 +111,8 @@ def test_tfjob_manifest_of_a_parameter_server_cluster_with_an_evaluator():
         (["--job_name=My_Job", "--", "--model_dir=gs://b/r"], "--job_name='My_Job'"),
         (["--", "--strategy=one_device", "--model_dir=gs://b/r"], "one_device runs in one process"),
         (["--task_memory=lots", "--", "--model_dir=gs://b/r"], "--task_memory='lots'"),
+        (["--task_cpu=0", "--", "--model_dir=gs://b/r"], "--task_cpu='0': expected more than"),
+        (["--task_memory=0Gi", "--", "--model_dir=gs://b/r"], "--task_memory='0Gi': expected"),
         (["--", "--model_dir=gs://b/r", "--no_such_flag=1"], "no_such_flag"),
         (["--", "--model_dir=gs://b/r", "--batch_size=99"], "--batch_size=99 does not split"),
     ],

@@ -202,7 +202,11 @@ def measure_compute(train_argv, config, cores: int, stages, microbatches, log) -
             },
         )
         model = model or got.get("model")
-        memory = memory or {"base": got["base_memory"], "peak": got["peak_memory"]}
+        memory = memory or {
+            "base": got["base_memory"],
+            "peak": got["peak_memory"],
+            "input": got.get("input_examples_per_second"),
+        }
         seconds = {int(b): 1 / s for b, s in got["steps_per_second"].items()}
         if len(batches) == 1:
             b = batches[0]
@@ -307,23 +311,45 @@ def measure_grpc(shapes: list, log) -> tuple[costmodel.Link, float]:
 # -- predictions ----------------------------------------------------------------
 
 
-def predictions(model, compute, batch, cluster, links, max_ps: int, stages, microbatches):
-    rows = [costmodel.one_device(model, compute, batch, cluster)]
+def predictions(
+    model,
+    compute,
+    batch,
+    cluster,
+    links,
+    max_ps: int,
+    stages,
+    microbatches,
+    input_rate=None,
+    cores: int = 1,
+):
+    """Every mode that applies, fastest first. ``input_rate``: examples/s
+    the training stream gives on this machine's ``cores`` (a remote worker
+    reads in proportion to its cores; every worker reads)."""
+    one_rate = all_rate = input_rate
+    if input_rate and not cluster.local:
+        one_rate = input_rate * cluster.cores_per_task / max(cores, 1)
+        all_rate = one_rate * cluster.workers
+    rows = [costmodel.one_device(model, compute, batch, cluster, one_rate)]
     if cluster.local and cluster.cores >= 2:
-        rows.append(costmodel.mirrored(model, compute, batch, cluster, 2))
+        rows.append(costmodel.mirrored(model, compute, batch, cluster, 2, one_rate))
     n = cluster.workers
     if n >= 2:
         for collective in ("tcp", "grpc"):
-            rows.append(costmodel.multi_worker(model, compute, batch, cluster, links, collective))
+            rows.append(
+                costmodel.multi_worker(model, compute, batch, cluster, links, collective, all_rate)
+            )
         for ps in range(1, max_ps + 1):
-            rows.append(costmodel.parameter_server(model, compute, batch, cluster, links, ps))
+            rows.append(
+                costmodel.parameter_server(model, compute, batch, cluster, links, ps, all_rate)
+            )
     for k in stages:
         if k > max(n, 1) and not cluster.local:
             continue
         for processes in (False, True) if cluster.local else (True,):
             rows.append(
                 costmodel.model_parallel(
-                    model, compute, batch, cluster, links, k, microbatches[k], processes
+                    model, compute, batch, cluster, links, k, microbatches[k], processes, one_rate
                 )
             )
     base = rows[0].examples_per_second
@@ -543,7 +569,18 @@ def main(argv: list[str]) -> None:
         links = costmodel.Links(links.ring, links.ring_call, grpc, ps_step)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         _fail(f"a measurement failed: {e}")
-    rows = predictions(model, compute, batch, cluster, links, fv.max_ps, k_values, microbatches)
+    rows = predictions(
+        model,
+        compute,
+        batch,
+        cluster,
+        links,
+        fv.max_ps,
+        k_values,
+        microbatches,
+        input_rate=memory.get("input"),
+        cores=cores,
+    )
     measured = {}
     if fv.measure:
         for p in rows:
@@ -580,6 +617,8 @@ def main(argv: list[str]) -> None:
                 for c, o, e in compute.fits
             ],
             "parameter_bytes": model.parameter_bytes,
+            "input_examples_per_second": memory.get("input"),
+            "ring_call_seconds": links.ring_call,
             "ring": {
                 "bandwidth_bytes_per_second": links.ring.bandwidth,
                 "latency_seconds": links.ring.latency,

@@ -71,6 +71,21 @@ def _bytes(variable) -> int:
     return math.prod(variable.shape) * np.dtype(variable.dtype).itemsize
 
 
+def _input_rate(config, seconds: float = 1.0) -> float:
+    """Examples a second the task's training stream gives, read alone."""
+    from tftrain import inputs
+    from tftrain.tasks import from_config
+
+    stream = iter(inputs.stream(from_config(config), config, training=True)())
+    for _ in range(3):  # start-up: the first batches fill the prefetch
+        next(stream)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        next(stream)
+        count += 1
+    return count * config.batch_size / (time.perf_counter() - start)
+
+
 def _ring_call_seconds(shapes) -> float:
     """What entering tftrain's ring from the graph costs a step, the network
     aside: the gradients through ``tf.numpy_function`` and copied once (a
@@ -166,6 +181,7 @@ def compute(request: dict) -> dict:
         )
     if request.get("profile"):
         result["model"] = _model_profile(config, request["stages"], request["microbatches"])
+        result["input_examples_per_second"] = _input_rate(config)
     result["base_memory"] = base
     result["peak_memory"] = _rss()
     return result

@@ -123,6 +123,10 @@ def check_for_kubernetes(
             raise ConfigError(
                 f"--{name}={value!r}: expected a Kubernetes quantity (e.g. 2, 500m, 4Gi)."
             )
+        if float(_QUANTITY.match(value).group(0).rstrip("mKiMGTk") or 0) == 0:
+            # A request of nothing is a pod the scheduler places anywhere,
+            # and a memory limit of nothing one the kernel kills at once.
+            raise ConfigError(f"--{name}={value!r}: expected more than zero.")
     if gpus:
         print(
             f"[launch] note: --task_gpus={gpus}: the image must hold TensorFlow with CUDA "
