@@ -24,9 +24,21 @@ class Compute:
     measured (one count: everything parallel)."""
 
     fits: tuple[tuple[int, float, float], ...]
+    # (cores, seconds): what each micro-batch past the first adds to a step
+    # (measured with --num_microbatches on one device); none measured: the
+    # step's whole fixed cost.
+    microbatch: tuple[tuple[int, float], ...] = ()
 
     def seconds(self, batch: float, cores: float) -> float:
         return self._term(1, cores) + batch * self._term(2, cores)
+
+    def microbatch_seconds(self, cores: float) -> float:
+        fixed = self.seconds(0, cores)
+        if not self.microbatch:
+            return fixed
+        near = min(self.microbatch, key=lambda cm: abs(cm[0] - cores))
+        # Scaled as the step's fixed cost scales between core counts.
+        return near[1] * fixed / max(self.seconds(0, near[0]), 1e-12)
 
     def _term(self, index: int, cores: float) -> float:
         fits = sorted(self.fits)
@@ -101,6 +113,12 @@ class Links:
     grpc: Link
     ps_step: float
     grpc_pack: int = 256 << 10
+    # A request and its answer between two processes (a pipeline's stage
+    # waits for its input so); the per-message latency is grpc's.
+    grpc_round_trip: float = 0.0
+    # This machine: (workers, ps) -> seconds per update with that many
+    # workers updating at once and no compute (the servers share the cores).
+    local_ps: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -245,14 +263,23 @@ def parameter_server(model, compute, batch, cluster, links: Links, ps: int, inpu
     moved = 2 * (dense + sparse)  # read and write
     link = _slower(links.grpc, cluster)
     t_compute = compute.seconds(batch, cores)
-    t_comm = links.ps_step + link.seconds(moved / ps if not cluster.local else moved, 0)
-    t_worker = t_compute + t_comm
-    # What the servers' links allow: every update crosses them once.
-    ps_rate = ps * link.bandwidth / max(moved, 1)
-    updates = min(w / t_worker, ps_rate)
+    shared = links.local_ps.get((w, ps)) if cluster.local else None
+    if shared is not None:
+        # One machine: the servers, the chief and the workers share its
+        # cores. An update costs the updates' traffic measured with every
+        # worker updating at once, plus W steps of compute on all the cores:
+        # fitted to this machine's runs, not derived (BUILD_NOTES.md).
+        t_comm = shared
+        updates = 1 / (shared + w * compute.seconds(batch, cluster.cores))
+        ps_rate = math.inf
+    else:
+        t_comm = links.ps_step + link.seconds(moved / ps, 0)
+        # What the servers' links allow: every update crosses them once.
+        ps_rate = ps * link.bandwidth / max(moved, 1)
+        updates = min(w / (t_compute + t_comm), ps_rate)
     bound = (
         "ps bandwidth"
-        if ps_rate < w / t_worker
+        if ps_rate <= updates * 1.0001
         else ("ps traffic" if t_comm > t_compute else "compute")
     )
     p = Prediction(
@@ -301,17 +328,24 @@ def model_parallel(
     mb = batch / microbatches
     fixed = compute.seconds(0, cores)
     per_example = compute.seconds(1, cores) - fixed
-    slot = max(fixed / k + mb * per_example * share for share in parts)
+    each = compute.microbatch_seconds(cores)
+    # A stage's micro-batch: its share of the layers' work and of what a
+    # micro-batch costs whatever its size; once a step, the update's fixed
+    # cost, split between the stages.
+    slot = max(each * share + mb * per_example * share for share in parts)
+    once = max(fixed - each, 0.0) / k
     transfer = 0.0
     if processes:
         link = _slower(links.grpc, cluster)
+        wait = max(links.grpc_round_trip, 2 * link.latency)
         for per_example_bytes in crossing:
-            # Activations forward, their gradients back.
-            transfer += 2 * link.seconds(per_example_bytes * mb)
-    t = (microbatches + k - 1) * (slot + transfer)
+            # Activations forward, their gradients back, each received on
+            # request.
+            transfer += wait + 2 * per_example_bytes * mb / link.bandwidth
+    t = (microbatches + k - 1) * (slot + transfer) + once
     bubble = bubble_fraction(k, microbatches)
     bound = "pipeline bubble" if bubble * t > transfer * (microbatches + k - 1) else "activations"
-    work = microbatches * fixed + batch * per_example
+    work = fixed + (microbatches - 1) * each + batch * per_example
     if shared and work > t:
         t, bound = work, "compute"
     where = "launched" if processes else "one process"

@@ -187,7 +187,7 @@ def measure_compute(train_argv, config, cores: int, stages, microbatches, log) -
     batch = config.batch_size
     batches = sorted({batch, max(batch // 2, 1)})
     counts = sorted({cores, max(cores // 2, 1)}, reverse=True)
-    fits, model, memory = [], None, {}
+    fits, micro, model, memory = [], [], None, {}
     for c in counts:
         log(f"measuring training steps at batches {batches} on {c} core(s)...")
         got = _probe(
@@ -219,7 +219,11 @@ def measure_compute(train_argv, config, cores: int, stages, microbatches, log) -
                 fits.append((c, 0.0, seconds[hi] / hi))
             else:
                 fits.append((c, seconds[hi] - slope * hi, slope))
-    return costmodel.Compute(tuple(fits)), model, memory
+        for m, rate in got.get("microbatched_steps_per_second", {}).items():
+            # What each micro-batch past the first added to the step.
+            extra = (1 / rate - seconds[batch]) / (int(m) - 1)
+            micro.append((c, max(extra, 0.0)))
+    return costmodel.Compute(tuple(fits), tuple(micro)), model, memory
 
 
 def measure_ring(nbytes: int, log) -> costmodel.Link:
@@ -260,17 +264,25 @@ def measure_ring(nbytes: int, log) -> costmodel.Link:
     return costmodel.Link(bandwidth=1 / per_byte, latency=max(t_small - small * per_byte, 0) / 2)
 
 
-def measure_grpc(shapes: list, log) -> tuple[costmodel.Link, float]:
-    """A parameter-server update through TensorFlow's gRPC on loopback: a
-    chief (here, in a probe), a worker and a ps. Returns the link (bandwidth
-    from the bytes an update moves) and the fixed seconds of an update."""
+def measure_grpc(
+    shapes: list, train_argv: list, log, workers: int = 1, ps: int = 1, steps_per_loop: int = 10
+) -> dict:
+    """Parameter-server updates through TensorFlow's gRPC on loopback, the
+    ``workers`` updating at once, no compute: a chief (here, in a probe),
+    the workers and ``ps`` servers. Returns seconds per update of the
+    model's variables (``full``) and of as many one-value ones (``tiny``),
+    and one round trip to a server."""
     from tftrain.distribute import launch
 
-    log("measuring a parameter-server update over gRPC on loopback...")
-    spec = launch.free_cluster_spec(1)
+    log(
+        f"measuring parameter-server updates over gRPC on loopback ({workers} worker(s), "
+        f"{ps} ps)..."
+    )
+    addresses = launch.free_cluster_spec(1 + workers + ps)["worker"]
     spec = {
-        "chief": [spec["worker"][0]],
-        **{k: [a] for k, a in zip(("worker", "ps"), launch.free_cluster_spec(2)["worker"])},
+        "chief": addresses[:1],
+        "worker": addresses[1 : 1 + workers],
+        "ps": addresses[1 + workers :],
     }
     servers = []
     code = (
@@ -281,31 +293,39 @@ def measure_grpc(shapes: list, log) -> tuple[costmodel.Link, float]:
     )
     try:
         for role in ("worker", "ps"):
-            env = dict(
-                os.environ,
-                TF_CPP_MIN_LOG_LEVEL="2",
-                TF_CONFIG=json.dumps({"cluster": spec, "task": {"type": role, "index": 0}}),
-            )
-            servers.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", code],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+            for index in range(len(spec[role])):
+                env = dict(
+                    os.environ,
+                    TF_CPP_MIN_LOG_LEVEL="2",
+                    TF_CONFIG=json.dumps({"cluster": spec, "task": {"type": role, "index": index}}),
                 )
-            )
+                servers.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", code],
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
         env = dict(
             os.environ,
             TF_CONFIG=json.dumps({"cluster": spec, "task": {"type": "chief", "index": 0}}),
         )
-        t = _probe("grpc", {"shapes": shapes}, timeout=600, env=env)
+        request = {"shapes": shapes, "steps_per_loop": steps_per_loop, "train_argv": train_argv}
+        return _probe("grpc", request, timeout=600, env=env)
     finally:
         for s in servers:
             s.kill()
             s.wait()
-    moved = 2 * sum(4 * math.prod(s) for s in shapes)  # read and write, float32
-    per_byte = max((t["full"] - t["tiny"]) / max(moved, 1), 1e-13)
-    return costmodel.Link(1 / per_byte, t["tiny"] / max(2 * len(shapes), 1)), t["tiny"]
+
+
+def grpc_link(timings: dict, shapes: list) -> costmodel.Link:
+    """gRPC's bandwidth, from the bytes one update moves (each variable read
+    and written), and its latency per message: a one-value update's time
+    over its messages (a read and a write of each variable)."""
+    moved = 2 * sum(4 * math.prod(s) for s in shapes)
+    per_byte = max((timings["full"] - timings["tiny"]) / max(moved, 1), 1e-13)
+    return costmodel.Link(1 / per_byte, timings["tiny"] / max(2 * len(shapes), 1))
 
 
 # -- predictions ----------------------------------------------------------------
@@ -559,14 +579,22 @@ def main(argv: list[str]) -> None:
             train_argv, config, cores, k_values, microbatches, log
         )
         model, _ = _model_of(profile, memory, batch)
+        shapes = profile["variable_shapes"]
+        loop = config.steps_per_loop or 100
+        one = measure_grpc(shapes, train_argv, log, 1, 1, loop)
+        local_ps = {}
+        if cluster.local:
+            for ps in range(1, fv.max_ps + 1):
+                got = measure_grpc(shapes, train_argv, log, cluster.workers, ps, loop)
+                local_ps[(cluster.workers, ps)] = got["full"]
         links = costmodel.Links(
             ring=measure_ring(model.parameter_bytes, log),
             ring_call=profile["ring_call_seconds"],
-            grpc=costmodel.Link(1e9, 1e-4),
-            ps_step=0.0,
+            grpc=grpc_link(one, shapes),
+            ps_step=one["tiny"],
+            grpc_round_trip=one["round_trip"],
+            local_ps=local_ps,
         )
-        grpc, ps_step = measure_grpc(profile["variable_shapes"], log)
-        links = costmodel.Links(links.ring, links.ring_call, grpc, ps_step)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         _fail(f"a measurement failed: {e}")
     rows = predictions(
@@ -627,6 +655,10 @@ def main(argv: list[str]) -> None:
                 "bandwidth_bytes_per_second": links.grpc.bandwidth,
                 "latency_seconds": links.grpc.latency,
                 "ps_update_seconds": links.ps_step,
+                "round_trip_seconds": links.grpc_round_trip,
+                "ps_updates_here_seconds": {
+                    f"{w} workers, {p} ps": t for (w, p), t in links.local_ps.items()
+                },
             },
         },
         "modes": [

@@ -35,9 +35,10 @@ def _rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _steps_per_second(config, batch: int, target: float) -> float:
-    """Training steps a second at ``batch``: steady state (tftrain leaves the
-    first loop, which traces, out of examples/s)."""
+def _steps_per_second(config, batch: int, target: float, microbatches: int = 1) -> float:
+    """Training steps a second at ``batch`` (in ``microbatches`` micro-batches):
+    steady state (tftrain leaves the first loop, which traces, out of
+    examples/s)."""
     import tftrain
 
     def run(loop: int, loops: int) -> float:
@@ -46,6 +47,7 @@ def _steps_per_second(config, batch: int, target: float) -> float:
                 config,
                 strategy="one_device",
                 batch_size=batch,
+                num_microbatches=microbatches,
                 train_steps=loop * loops,
                 steps_per_loop=loop,
                 eval_interval=10**9,
@@ -179,6 +181,12 @@ def compute(request: dict) -> dict:
         result["steps_per_second"][str(batch)] = _steps_per_second(
             config, batch, request.get("seconds", 2.0)
         )
+    # The global batch in micro-batches, as a pipeline would split it.
+    result["microbatched_steps_per_second"] = {
+        str(m): _steps_per_second(config, config.batch_size, request.get("seconds", 2.0), m)
+        for m in sorted(set(request["microbatches"].values()))
+        if m > 1
+    }
     if request.get("profile"):
         result["model"] = _model_profile(config, request["stages"], request["microbatches"])
         result["input_examples_per_second"] = _input_rate(config)
@@ -212,13 +220,20 @@ def ring(rank: int, ports: list[int], sizes: list[int]) -> None:
         print(json.dumps(timings), flush=True)
 
 
-def _update_of(variables):
+def _update_of(strategy, variables, optimizer):
     import tensorflow as tf
 
+    def step():
+        gradients = [v.read_value() * 0.0 + 1e-3 for v in variables]
+        optimizer.apply_gradients(zip(gradients, variables))
+
     @tf.function
-    def update():
-        for v in variables:  # read each, write each: what an update moves
-            v.assign_add(v.read_value() * 0.0 + 1e-3)
+    def update(steps):
+        # As tftrain's parameter-server loop: one scheduled function runs a
+        # loop of steps; each reads every variable and applies the run's
+        # optimizer to a gradient of each (the servers hold its slots).
+        for _ in tf.range(steps):
+            strategy.run(step)
         return tf.constant(0)
 
     return update
@@ -226,29 +241,47 @@ def _update_of(variables):
 
 def grpc(request: dict) -> dict:
     """Seconds per parameter-server update of variables of ``shapes`` (and of
-    as many one-value variables): the chief here, a worker and a ps in the
-    cluster of the request's TF_CONFIG."""
+    as many one-value variables), with the cluster's workers updating at
+    once, and one round trip to a server: the chief here, the workers and
+    servers of the request's TF_CONFIG."""
+    import statistics
+
     import tensorflow as tf
 
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     strategy = tf.distribute.experimental.ParameterServerStrategy(resolver)
     coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    workers = len(resolver.cluster_spec().as_dict()["worker"])
     timings = {}
+    from tftrain import optimizers
+
+    config = _config(request["train_argv"])
     for name, shapes in (("full", request["shapes"]), ("tiny", [[1]] * len(request["shapes"]))):
         with strategy.scope():
             variables = [tf.Variable(tf.zeros(s)) for s in shapes]
+            optimizer = optimizers.from_config(config, 100, 10**6)
+            optimizer.build(variables)
 
-        update = _update_of(variables)
+        update = _update_of(strategy, variables, optimizer)
 
-        for _ in range(5):
-            coordinator.schedule(update)
+        loop = tf.constant(request.get("steps_per_loop", 10), tf.int64)
+        for _ in range(2 * workers):
+            coordinator.schedule(update, args=(loop,))
         coordinator.join()
-        repeats = request.get("repeats", 50)
+        repeats = request.get("repeats", 10) * workers
         start = time.perf_counter()
         for _ in range(repeats):
-            coordinator.schedule(update)
+            coordinator.schedule(update, args=(loop,))
         coordinator.join()
-        timings[name] = (time.perf_counter() - start) / repeats
+        timings[name] = (time.perf_counter() - start) / repeats / int(loop)
+    with strategy.scope():
+        one = tf.Variable([0.0])
+    trips = []
+    for _ in range(101):
+        start = time.perf_counter()
+        one.read_value().numpy()
+        trips.append(time.perf_counter() - start)
+    timings["round_trip"] = statistics.median(trips[1:])
     return timings
 
 
