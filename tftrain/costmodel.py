@@ -266,11 +266,11 @@ def parameter_server(model, compute, batch, cluster, links: Links, ps: int, inpu
     shared = links.local_ps.get((w, ps)) if cluster.local else None
     if shared is not None:
         # One machine: the servers, the chief and the workers share its
-        # cores. An update costs the updates' traffic measured with every
-        # worker updating at once, plus W steps of compute on all the cores:
-        # fitted to this machine's runs, not derived (BUILD_NOTES.md).
+        # cores, and the traffic of the workers updating at once is measured
+        # so; an update costs that and a worker's step on its share of the
+        # cores, one after the other (BUILD_NOTES.md: how close it comes).
         t_comm = shared
-        updates = 1 / (shared + w * compute.seconds(batch, cluster.cores))
+        updates = 1 / (shared + t_compute)
         ps_rate = math.inf
     else:
         t_comm = links.ps_step + link.seconds(moved / ps, 0)
