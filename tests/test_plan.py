@@ -215,3 +215,25 @@ def test_a_plan_of_a_user_run_ranks_every_mode_and_writes_plan_json(tmp_path):
             tags |= {v.tag for v in event.summary.value}
     assert any(t.startswith("workers/") for t in tags) and any(t.startswith("batch/") for t in tags)
     assert not math.isnan(best["predicted_step_seconds"])
+
+
+@pytest.mark.slow
+@pytest.mark.long  # about 2 minutes: every mode started for real
+def test_measure_runs_every_mode_here_and_records_what_it_measured(tmp_path):
+    out = tmp_path / "plan.json"
+    result = run_tftrain(
+        "plan",
+        "--measure",
+        "--measure_secs=1",
+        "--max_ps=1",
+        f"--output={out}",
+        "--",
+        "--experiment=fashion_mnist_mlp:smoke",
+        timeout=1200,
+    )
+    modes = json.loads(out.read_text())["modes"]
+    assert len(modes) == 7, [m["mode"] for m in modes]
+    for m in modes:
+        assert m["measured_examples_per_second"] and m["measured_examples_per_second"] > 0, m
+        assert m["mode"] in result.stdout
+    assert "Fastest measured: " in result.stdout
