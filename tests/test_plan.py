@@ -1,6 +1,7 @@
 """tftrain plan: the cost model's directions on synthetic inputs, the
 cluster spec, and the command as a user runs it."""
 
+import dataclasses
 import json
 import math
 import os
@@ -237,3 +238,17 @@ def test_measure_runs_every_mode_here_and_records_what_it_measured(tmp_path):
         assert m["measured_examples_per_second"] and m["measured_examples_per_second"] > 0, m
         assert m["mode"] in result.stdout
     assert "Fastest measured: " in result.stdout
+
+
+def test_a_model_that_cannot_be_cut_gets_no_pipeline_rows():
+    cut = costmodel.Model(parameter_bytes=10**6, stages={2: ((0.5, 0.5), (4096.0,))})
+    uncut = dataclasses.replace(cut, stages={})
+    cluster = plan.parse_cluster("local", cores=2)
+
+    def modes(model):
+        rows = plan.predictions(model, COMPUTE, 256, cluster, _links(), 1, [2], {2: 4})
+        return [r.mode for r in rows]
+
+    assert sum(m.startswith("model_parallel") for m in modes(cut)) == 2
+    assert not [m for m in modes(uncut) if m.startswith("model_parallel")]
+    assert "one_device" in modes(uncut)

@@ -372,8 +372,8 @@ def predictions(
                 costmodel.parameter_server(model, compute, batch, cluster, links, ps, all_rate)
             )
     for k in stages:
-        if k > max(n, 1) and not cluster.local:
-            continue
+        if k not in model.stages or (k > max(n, 1) and not cluster.local):
+            continue  # a model model_parallel cannot cut so (said by the caller)
         for processes in (False, True) if cluster.local else (True,):
             rows.append(
                 costmodel.model_parallel(
@@ -605,6 +605,8 @@ def main(argv: list[str]) -> None:
         )
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         _fail(f"a measurement failed: {e}")
+    if profile.get("cannot_cut"):
+        log(f"No model_parallel rows: {profile['cannot_cut']}")
     rows = predictions(
         model,
         compute,

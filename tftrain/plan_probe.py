@@ -140,11 +140,11 @@ def _model_profile(config, stages: list[int], microbatches: dict) -> dict:
         ):
             continue
         activations += 4 * math.prod(d or 1 for d in shape[1:])
-    cuts = {}
+    cuts, uncut = {}, None
     try:
         layers = pipeline.segments(model)
-    except Exception:  # noqa: BLE001 - a model that cannot be cut: no pipeline rows
-        layers = []
+    except Exception as e:  # noqa: BLE001 - a model that cannot be cut: no pipeline rows
+        layers, uncut = [], str(e).splitlines()[0] if str(e) else type(e).__name__
     for k in stages:
         if len(layers) < k:
             continue
@@ -160,7 +160,10 @@ def _model_profile(config, stages: list[int], microbatches: dict) -> dict:
             out = layers[b - 1].output
             crossing.append(4 * math.prod(d or 1 for d in out.shape[1:]))
         cuts[str(k)] = {"shares": shares, "cut_bytes_per_example": crossing, "balance": kind}
+    if uncut is None and any(len(layers) < k for k in stages):
+        uncut = f"{model.name} can be cut into at most {len(layers)} piece(s)"
     return {
+        "cannot_cut": uncut,
         "ring_call_seconds": _ring_call_seconds([list(v.shape) for v in variables]),
         "parameter_bytes": int(parameter_bytes),
         "variable_shapes": [list(v.shape) for v in variables],
