@@ -587,7 +587,7 @@ def main(argv: list[str]) -> None:
             train_argv, config, cores, k_values, microbatches, log
         )
         model, _ = _model_of(profile, memory, batch)
-        shapes = profile["variable_shapes"]
+        shapes = profile["variable_shapes"] or [[1]]
         loop = config.steps_per_loop or 100
         one = measure_grpc(shapes, train_argv, log, 1, 1, loop)
         local_ps = {}

@@ -118,6 +118,12 @@ def _model_profile(config, stages: list[int], microbatches: dict) -> dict:
 
     task = from_config(config)
     model = call_user("build_model", task.build_model, config)
+    if not model.built or not model.trainable_variables:
+        # A subclassed model makes its variables when first called.
+        from tftrain import inputs
+
+        features = inputs.first_batch(task, config)[0]
+        call_user(f"{type(model).__name__}.call", model, features)
     variables = model.trainable_variables
     parameter_bytes = sum(_bytes(v) for v in variables)
     embedding_bytes, sparse = 0, 0.0
