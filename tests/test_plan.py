@@ -168,8 +168,42 @@ def test_a_plan_without_a_run_to_plan_or_with_a_bad_training_flag_is_one_line(tm
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+SUBCLASSED = """
+import keras, numpy as np, tensorflow as tf, tftrain
+
+class Net(keras.Model):  # subclassed: no graph before it runs, nothing to cut
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(64, activation="relu")
+        self.out = keras.layers.Dense(10)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+class Mine(tftrain.Task):
+    def build_model(self, config):
+        return Net()
+
+    def build_inputs(self, config, context, training):
+        rng = np.random.default_rng(0)
+        ds = tf.data.Dataset.from_tensor_slices(
+            (rng.random((512, 32), np.float32), rng.integers(0, 10, 512)))
+        return ds.batch(context.get_per_replica_batch_size(config.batch_size), drop_remainder=True)
+
+    def build_loss(self, config):
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+def get_config(variant=None):
+    return tftrain.ExperimentConfig(task=Mine, batch_size=64, train_steps=100)
+"""
+
+
 @pytest.mark.slow
 def test_a_plan_of_a_user_run_ranks_every_mode_and_writes_plan_json(tmp_path):
+    # A user's subclassed model: its variables exist only once it is called,
+    # and model_parallel cannot cut it (the plan says so, with no such row).
+    experiment = tmp_path / "mine.py"
+    experiment.write_text(SUBCLASSED)
     out, logdir = tmp_path / "plan.json", tmp_path / "curves"
     result = run_tftrain(
         "plan",
@@ -177,7 +211,7 @@ def test_a_plan_of_a_user_run_ranks_every_mode_and_writes_plan_json(tmp_path):
         f"--output={out}",
         f"--logdir={logdir}",
         "--",
-        "--experiment=fashion_mnist_mlp:smoke",
+        f"--experiment={experiment}",
         timeout=900,
     )
     document = json.loads(out.read_text())
@@ -189,6 +223,8 @@ def test_a_plan_of_a_user_run_ranks_every_mode_and_writes_plan_json(tmp_path):
         "parameter_server 4 workers, 1 ps",
     ):
         assert wanted in names, names
+    assert not [n for n in names if n.startswith("model_parallel")], names
+    assert "No model_parallel rows: " in result.stdout and "subclassed" in result.stdout
     speeds = [m["predicted_examples_per_second"] for m in modes]
     assert speeds == sorted(speeds, reverse=True) and all(s > 0 for s in speeds)
     for m in modes:
@@ -206,7 +242,9 @@ def test_a_plan_of_a_user_run_ranks_every_mode_and_writes_plan_json(tmp_path):
     assert best["command"] in result.stdout  # the command to paste
     assert best["command"].startswith("tftrain ")
     measured = document["measured_inputs"]
-    assert measured["parameter_bytes"] > 0 and measured["ring"]["bandwidth_bytes_per_second"] > 0
+    # 32x64 + 64 + 64x10 + 10 float32 parameters, counted once the model ran.
+    assert measured["parameter_bytes"] == 4 * (32 * 64 + 64 + 64 * 10 + 10)
+    assert measured["ring"]["bandwidth_bytes_per_second"] > 0
     # The scaling curves: one TensorBoard scalar per mode and axis.
     import tensorflow as tf
 
