@@ -44,6 +44,16 @@ def test_compute_passes_through_what_was_measured_and_follows_amdahl_between():
     assert compute.seconds(100, 10**6) > 0.2 * compute.seconds(100, 4)
 
 
+def test_a_term_measured_as_nothing_at_one_core_count_is_taken_as_measured():
+    # The batch's effect lost in the noise at 2 cores: the fit put it all
+    # per example there (overhead 0); the other count has both terms.
+    compute = costmodel.Compute(((1, 4e-4, 1e-5), (2, 0.0, 6e-6)))
+    assert compute.seconds(100, 2) == pytest.approx(6e-4)
+    assert compute.seconds(100, 1) == pytest.approx(4e-4 + 1e-3)
+    for cores in (1.5, 3, 8):
+        assert math.isfinite(compute.seconds(100, cores)) and compute.seconds(100, cores) > 0
+
+
 def test_all_reduce_beats_one_parameter_server_for_a_dense_model_as_workers_grow():
     # A ResNet-50-sized dense model (25.6 M float32 parameters), 50 ms of compute a step.
     model = costmodel.Model(parameter_bytes=4 * 25_600_000)

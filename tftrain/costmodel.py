@@ -46,12 +46,16 @@ class Compute:
             if math.isclose(c, cores):
                 return terms[index - 1]
         low, high = fits[0], fits[-1]
+        if low[index] <= 0 or high[index] <= 0:
+            # A term measured as nothing (within the noise) at one count:
+            # no law to fit; the nearest count's value.
+            return min(fits, key=lambda f: abs(f[0] - cores))[index]
         at_one = low[index] * low[0]  # one core, if all of it were parallel
         serial = 0.0
-        if high[0] > low[0]:
+        a, b = 1 / low[0], 1 / high[0]
+        ratio = high[index] / low[index]
+        if high[0] > low[0] and abs((1 - b) - ratio * (1 - a)) > 1e-12:
             # t(c) = t1 (s + (1 - s) / c) through both measured points.
-            ratio = high[index] / low[index]
-            a, b = 1 / low[0], 1 / high[0]
             serial = min(max((ratio * a - b) / ((1 - b) - ratio * (1 - a)), 0.0), 1.0)
             at_one = low[index] / (serial + (1 - serial) * a)
         return at_one * (serial + (1 - serial) / max(cores, 1e-9))
