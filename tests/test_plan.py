@@ -153,13 +153,14 @@ def test_cluster_specs(spec, workers, cores, bandwidth, latency):
         (["--cluster=4,0Gbit/s"], "bandwidth '0Gbit/s': expected more than zero"),
         (["--cluster=4,10Gbit/s,fast"], "latency 'fast': expected a number and a unit"),
         (["--cluster=4xcpu:2", "--measure"], "--measure runs the modes on this machine"),
+        (["--output=/no/such/folder/plan.json"], "cannot write there"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_anything_runs(tmp_path, flags, said):
     result = run_tftrain(
         "plan",
-        *flags,
         f"--output={tmp_path / 'plan.json'}",
+        *flags,  # after: a case's own --output wins
         "--",
         "--experiment=fashion_mnist_mlp:smoke",
         check=False,

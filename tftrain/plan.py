@@ -495,10 +495,6 @@ def _tag(mode: str) -> str:
 # -- --measure -------------------------------------------------------------------
 
 
-def runnable_here(p: costmodel.Prediction, cores: int) -> bool:
-    return True  # every row of a local cluster is a run this machine can start
-
-
 def measure_mode(p, train_argv, config, seconds: float, log) -> float | None:
     """Steady-state examples/s of the mode run for about ``seconds``."""
     steps_per_second = p.examples_per_second / config.batch_size
@@ -572,6 +568,9 @@ def main(argv: list[str]) -> None:
         user_code_failed(e)
     except ConfigError as e:
         _fail(str(e))
+    folder = os.path.dirname(os.path.abspath(fv.output))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        _fail(f"--output={fv.output}: cannot write there (no such folder, or not writable).")
     if fv.measure and not cluster.local:
         _fail("--measure runs the modes on this machine: use it with --cluster=local.")
     log = print
