@@ -111,14 +111,9 @@ def ring_alone_worker(rank: int, ports: list[int], repeats: int) -> None:
     of the MLP's gradient size, each process on its own core where it can."""
     import numpy as np
 
-    from tftrain.distribute.ring import RingAllReduce
+    from tftrain.distribute.ring import loopback_pair
 
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cores[rank % len(cores)]})
-    ring = RingAllReduce(rank, 2, timeout=60)
-    ring.listen("127.0.0.1", ports[rank])
-    time.sleep(0.5)  # both listening before either connects
-    ring.connect([("127.0.0.1", p) for p in ports])
+    ring = loopback_pair(rank, ports)
     values = np.random.default_rng(rank).random(sum(math.prod(s) for s in SHAPES), np.float32)
     for _ in range(20):
         ring.all_reduce(values)

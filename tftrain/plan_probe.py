@@ -207,14 +207,9 @@ def compute(request: dict) -> dict:
 def ring(rank: int, ports: list[int], sizes: list[int]) -> None:
     import numpy as np
 
-    from tftrain.distribute.ring import RingAllReduce
+    from tftrain.distribute.ring import loopback_pair
 
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cores[rank % len(cores)]})
-    r = RingAllReduce(rank, 2, timeout=60)
-    r.listen("127.0.0.1", ports[rank])
-    time.sleep(0.5)  # both listening before either connects
-    r.connect([("127.0.0.1", p) for p in ports])
+    r = loopback_pair(rank, ports)
     timings = {}
     for size in sizes:
         values = np.ones(max(size // 4, 1), np.float32)

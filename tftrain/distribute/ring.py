@@ -25,6 +25,7 @@ closes); a peer that stalls makes it fail after ``timeout`` seconds.
 
 from __future__ import annotations
 
+import os
 import selectors
 import socket
 import struct
@@ -296,6 +297,19 @@ class RingAllReduce:
 
     def _lost(self, which: str, cause) -> RingError:
         return RingError(f"{which} worker in the gradient ring is gone ({cause}): a worker stopped")
+
+
+def loopback_pair(rank: int, ports: list[int], timeout: float = 60.0) -> RingAllReduce:
+    """One end of a ring of 2 processes on 127.0.0.1 (``ports`` by rank),
+    this process pinned to a core of its own where there are two: how the
+    benchmarks and ``tftrain plan`` time the ring without TensorFlow."""
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})
+    ring = RingAllReduce(rank, 2, timeout=timeout)
+    ring.listen("127.0.0.1", ports[rank])
+    time.sleep(0.5)  # both listening before either connects
+    ring.connect([("127.0.0.1", p) for p in ports])
+    return ring
 
 
 def all_reduce_in_graph(reducer, gradients: list) -> list:
