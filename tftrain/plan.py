@@ -165,8 +165,9 @@ def parse_cluster(text: str, cores: int) -> costmodel.Cluster:
 
 
 def _python(args: list[str], timeout: float, env=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ if env is None else env, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None) if "TF_CONFIG" not in (env or {}) else None
+    if env is None:  # a probe of this machine, not a task of the user's cluster
+        env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env = dict(env, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(
         [sys.executable, "-m", "tftrain.plan_probe", *args],
         capture_output=True,

@@ -214,11 +214,11 @@ def ring(rank: int, ports: list[int], sizes: list[int]) -> None:
     for size in sizes:
         values = np.ones(max(size // 4, 1), np.float32)
         for _ in range(10):
-            r.all_reduce([values])
+            r.all_reduce(values)
         repeats = max(20, min(2000, int(0.5e9 / max(size, 1))))
         start = time.perf_counter()
         for _ in range(repeats):
-            r.all_reduce([values])
+            r.all_reduce(values)
         timings[str(size)] = (time.perf_counter() - start) / repeats
     if rank == 0:
         print(json.dumps(timings), flush=True)
