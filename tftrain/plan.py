@@ -24,13 +24,6 @@ import time
 from tftrain import costmodel
 from tftrain.config import ConfigError
 
-_UNITS = {
-    "bit/s": 1 / 8,
-    "bps": 1 / 8,
-    "b/s": 1,
-    "byte/s": 1,
-    "bytes/s": 1,
-}
 _PREFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _LATENCY = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
 DEFAULT_NETWORK = "10Gbit/s,50us"
@@ -101,9 +94,8 @@ def parse_bandwidth(text: str) -> float:
             f"bandwidth {text!r}: expected a number and a unit, e.g. 10Gbit/s, 1.25GB/s, 100Mbps."
         )
     unit = m.group(3)
-    per = _UNITS["bit/s"] if unit.lower() in ("bit/s", "bps") or unit == "b/s" else 1
-    if unit == "B/s" or unit.lower() in ("byte/s", "bytes/s"):
-        per = 1
+    # B/s and byte(s)/s are bytes; bit/s, bps and b/s bits.
+    per = 1 if unit == "B/s" or unit.lower().startswith("byte") else 1 / 8
     value = float(m.group(1)) * _PREFIX[m.group(2).lower()] * per
     if value <= 0:
         raise ConfigError(f"bandwidth {text!r}: expected more than zero.")
@@ -387,7 +379,7 @@ def predictions(
     return sorted(rows, key=lambda r: -r.examples_per_second)
 
 
-def _model_of(profile: dict, memory: dict, batch: int) -> tuple[costmodel.Model, dict]:
+def _model_of(profile: dict, memory: dict, batch: int) -> costmodel.Model:
     # The probe's peak memory at the global batch, less what the model adds,
     # is a task's base: TensorFlow, the data, the runtime.
     stage_info = profile.get("stages", {})
@@ -408,7 +400,7 @@ def _model_of(profile: dict, memory: dict, batch: int) -> tuple[costmodel.Model,
             for k, v in stage_info.items()
         },
     )
-    return model, stage_info
+    return model
 
 
 # -- output ---------------------------------------------------------------------
@@ -586,7 +578,7 @@ def main(argv: list[str]) -> None:
         compute, profile, memory = measure_compute(
             train_argv, config, cores, k_values, microbatches, log
         )
-        model, _ = _model_of(profile, memory, batch)
+        model = _model_of(profile, memory, batch)
         shapes = profile["variable_shapes"] or [[1]]
         loop = config.steps_per_loop or 100
         one = measure_grpc(shapes, train_argv, log, 1, 1, loop)
