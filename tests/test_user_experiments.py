@@ -3,6 +3,7 @@ the repository): their models, custom layers, losses, metrics and files,
 under every mode, from the command line and from Python."""
 
 import glob
+import importlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import ROOT, run_tftrain, start_tftrain
+from tftrain import tasks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -64,7 +66,15 @@ def test_a_user_experiment_from_a_file_trains_with_its_options_recorded(exp, tmp
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
     assert config["experiment_source"] == exp
-    assert config["task"] == "tftrain_experiment_user_exp:ConvTask"
+    # The name Python would import it by: tftrain.train of the imported task
+    # records the same.
+    assert config["task"] == "user_exp:ConvTask"
+    sys.path.insert(0, os.path.dirname(exp))
+    try:
+        imported = importlib.import_module("user_exp")
+    finally:
+        sys.path.pop(0)
+    assert tasks.task_name(imported.ConvTask) == config["task"]
     assert config["options"]["batchnorm"] is True  # set on the command line
     assert "model" not in config and "dataset" not in config  # the built-in task's, not this
     # Two batch norms' moving means and variances: the option reached build_model.

@@ -363,6 +363,8 @@ class Controller:
                 return  # no record of the earlier run's settings
         if not isinstance(recorded, dict):
             return
+        if "task" in recorded:
+            recorded["task"] = tasks.plain_task_name(recorded["task"])
         now = json.loads(json.dumps(self.config.identity()))
         if in_checkpoint:  # the checkpoint's record: every field of the identity
             names = sorted(set(recorded) | set(now))

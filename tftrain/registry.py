@@ -73,7 +73,9 @@ def _load_file(path: str, spec: str):
     if folder not in sys.path:  # so that it can import the files beside it
         sys.path.insert(0, folder)
     stem = os.path.splitext(os.path.basename(path))[0]
-    name = f"tftrain_experiment_{stem}"
+    from tftrain.tasks import FILE_MODULE_PREFIX
+
+    name = f"{FILE_MODULE_PREFIX}{stem}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None:
         raise ConfigError(f"--experiment={spec}: {path} is not a Python file.")

@@ -72,10 +72,23 @@ class Task:
         return {}
 
 
+# The module name tftrain gives an experiment file it loads (registry).
+FILE_MODULE_PREFIX = "tftrain_experiment_"
+
+
 def task_name(task) -> str:
-    """``module:QualName`` of a task class (or instance): where it came from."""
+    """``module:QualName`` of a task class (or instance): where it came from.
+    A file's module is named by its stem, as Python would import it, so that
+    ``--experiment=my_exp.py`` and ``tftrain.train`` of its imported task
+    record one name."""
     cls = task if isinstance(task, type) else type(task)
-    return f"{cls.__module__}:{cls.__qualname__}"
+    return plain_task_name(f"{cls.__module__}:{cls.__qualname__}")
+
+
+def plain_task_name(name):
+    """A recorded task name without the prefix of a loaded file's module
+    (runs recorded before the names were made one keep resuming)."""
+    return name.removeprefix(FILE_MODULE_PREFIX) if isinstance(name, str) else name
 
 
 def call_user(what: str, fn, *args, **kwargs):
