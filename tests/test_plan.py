@@ -54,6 +54,26 @@ def test_a_term_measured_as_nothing_at_one_core_count_is_taken_as_measured():
         assert math.isfinite(compute.seconds(100, cores)) and compute.seconds(100, cores) > 0
 
 
+def test_tasks_side_by_side_on_this_machine_are_as_much_slower_as_measured():
+    # Measured: two tasks at once each take 1.5x their time alone.
+    crowded = dataclasses.replace(COMPUTE, crowding=((2, 1.5),))
+    model = costmodel.Model(parameter_bytes=4)  # nothing to all-reduce worth counting
+    here = costmodel.Cluster(2, 2, costmodel.Link(1e12, 0), cores=2)
+    links = _links(costmodel.Link(1e12, 0))
+    for mode in (
+        lambda c, cl: costmodel.mirrored(model, c, 100, cl, 2),
+        lambda c, cl: costmodel.multi_worker(model, c, 100, cl, links, "tcp"),
+    ):
+        alone, side = mode(COMPUTE, here), mode(crowded, here)
+        assert side.parts["compute"] == pytest.approx(1.5 * alone.parts["compute"])
+    assert crowded.crowded(1) == 1.0 and crowded.crowded(4) == 1.5  # the nearest measured
+    # Workers on machines of their own do not crowd each other.
+    apart = _cluster(2, costmodel.Link(1e12, 0))
+    alone = costmodel.multi_worker(model, COMPUTE, 100, apart, links, "tcp")
+    side = costmodel.multi_worker(model, crowded, 100, apart, links, "tcp")
+    assert side.step_seconds == pytest.approx(alone.step_seconds)
+
+
 def test_all_reduce_beats_one_parameter_server_for_a_dense_model_as_workers_grow():
     # A ResNet-50-sized dense model (25.6 M float32 parameters), 50 ms of compute a step.
     model = costmodel.Model(parameter_bytes=4 * 25_600_000)
@@ -256,6 +276,8 @@ def test_a_plan_of_a_user_run_ranks_every_mode_and_writes_plan_json(tmp_path):
     # 32x64 + 64 + 64x10 + 10 float32 parameters, counted once the model ran.
     assert measured["parameter_bytes"] == 4 * (32 * 64 + 64 + 64 * 10 + 10)
     assert measured["ring"]["bandwidth_bytes_per_second"] > 0
+    if len(os.sched_getaffinity(0)) >= 2:  # two tasks side by side: a measured factor
+        assert measured["crowding"]["2"] > 0
     # The scaling curves: one TensorBoard scalar per mode and axis.
     import tensorflow as tf
 

@@ -28,9 +28,20 @@ class Compute:
     # (measured with --num_microbatches on one device); none measured: the
     # step's whole fixed cost.
     microbatch: tuple[tuple[int, float], ...] = ()
+    # (tasks, factor): a step's time when that many tasks compute side by
+    # side on this machine, each on its share of the cores, over the time
+    # of one such task alone on the same share (measured; none: 1). Their
+    # pools, the input threads and the runtime's own threads then compete
+    # for the cores a lone task borrows (BUILD_NOTES.md).
+    crowding: tuple[tuple[int, float], ...] = ()
 
     def seconds(self, batch: float, cores: float) -> float:
         return self._term(1, cores) + batch * self._term(2, cores)
+
+    def crowded(self, tasks: int) -> float:
+        if tasks <= 1 or not self.crowding:
+            return 1.0
+        return min(self.crowding, key=lambda tf: (abs(tf[0] - tasks), -tf[0]))[1]
 
     def microbatch_seconds(self, cores: float) -> float:
         fixed = self.seconds(0, cores)
@@ -191,7 +202,7 @@ def mirrored(model, compute, batch, cluster, replicas: int, input_rate=None):
     sharing the cores, each replica with its share, side by side; the
     all-reduce is in memory (its cost: one pass over the gradients each)."""
     cores = (cluster.cores if cluster.local else cluster.cores_per_task) / replicas
-    t_compute = compute.seconds(batch / replicas, cores)
+    t_compute = compute.seconds(batch / replicas, cores) * compute.crowded(replicas)
     t_reduce = replicas * model.parameter_bytes / 10e9  # memory bandwidth, order of magnitude
     p = Prediction(
         f"mirrored x{replicas}",
@@ -213,7 +224,7 @@ def multi_worker(model, compute, batch, cluster, links: Links, collective: str, 
     n = cluster.workers
     cores = _cores(cluster, n)
     per_worker = batch / n
-    t_compute = compute.seconds(per_worker, cores)
+    t_compute = compute.seconds(per_worker, cores) * (compute.crowded(n) if cluster.local else 1)
     g = model.parameter_bytes
     if collective == "tcp":
         link = _slower(links.ring, cluster)

@@ -12,10 +12,12 @@ prints the measured speed beside the predicted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -182,6 +184,49 @@ def _probe(kind: str, request: dict, timeout: float = 1800, env=None) -> dict:
             return json.load(f)
 
 
+def _probes_side_by_side(request: dict, tasks: int, timeout: float = 1800) -> list[dict]:
+    """The compute probe in ``tasks`` processes at once, their timed runs
+    started together."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    with tempfile.TemporaryDirectory() as folder:
+        procs = []
+        for rank in range(tasks):
+            ask = os.path.join(folder, f"request-{rank}.json")
+            with open(ask, "w") as f:
+                json.dump(
+                    dict(request, together={"folder": folder, "rank": rank, "tasks": tasks}), f
+                )
+            answer = os.path.join(folder, f"result-{rank}.json")
+            procs.append(
+                (
+                    subprocess.Popen(
+                        [sys.executable, "-m", "tftrain.plan_probe", "compute", ask, answer],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                        env=env,
+                    ),
+                    answer,
+                )
+            )
+        results = []
+        try:
+            for proc, answer in procs:
+                _, err = proc.communicate(timeout=timeout)
+                if not os.path.exists(answer):
+                    tail = "\n".join((err or "").strip().splitlines()[-15:])
+                    raise RuntimeError(f"the side-by-side compute measurement failed:\n{tail}")
+                with open(answer) as f:
+                    results.append(json.load(f))
+        finally:
+            for proc, _ in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        return results
+
+
 def measure_compute(train_argv, config, cores: int, stages, microbatches, log) -> tuple:
     """(Compute, model dict, memory) from steps at the global batch and half of
     it, on all of ``cores`` and on half of them."""
@@ -224,7 +269,33 @@ def measure_compute(train_argv, config, cores: int, stages, microbatches, log) -
             # What each micro-batch past the first added to the step.
             extra = (1 / rate - seconds[batch]) / (int(m) - 1)
             micro.append((c, max(extra, 0.0)))
-    return costmodel.Compute(tuple(fits), tuple(micro)), model, memory
+    compute = costmodel.Compute(tuple(fits), tuple(micro))
+    crowding = []
+    if cores >= 2:
+        # Two tasks of this machine at once, each on half the cores, with
+        # the thread settings tftrain gives a launched task: how much slower
+        # a step is than one such task alone (crowding).
+        from tftrain import resources
+
+        half, share = max(batch // 2, 1), cores // 2
+        log(
+            f"measuring training steps of 2 tasks side by side, each at batch {half} "
+            f"on {share} core(s)..."
+        )
+        together = _probes_side_by_side(
+            {
+                "train_argv": train_argv,
+                "threads": share,
+                "inter_op_threads": resources.cluster_inter_op_threads(2),
+                "thread_spinning": False,
+                "batches": [half],
+                "seconds": 3.0,
+            },
+            2,
+        )
+        side = statistics.mean(1 / r["steps_per_second"][str(half)] for r in together)
+        crowding.append((2, side / compute.seconds(half, share)))
+    return dataclasses.replace(compute, crowding=tuple(crowding)), model, memory
 
 
 def measure_ring(nbytes: int, log) -> costmodel.Link:
@@ -452,8 +523,6 @@ def write_curves(logdir, model, compute, batch, cluster, links, max_ps, log) -> 
     """examples/s against workers (1 to 4x the cluster's, at this batch) and
     against the global batch (at the cluster's workers), one scalar tag per
     mode: TensorBoard draws the curves."""
-    import dataclasses
-
     import tensorflow as tf
 
     writer = tf.summary.create_file_writer(logdir)
@@ -613,8 +682,6 @@ def main(argv: list[str]) -> None:
     )
     measured = {}
     if fv.measure:
-        import statistics
-
         samples: dict = {p.mode: [] for p in rows}
         for r in range(fv.measure_rounds):
             for p in rows[r % len(rows) :] + rows[: r % len(rows)]:
@@ -651,6 +718,14 @@ def main(argv: list[str]) -> None:
                 {"cores": c, "step_overhead_seconds": o, "seconds_per_example": e}
                 for c, o, e in compute.fits
             ],
+            # What each micro-batch past the first adds, per core count, and
+            # the crowding factor of tasks side by side (costmodel.Compute).
+            "microbatch_seconds": {str(c): t for c, t in compute.microbatch},
+            "crowding": {str(n): f for n, f in compute.crowding},
+            "pipeline_cuts": {
+                str(k): {"shares": list(shares), "cut_bytes_per_example": list(cut)}
+                for k, (shares, cut) in model.stages.items()
+            },
             "parameter_bytes": model.parameter_bytes,
             "input_examples_per_second": memory.get("input"),
             "ring_call_seconds": links.ring_call,

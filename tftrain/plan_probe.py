@@ -35,10 +35,12 @@ def _rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _steps_per_second(config, batch: int, target: float, microbatches: int = 1) -> float:
+def _steps_per_second(
+    config, batch: int, target: float, microbatches: int = 1, ready=lambda: None
+) -> float:
     """Training steps a second at ``batch`` (in ``microbatches`` micro-batches):
     steady state (tftrain leaves the first loop, which traces, out of
-    examples/s)."""
+    examples/s). ``ready`` is called between the rough run and the timed one."""
     import tftrain
 
     def run(loop: int, loops: int) -> float:
@@ -62,9 +64,28 @@ def _steps_per_second(config, batch: int, target: float, microbatches: int = 1) 
     rough = run(2, 2)
     loop = int(min(max(round(0.5 * rough), 2), config.steps_per_loop or 100))
     loops = 1 + max(math.ceil(target * rough / loop), 1)
+    ready()
     if loops * loop <= 4:
         return rough
     return run(loop, loops)
+
+
+def _barrier(folder: str, rank: int, tasks: int, timeout: float = 300.0):
+    """Tasks measured side by side start their timed runs together: each
+    marks itself ready in ``folder`` and waits for the others (bounded)."""
+
+    def ready():
+        open(os.path.join(folder, f"ready-{rank}"), "w").close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(os.path.exists(os.path.join(folder, f"ready-{i}")) for i in range(tasks)):
+                return
+            time.sleep(0.01)
+        raise RuntimeError(
+            f"the other tasks measured side by side never got ready in {timeout:.0f} s"
+        )
+
+    return ready
 
 
 def _bytes(variable) -> int:
@@ -183,17 +204,24 @@ def _model_profile(config, stages: list[int], microbatches: dict) -> dict:
 
 def compute(request: dict) -> dict:
     config = _config(request["train_argv"])
-    config = config.replace(intra_op_threads=request["threads"], inter_op_threads=0)
+    # Tasks measured side by side get the thread settings a launched task has.
+    config = config.replace(
+        intra_op_threads=request["threads"],
+        inter_op_threads=request.get("inter_op_threads", 0),
+        thread_spinning=request.get("thread_spinning", config.thread_spinning),
+    )
     base = _rss()
     result = {"threads": request["threads"], "steps_per_second": {}}
+    together = request.get("together")  # {"folder", "rank", "tasks"}: side by side
+    ready = _barrier(**together) if together else (lambda: None)
     for batch in request["batches"]:
         result["steps_per_second"][str(batch)] = _steps_per_second(
-            config, batch, request.get("seconds", 2.0)
+            config, batch, request.get("seconds", 2.0), ready=ready
         )
     # The global batch in micro-batches, as a pipeline would split it.
     result["microbatched_steps_per_second"] = {
         str(m): _steps_per_second(config, config.batch_size, request.get("seconds", 2.0), m)
-        for m in sorted(set(request["microbatches"].values()))
+        for m in sorted(set(request.get("microbatches", {}).values()))
         if m > 1
     }
     if request.get("profile"):
