@@ -52,6 +52,12 @@ def test_a_term_measured_as_nothing_at_one_core_count_is_taken_as_measured():
     assert compute.seconds(100, 1) == pytest.approx(4e-4 + 1e-3)
     for cores in (1.5, 3, 8):
         assert math.isfinite(compute.seconds(100, cores)) and compute.seconds(100, cores) > 0
+    # A step in micro-batches timed as fast as one without at 1 core: the
+    # micro-batch's cost is taken from the count that measured one.
+    # (COMPUTE's fixed cost is the same at both counts.)
+    micro = dataclasses.replace(COMPUTE, microbatch=((1, 0.0), (2, 1e-4)))
+    assert micro.microbatch_seconds(1) == pytest.approx(1e-4)
+    assert micro.microbatch_seconds(2) == pytest.approx(1e-4)
 
 
 def test_tasks_side_by_side_on_this_machine_are_as_much_slower_as_measured():
@@ -66,6 +72,12 @@ def test_tasks_side_by_side_on_this_machine_are_as_much_slower_as_measured():
     ):
         alone, side = mode(COMPUTE, here), mode(crowded, here)
         assert side.parts["compute"] == pytest.approx(1.5 * alone.parts["compute"])
+    # A local cluster's pipeline stages compute at once too.
+    piped = [
+        costmodel.model_parallel(model, c, 100, here, links, 2, 4, True).parts["slot"]
+        for c in (COMPUTE, crowded)
+    ]
+    assert piped[1] == pytest.approx(1.5 * piped[0])
     assert crowded.crowded(1) == 1.0 and crowded.crowded(4) == 1.5  # the nearest measured
     # Workers on machines of their own do not crowd each other.
     apart = _cluster(2, costmodel.Link(1e12, 0))
@@ -123,6 +135,32 @@ def test_the_pipeline_efficiency_rises_with_micro_batches_as_the_bubble_says():
         p = costmodel.model_parallel(model, compute, 512, cluster, _links(), 2, m, False)
         assert p.examples_per_second / ideal == pytest.approx(1 - costmodel.bubble_fraction(2, m))
         assert p.bound == "pipeline bubble"
+
+
+def test_a_pipeline_waits_for_the_passes_across_its_cut_as_measured():
+    compute = costmodel.Compute(((1, 0.0, 1e-4),))
+    model = costmodel.Model(parameter_bytes=10**6, stages={2: ((0.5, 0.5), (4096.0,))})
+    here = costmodel.Cluster(2, 1, costmodel.Link(1e12, 0), cores=2)
+
+    def step(passes, cluster=here, m=4):
+        links = dataclasses.replace(_links(), pipeline_passes=passes)
+        return costmodel.model_parallel(
+            model, compute, 512, cluster, links, 2, m, True
+        ).step_seconds
+
+    free = step({"launched": (0.0, 0.0)})
+    # Each of the M+K-1 slots waits for the activations forward and their
+    # gradients back; the step's fixed cost of the passes comes once.
+    assert step({"launched": (1e-3, 2e-3)}) == pytest.approx(free + 5 * 2e-3 + 2e-3)
+    assert step({"launched": (1e-3, 0.0)}, m=8) == pytest.approx(
+        step({"launched": (0.0, 0.0)}, m=8) + 9 * 2e-3
+    )
+    # Machines joined by a slow network: a pass takes at least its bytes'
+    # time on that network (128 examples x 4096 bytes at 1 MB/s).
+    slow = costmodel.Cluster(2, 1, costmodel.Link(1e6, 0), local=False)
+    assert step({"launched": (1e-3, 0.0)}, slow) == pytest.approx(
+        step({"launched": (1e-3, 0.0)}) + 5 * 2 * (128 * 4096 / 1e6 - 1e-3)
+    )
 
 
 def test_all_reduce_is_the_bound_below_the_batch_the_plan_names_and_compute_above():

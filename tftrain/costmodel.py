@@ -34,6 +34,10 @@ class Compute:
     # pools, the input threads and the runtime's own threads then compete
     # for the cores a lone task borrows (BUILD_NOTES.md).
     crowding: tuple[tuple[int, float], ...] = ()
+    # (stages, micro-batches, seconds): a step of model_parallel in one
+    # process at one example per micro-batch, what its schedule costs
+    # beside the examples' compute (measured).
+    pipeline_steps: tuple[tuple[int, int, float], ...] = ()
 
     def seconds(self, batch: float, cores: float) -> float:
         return self._term(1, cores) + batch * self._term(2, cores)
@@ -47,7 +51,11 @@ class Compute:
         fixed = self.seconds(0, cores)
         if not self.microbatch:
             return fixed
-        near = min(self.microbatch, key=lambda cm: abs(cm[0] - cores))
+        # Measured as nothing at a core count: noise (a step in micro-batches
+        # timed as fast as one without), as with the compute terms; the
+        # nearest count that measured something.
+        measured = [cm for cm in self.microbatch if cm[1] > 0] or self.microbatch
+        near = min(measured, key=lambda cm: abs(cm[0] - cores))
         # Scaled as the step's fixed cost scales between core counts.
         return near[1] * fixed / max(self.seconds(0, near[0]), 1e-12)
 
@@ -134,6 +142,10 @@ class Links:
     # This machine: (workers, ps) -> seconds per update with that many
     # workers updating at once and no compute (the servers share the cores).
     local_ps: dict = dataclasses.field(default_factory=dict)
+    # "launched" (between two processes) and "one process" (two logical
+    # devices) -> (seconds per pass of a cut's tensor, a step's fixed cost),
+    # measured as a pipeline passes them; absent: from the link.
+    pipeline_passes: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -333,8 +345,9 @@ def model_parallel(
 
     Stages in one process on this machine's CPU (logical devices) share its
     cores: no stage has hardware of its own, so the step also takes at least
-    all of its work done on all the cores, the fixed cost once per
-    micro-batch (M x fixed + B x per example)."""
+    all of its work done on all the cores: the schedule's own cost (measured
+    at one example per micro-batch, or else the fixed cost once per
+    micro-batch) and the examples' compute."""
     # A model whose cut was not measured: equal stages, nothing crossing.
     parts, crossing = model.stages.get(stages, ((1 / stages,) * stages, (0.0,) * (stages - 1)))
     k = len(parts)
@@ -348,9 +361,24 @@ def model_parallel(
     # micro-batch costs whatever its size; once a step, the update's fixed
     # cost, split between the stages.
     slot = max(each * share + mb * per_example * share for share in parts)
+    if processes and cluster.local:
+        slot *= compute.crowded(k)  # the stages' processes compute at once on one machine
     once = max(fixed - each, 0.0) / k
     transfer = 0.0
-    if processes:
+    passes = links.pipeline_passes.get("launched" if processes else "one process")
+    if passes is not None:
+        # Measured at this cut's size: per cut and slot, the activations
+        # forward and their gradients back; a cluster's slower network
+        # bounds each pass from below.
+        per_pass, fixed_passes = passes
+        net = cluster.network if processes and not cluster.local else None
+        for per_example_bytes in crossing:
+            each_pass = per_pass
+            if net is not None:
+                each_pass = max(per_pass, net.seconds(per_example_bytes * mb))
+            transfer += 2 * each_pass
+        once += fixed_passes
+    elif processes:
         link = _slower(links.grpc, cluster)
         wait = max(links.grpc_round_trip, 2 * link.latency)
         for per_example_bytes in crossing:
@@ -361,6 +389,11 @@ def model_parallel(
     bubble = bubble_fraction(k, microbatches)
     bound = "pipeline bubble" if bubble * t > transfer * (microbatches + k - 1) else "activations"
     work = fixed + (microbatches - 1) * each + batch * per_example
+    schedule = {(k_, m_): t_ for k_, m_, t_ in compute.pipeline_steps}.get((k, microbatches))
+    if schedule is not None:
+        # The stages' schedule, passes and updates, measured at one example
+        # per micro-batch, and the rest of the examples' compute.
+        work = schedule + (batch - microbatches) * per_example
     if shared and work > t:
         t, bound = work, "compute"
     where = "launched" if processes else "one process"

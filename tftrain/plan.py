@@ -242,6 +242,9 @@ def measure_compute(train_argv, config, cores: int, stages, microbatches, log) -
                 "train_argv": train_argv,
                 "threads": c,
                 "batches": batches,
+                # Timed runs of about 4 s: runs of 2 s measured the MLP's
+                # step 7-14% slower than the --measure runs of 15-20 s did.
+                "seconds": 4.0,
                 "profile": model is None,
                 "stages": stages,
                 "microbatches": {str(k): m for k, m in microbatches.items()},
@@ -289,13 +292,24 @@ def measure_compute(train_argv, config, cores: int, stages, microbatches, log) -
                 "inter_op_threads": resources.cluster_inter_op_threads(2),
                 "thread_spinning": False,
                 "batches": [half],
-                "seconds": 3.0,
+                "seconds": 4.0,
             },
             2,
         )
         side = statistics.mean(1 / r["steps_per_second"][str(half)] for r in together)
         crowding.append((2, side / compute.seconds(half, share)))
-    return dataclasses.replace(compute, crowding=tuple(crowding)), model, memory
+    steps = []
+    if model and not model.get("cannot_cut"):
+        for k in stages:
+            if str(k) in model.get("stages", {}):
+                log(f"measuring model_parallel's schedule in one process ({k} stages)...")
+                got = _probe(
+                    "pipeline",
+                    {"train_argv": train_argv, "stages": k, "microbatches": microbatches[k]},
+                )
+                steps.append((k, microbatches[k], got["step_seconds"]))
+    compute = dataclasses.replace(compute, crowding=tuple(crowding), pipeline_steps=tuple(steps))
+    return compute, model, memory
 
 
 def measure_ring(nbytes: int, log) -> costmodel.Link:
@@ -337,7 +351,13 @@ def measure_ring(nbytes: int, log) -> costmodel.Link:
 
 
 def measure_grpc(
-    shapes: list, train_argv: list, log, workers: int = 1, ps: int = 1, steps_per_loop: int = 10
+    shapes: list,
+    train_argv: list,
+    log,
+    workers: int = 1,
+    ps: int = 1,
+    steps_per_loop: int = 10,
+    pass_bytes: int | None = None,
 ) -> dict:
     """Parameter-server updates through TensorFlow's gRPC on loopback, the
     ``workers`` updating at once, no compute: a chief (here, in a probe),
@@ -383,7 +403,12 @@ def measure_grpc(
             os.environ,
             TF_CONFIG=json.dumps({"cluster": spec, "task": {"type": "chief", "index": 0}}),
         )
-        request = {"shapes": shapes, "steps_per_loop": steps_per_loop, "train_argv": train_argv}
+        request = {
+            "shapes": shapes,
+            "steps_per_loop": steps_per_loop,
+            "train_argv": train_argv,
+            "pass_bytes": pass_bytes,
+        }
         return _probe("grpc", request, timeout=600, env=env)
     finally:
         for s in servers:
@@ -650,7 +675,17 @@ def main(argv: list[str]) -> None:
         model = _model_of(profile, memory, batch)
         shapes = profile["variable_shapes"] or [[1]]
         loop = config.steps_per_loop or 100
-        one = measure_grpc(shapes, train_argv, log, 1, 1, loop)
+        # What a 2-stage pipeline passes across its cut per micro-batch.
+        cut = model.stages.get(2, ((), ()))[1]
+        pass_bytes = int(cut[0] * batch / microbatches[2]) if cut else None
+        one = measure_grpc(shapes, train_argv, log, 1, 1, loop, pass_bytes)
+        passes = {}
+        if pass_bytes is not None:
+            passes["launched"] = (one["passes"]["per_pass"], one["passes"]["fixed"])
+            if cluster.local:
+                log("measuring tensors passed between two devices of one process...")
+                here = _probe("hops", {"nbytes": pass_bytes}, timeout=600)
+                passes["one process"] = (here["per_pass"], here["fixed"])
         local_ps = {}
         if cluster.local:
             for ps in range(1, fv.max_ps + 1):
@@ -663,6 +698,7 @@ def main(argv: list[str]) -> None:
             ps_step=one["tiny"],
             grpc_round_trip=one["round_trip"],
             local_ps=local_ps,
+            pipeline_passes=passes,
         )
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         _fail(f"a measurement failed: {e}")
@@ -722,6 +758,9 @@ def main(argv: list[str]) -> None:
             # the crowding factor of tasks side by side (costmodel.Compute).
             "microbatch_seconds": {str(c): t for c, t in compute.microbatch},
             "crowding": {str(n): f for n, f in compute.crowding},
+            "pipeline_step_seconds": {
+                f"{k} stages, {m} micro-batches": t for k, m, t in compute.pipeline_steps
+            },
             "pipeline_cuts": {
                 str(k): {"shares": list(shares), "cut_bytes_per_example": list(cut)}
                 for k, (shares, cut) in model.stages.items()
@@ -741,6 +780,12 @@ def main(argv: list[str]) -> None:
                 "ps_updates_here_seconds": {
                     f"{w} workers, {p} ps": t for (w, p), t in links.local_ps.items()
                 },
+            },
+            # A cut's tensor passed between two stages' devices: seconds per
+            # pass and a step's fixed cost.
+            "pipeline_passes": {
+                where: {"per_pass_seconds": per, "fixed_seconds": fixed}
+                for where, (per, fixed) in links.pipeline_passes.items()
             },
         },
         "modes": [

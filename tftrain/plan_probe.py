@@ -4,12 +4,17 @@
     python -m tftrain.plan_probe compute REQUEST.json RESULT.json
     python -m tftrain.plan_probe ring RANK PORT0 PORT1 NBYTES... (no TensorFlow)
     python -m tftrain.plan_probe grpc REQUEST.json RESULT.json
+    python -m tftrain.plan_probe hops REQUEST.json RESULT.json
+    python -m tftrain.plan_probe pipeline REQUEST.json RESULT.json
 
 ``compute``: steps of the real trainer (``tftrain.train``, one device) at
 each batch of the request, on this process's threads; the model's bytes,
 layers and cuts. ``grpc``: updates of variables shaped like the model's on
 a parameter server through a ``ClusterCoordinator``, as parameter-server
-training makes them. ``ring``: tftrain's TCP ring on NumPy buffers.
+training makes them, and a tensor passed to a worker and back as a launched
+pipeline passes it. ``hops``: the same between two logical devices of one
+process. ``pipeline``: model_parallel in one process at one example per
+micro-batch. ``ring``: tftrain's TCP ring on NumPy buffers.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ def _rss() -> int:
 
 
 def _steps_per_second(
-    config, batch: int, target: float, microbatches: int = 1, ready=lambda: None
+    config, batch: int, target: float, microbatches: int = 1, ready=lambda: None, **mode
 ) -> float:
     """Training steps a second at ``batch`` (in ``microbatches`` micro-batches):
     steady state (tftrain leaves the first loop, which traces, out of
@@ -47,7 +52,7 @@ def _steps_per_second(
         with tempfile.TemporaryDirectory() as model_dir:
             result = tftrain.train(
                 config,
-                strategy="one_device",
+                **(mode or {"strategy": "one_device"}),
                 batch_size=batch,
                 num_microbatches=microbatches,
                 train_steps=loop * loops,
@@ -314,7 +319,72 @@ def grpc(request: dict) -> dict:
         one.read_value().numpy()
         trips.append(time.perf_counter() - start)
     timings["round_trip"] = statistics.median(trips[1:])
+    if request.get("pass_bytes") is not None:
+        # Passes between this process and a worker's, as a launched
+        # pipeline's stages pass a cut's tensors.
+        timings["passes"] = hop_seconds(
+            [
+                "/job:chief/replica:0/task:0/device:CPU:0",
+                "/job:worker/replica:0/task:0/device:CPU:0",
+            ],
+            request["pass_bytes"],
+        )
     return timings
+
+
+def pipeline(request: dict) -> dict:
+    """Steps a second of ``model_parallel`` in this process (its stages on
+    logical devices) at one example per micro-batch: what the schedule
+    itself costs a step, beside the examples' compute."""
+    config = _config(request["train_argv"])
+    m = request["microbatches"]
+    rate = _steps_per_second(
+        config, m, 4.0, m, strategy="model_parallel", num_stages=request["stages"]
+    )
+    return {"step_seconds": 1 / rate}
+
+
+def hop_seconds(devices: list[str], nbytes: int, long: int = 20) -> dict:
+    """A tensor of ``nbytes`` passed back and forth between two devices, as
+    a pipeline passes a cut's activations and gradients: the seconds each
+    pass adds to a step, and a step's fixed cost (fitted from chains of 2
+    and ``long`` passes inside one function)."""
+    import statistics
+
+    import tensorflow as tf
+
+    x = tf.ones([max(int(nbytes) // 4, 1)])
+
+    def chain(n):
+        @tf.function
+        def passes(x):
+            for i in range(n):
+                with tf.device(devices[i % 2]):
+                    x = x * 1.000001  # an op on each side; nothing to optimise away
+            return x
+
+        return passes
+
+    seconds = {}
+    for n in (2, long):
+        passes = chain(n)
+        passes(x).numpy()
+        times = []
+        for _ in range(31):
+            start = time.perf_counter()
+            passes(x).numpy()
+            times.append(time.perf_counter() - start)
+        seconds[n] = statistics.median(times)
+    per = max((seconds[long] - seconds[2]) / (long - 2), 0.0)
+    return {"per_pass": per, "fixed": max(seconds[2] - 2 * per, 0.0)}
+
+
+def hops(request: dict) -> dict:
+    """Passes between two logical CPU devices of one process (a pipeline's
+    stages in one process)."""
+    from tftrain import resources
+
+    return hop_seconds(resources.local_devices(2, "--num_stages"), request["nbytes"])
 
 
 def main(argv: list[str]) -> None:
@@ -325,7 +395,7 @@ def main(argv: list[str]) -> None:
         return
     with open(argv[2]) as f:
         request = json.load(f)
-    result = compute(request) if kind == "compute" else grpc(request)
+    result = {"compute": compute, "grpc": grpc, "hops": hops, "pipeline": pipeline}[kind](request)
     with open(argv[3], "w") as f:
         json.dump(result, f)
     sys.stdout.flush()
