@@ -314,6 +314,11 @@ def test_a_plan_of_a_user_run_ranks_every_mode_and_writes_plan_json(tmp_path):
     # 32x64 + 64 + 64x10 + 10 float32 parameters, counted once the model ran.
     assert measured["parameter_bytes"] == 4 * (32 * 64 + 64 + 64 * 10 + 10)
     assert measured["ring"]["bandwidth_bytes_per_second"] > 0
+    # plan.json holds what the predictions were made from: made again, the same.
+    again = plan.predictions_of(document)
+    assert {p.mode: p.examples_per_second for p in again} == pytest.approx(
+        {m["mode"]: m["predicted_examples_per_second"] for m in modes}
+    )
     if len(os.sched_getaffinity(0)) >= 2:  # two tasks side by side: a measured factor
         assert measured["crowding"]["2"] > 0
     # The scaling curves: one TensorBoard scalar per mode and axis.

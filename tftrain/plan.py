@@ -499,6 +499,76 @@ def _model_of(profile: dict, memory: dict, batch: int) -> costmodel.Model:
     return model
 
 
+def inputs_document(compute, model, links, stages, microbatches, max_ps, input_rate) -> dict:
+    """Everything the predictions were made from, as JSON (plan.json's
+    ``inputs``): ``predictions_of`` makes them again, for this or another
+    cluster, with this version's cost model."""
+    return {
+        "compute": {
+            "fits": [list(f) for f in compute.fits],
+            "microbatch": [list(m) for m in compute.microbatch],
+            "crowding": [list(c) for c in compute.crowding],
+            "pipeline_steps": [list(p) for p in compute.pipeline_steps],
+        },
+        "model": {
+            **{k: v for k, v in dataclasses.asdict(model).items() if k != "stages"},
+            "stages": {str(k): [list(a), list(b)] for k, (a, b) in model.stages.items()},
+        },
+        "links": {
+            "ring": dataclasses.asdict(links.ring),
+            "ring_call": links.ring_call,
+            "grpc": dataclasses.asdict(links.grpc),
+            "ps_step": links.ps_step,
+            "grpc_pack": links.grpc_pack,
+            "grpc_round_trip": links.grpc_round_trip,
+            "local_ps": [[w, p, t] for (w, p), t in links.local_ps.items()],
+            "pipeline_passes": {k: list(v) for k, v in links.pipeline_passes.items()},
+        },
+        "stages": list(stages),
+        "microbatches": {str(k): m for k, m in microbatches.items()},
+        "max_ps": max_ps,
+        "input_examples_per_second": input_rate,
+    }
+
+
+def predictions_of(document: dict, cluster_text: str | None = None) -> list:
+    """The predictions of a plan.json's ``inputs`` for ``cluster_text``
+    (default: the plan's own cluster)."""
+    i = document["inputs"]
+    c = i["compute"]
+    compute = costmodel.Compute(
+        *(tuple(map(tuple, c[k])) for k in ("fits", "microbatch", "crowding", "pipeline_steps"))
+    )
+    model = costmodel.Model(
+        **{k: v for k, v in i["model"].items() if k != "stages"},
+        stages={int(k): (tuple(a), tuple(b)) for k, (a, b) in i["model"]["stages"].items()},
+    )
+    li = i["links"]
+    links = costmodel.Links(
+        ring=costmodel.Link(**li["ring"]),
+        ring_call=li["ring_call"],
+        grpc=costmodel.Link(**li["grpc"]),
+        ps_step=li["ps_step"],
+        grpc_pack=li["grpc_pack"],
+        grpc_round_trip=li["grpc_round_trip"],
+        local_ps={(w, p): t for w, p, t in li["local_ps"]},
+        pipeline_passes={k: tuple(v) for k, v in li["pipeline_passes"].items()},
+    )
+    cores = document["cores"]
+    return predictions(
+        model,
+        compute,
+        document["global_batch"],
+        parse_cluster(cluster_text or document["cluster"], cores),
+        links,
+        i["max_ps"],
+        i["stages"],
+        {int(k): m for k, m in i["microbatches"].items()},
+        input_rate=i["input_examples_per_second"],
+        cores=cores,
+    )
+
+
 # -- output ---------------------------------------------------------------------
 
 
@@ -788,6 +858,9 @@ def main(argv: list[str]) -> None:
                 for where, (per, fixed) in links.pipeline_passes.items()
             },
         },
+        "inputs": inputs_document(
+            compute, model, links, k_values, microbatches, fv.max_ps, memory.get("input")
+        ),
         "modes": [
             {
                 "mode": p.mode,
