@@ -45,7 +45,7 @@ class Compute:
     def crowded(self, tasks: int) -> float:
         if tasks <= 1 or not self.crowding:
             return 1.0
-        return min(self.crowding, key=lambda tf: (abs(tf[0] - tasks), -tf[0]))[1]
+        return min(self.crowding, key=lambda tc: (abs(tc[0] - tasks), -tc[0]))[1]
 
     def microbatch_seconds(self, cores: float) -> float:
         fixed = self.seconds(0, cores)
