@@ -163,6 +163,17 @@ def test_a_pipeline_waits_for_the_passes_across_its_cut_as_measured():
     )
 
 
+def test_stages_sharing_one_machines_cores_are_never_faster_than_one_device():
+    # A schedule probe that read low (noise) cannot put the in-process
+    # pipeline ahead of one device doing the same micro-batches.
+    compute = dataclasses.replace(COMPUTE, microbatch=((2, 1e-6),), pipeline_steps=((2, 4, 1e-6),))
+    model = costmodel.Model(parameter_bytes=10**6, stages={2: ((0.5, 0.5), (0.0,))})
+    here = costmodel.Cluster(2, 2, costmodel.Link(1e12, 0), cores=2)
+    one = costmodel.one_device(model, compute, 100, here)
+    piped = costmodel.model_parallel(model, compute, 100, here, _links(), 2, 4, False)
+    assert piped.examples_per_second <= one.examples_per_second * 1.0001
+
+
 def test_all_reduce_is_the_bound_below_the_batch_the_plan_names_and_compute_above():
     model = costmodel.Model(parameter_bytes=4 * 10_000_000)
     cluster = _cluster(8)

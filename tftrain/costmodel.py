@@ -392,8 +392,9 @@ def model_parallel(
     schedule = {(k_, m_): t_ for k_, m_, t_ in compute.pipeline_steps}.get((k, microbatches))
     if schedule is not None:
         # The stages' schedule, passes and updates, measured at one example
-        # per micro-batch, and the rest of the examples' compute.
-        work = schedule + (batch - microbatches) * per_example
+        # per micro-batch, and the rest of the examples' compute; never
+        # below the same work on one device (both probes are noisy).
+        work = max(work, schedule + (batch - microbatches) * per_example)
     if shared and work > t:
         t, bound = work, "compute"
     where = "launched" if processes else "one process"
