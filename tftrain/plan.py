@@ -158,10 +158,14 @@ def parse_cluster(text: str, cores: int) -> costmodel.Cluster:
 # -- measurements ---------------------------------------------------------------
 
 
-def _python(args: list[str], timeout: float, env=None) -> subprocess.CompletedProcess:
+def _probe_env(env=None) -> dict:
     if env is None:  # a probe of this machine, not a task of the user's cluster
         env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env = dict(env, TF_CPP_MIN_LOG_LEVEL="2")
+    return dict(env, TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def _python(args: list[str], timeout: float, env=None) -> subprocess.CompletedProcess:
+    env = _probe_env(env)
     return subprocess.run(
         [sys.executable, "-m", "tftrain.plan_probe", *args],
         capture_output=True,
@@ -187,8 +191,7 @@ def _probe(kind: str, request: dict, timeout: float = 1800, env=None) -> dict:
 def _probes_side_by_side(request: dict, tasks: int, timeout: float = 1800) -> list[dict]:
     """The compute probe in ``tasks`` processes at once, their timed runs
     started together."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env = _probe_env()
     with tempfile.TemporaryDirectory() as folder:
         procs = []
         for rank in range(tasks):
