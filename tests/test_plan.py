@@ -287,6 +287,7 @@ def test_a_plan_of_a_user_run_ranks_every_mode_and_writes_plan_json(tmp_path):
     out, logdir = tmp_path / "plan.json", tmp_path / "curves"
     result = run_tftrain(
         "plan",
+        "--probe_rounds=1",
         "--cluster=4xcpu:8,25Gbit/s,20us",
         f"--output={out}",
         f"--logdir={logdir}",
@@ -351,6 +352,7 @@ def test_measure_runs_every_mode_here_and_records_what_it_measured(tmp_path):
         "plan",
         "--measure",
         "--measure_secs=1",
+        "--probe_rounds=2",
         "--max_ps=1",
         f"--output={out}",
         "--",
@@ -363,6 +365,28 @@ def test_measure_runs_every_mode_here_and_records_what_it_measured(tmp_path):
         assert m["measured_examples_per_second"] and m["measured_examples_per_second"] > 0, m
         assert m["mode"] in result.stdout
     assert "Fastest measured: " in result.stdout
+
+
+def test_each_probe_figure_is_the_median_of_its_rounds(monkeypatch):
+    # Three runs of a probe, one of them off: every figure is its median,
+    # what is measured once (the profile) comes from the first run alone.
+    runs = iter(
+        [
+            {"steps_per_second": {"64": 10.0}, "model": {"shapes": [[2, 3]]}, "peak": 5},
+            {"steps_per_second": {"64": 30.0}, "peak": 7},
+            {"steps_per_second": {"64": 12.0}, "peak": 6},
+        ]
+    )
+    asked = []
+
+    def probe(kind, request, timeout=1800, env=None):
+        asked.append(request)
+        return next(runs)
+
+    monkeypatch.setattr(plan, "_probe", probe)
+    got = plan._probe_rounds("compute", {"batches": [64], "profile": True}, 3)
+    assert got == {"steps_per_second": {"64": 12.0}, "model": {"shapes": [[2, 3]]}, "peak": 6}
+    assert [r.get("profile") for r in asked] == [True, None, None]
 
 
 def test_a_model_that_cannot_be_cut_gets_no_pipeline_rows():

@@ -72,6 +72,14 @@ def define_flags(flag_values) -> None:
         lower_bound=1,
         flag_values=flag_values,
     )
+    flags.DEFINE_integer(
+        "probe_rounds",
+        3,
+        "how many times each step-time probe runs (a process each); each figure is the "
+        "median over them (one probe run can read 20% off)",
+        lower_bound=1,
+        flag_values=flag_values,
+    )
     flags.DEFINE_string(
         "output", "plan.json", "where the plan goes (JSON)", flag_values=flag_values
     )
@@ -188,6 +196,27 @@ def _probe(kind: str, request: dict, timeout: float = 1800, env=None) -> dict:
             return json.load(f)
 
 
+def median_of(results: list):
+    """One result from several of the same probe: each number the median of
+    its values, anything else the first's."""
+    first = results[0]
+    if isinstance(first, dict):
+        return {k: median_of([r[k] for r in results if k in r]) for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.median(results)
+    return first
+
+
+def _probe_rounds(kind: str, request: dict, rounds: int) -> dict:
+    """``kind``'s probe ``rounds`` times, each in a process of its own, as one
+    result of medians (whatever is measured once, such as the model's
+    profile, only in the first)."""
+    results = [_probe(kind, request)]
+    request = {k: v for k, v in request.items() if k != "profile"}
+    results += [_probe(kind, request) for _ in range(rounds - 1)]
+    return median_of(results)
+
+
 def _probes_side_by_side(request: dict, tasks: int, timeout: float = 1800) -> list[dict]:
     """The compute probe in ``tasks`` processes at once, their timed runs
     started together."""
@@ -230,16 +259,19 @@ def _probes_side_by_side(request: dict, tasks: int, timeout: float = 1800) -> li
         return results
 
 
-def measure_compute(train_argv, config, cores: int, stages, microbatches, log) -> tuple:
+def measure_compute(
+    train_argv, config, cores: int, stages, microbatches, log, rounds: int = 1
+) -> tuple:
     """(Compute, model dict, memory) from steps at the global batch and half of
-    it, on all of ``cores`` and on half of them."""
+    it, on all of ``cores`` and on half of them; each step-time probe the
+    median of ``rounds`` runs."""
     batch = config.batch_size
     batches = sorted({batch, max(batch // 2, 1)})
     counts = sorted({cores, max(cores // 2, 1)}, reverse=True)
     fits, micro, model, memory = [], [], None, {}
     for c in counts:
         log(f"measuring training steps at batches {batches} on {c} core(s)...")
-        got = _probe(
+        got = _probe_rounds(
             "compute",
             {
                 "train_argv": train_argv,
@@ -252,6 +284,7 @@ def measure_compute(train_argv, config, cores: int, stages, microbatches, log) -
                 "stages": stages,
                 "microbatches": {str(k): m for k, m in microbatches.items()},
             },
+            rounds,
         )
         model = model or got.get("model")
         memory = memory or {
@@ -288,27 +321,33 @@ def measure_compute(train_argv, config, cores: int, stages, microbatches, log) -
             f"measuring training steps of 2 tasks side by side, each at batch {half} "
             f"on {share} core(s)..."
         )
-        together = _probes_side_by_side(
-            {
-                "train_argv": train_argv,
-                "threads": share,
-                "inter_op_threads": resources.cluster_inter_op_threads(2),
-                "thread_spinning": False,
-                "batches": [half],
-                "seconds": 4.0,
-            },
-            2,
+        side = statistics.median(
+            statistics.mean(1 / r["steps_per_second"][str(half)] for r in together)
+            for together in (
+                _probes_side_by_side(
+                    {
+                        "train_argv": train_argv,
+                        "threads": share,
+                        "inter_op_threads": resources.cluster_inter_op_threads(2),
+                        "thread_spinning": False,
+                        "batches": [half],
+                        "seconds": 4.0,
+                    },
+                    2,
+                )
+                for _ in range(rounds)
+            )
         )
-        side = statistics.mean(1 / r["steps_per_second"][str(half)] for r in together)
         crowding.append((2, side / compute.seconds(half, share)))
     steps = []
     if model and not model.get("cannot_cut"):
         for k in stages:
             if str(k) in model.get("stages", {}):
                 log(f"measuring model_parallel's schedule in one process ({k} stages)...")
-                got = _probe(
+                got = _probe_rounds(
                     "pipeline",
                     {"train_argv": train_argv, "stages": k, "microbatches": microbatches[k]},
+                    rounds,
                 )
                 steps.append((k, microbatches[k], got["step_seconds"]))
     compute = dataclasses.replace(compute, crowding=tuple(crowding), pipeline_steps=tuple(steps))
@@ -743,7 +782,7 @@ def main(argv: list[str]) -> None:
     start = time.time()
     try:
         compute, profile, memory = measure_compute(
-            train_argv, config, cores, k_values, microbatches, log
+            train_argv, config, cores, k_values, microbatches, log, fv.probe_rounds
         )
         model = _model_of(profile, memory, batch)
         shapes = profile["variable_shapes"] or [[1]]
