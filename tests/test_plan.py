@@ -58,6 +58,15 @@ def test_a_term_measured_as_nothing_at_one_core_count_is_taken_as_measured():
     micro = dataclasses.replace(COMPUTE, microbatch=((1, 0.0), (2, 1e-4)))
     assert micro.microbatch_seconds(1) == pytest.approx(1e-4)
     assert micro.microbatch_seconds(2) == pytest.approx(1e-4)
+    # The step's fixed cost measured as nothing at the count that measured a
+    # micro-batch's cost: taken as measured, not scaled by a ratio to zero
+    # (the CNN's launched pipeline was once predicted at 0 examples/s so).
+    flat = costmodel.Compute(((1, 0.019, 1.6e-3), (2, 0.0, 1.4e-3)), ((1, 0.0), (2, 6e-4)))
+    assert flat.microbatch_seconds(1) == pytest.approx(6e-4)
+    cut = costmodel.Model(parameter_bytes=10**6, stages={2: ((0.7, 0.3), (50176.0,))})
+    here = plan.parse_cluster("local", cores=2)
+    launched = costmodel.model_parallel(cut, flat, 100, here, _links(), 2, 4, processes=True)
+    assert 0.5 * 100 / flat.seconds(100, 2) < launched.examples_per_second < 100 / 0.019
 
 
 def test_tasks_side_by_side_on_this_machine_are_as_much_slower_as_measured():
@@ -79,6 +88,12 @@ def test_tasks_side_by_side_on_this_machine_are_as_much_slower_as_measured():
     ]
     assert piped[1] == pytest.approx(1.5 * piped[0])
     assert crowded.crowded(1) == 1.0 and crowded.crowded(4) == 1.5  # the nearest measured
+    # A local parameter server's workers compute side by side, as crowded, and
+    # share the servers' measured traffic T: an update costs T + t x crowding / W.
+    served = dataclasses.replace(links, local_ps={(2, 1): 2e-3})
+    for c in (COMPUTE, crowded):
+        ps = costmodel.parameter_server(model, c, 100, here, served, 1)
+        assert ps.step_seconds == pytest.approx(2e-3 + c.seconds(100, 1) * c.crowded(2) / 2)
     # Workers on machines of their own do not crowd each other.
     apart = _cluster(2, costmodel.Link(1e12, 0))
     alone = costmodel.multi_worker(model, COMPUTE, 100, apart, links, "tcp")

@@ -56,8 +56,13 @@ class Compute:
         # nearest count that measured something.
         measured = [cm for cm in self.microbatch if cm[1] > 0] or self.microbatch
         near = min(measured, key=lambda cm: abs(cm[0] - cores))
+        at_near = self.seconds(0, near[0])
+        if at_near <= 0 or fixed <= 0:
+            # A fixed cost measured as nothing at either count: no ratio to
+            # scale by (dividing by it made a pipeline's slot 10^7 s).
+            return near[1]
         # Scaled as the step's fixed cost scales between core counts.
-        return near[1] * fixed / max(self.seconds(0, near[0]), 1e-12)
+        return near[1] * fixed / at_near
 
     def _term(self, index: int, cores: float) -> float:
         fits = sorted(self.fits)
@@ -293,11 +298,14 @@ def parameter_server(model, compute, batch, cluster, links: Links, ps: int, inpu
     shared = links.local_ps.get((w, ps)) if cluster.local else None
     if shared is not None:
         # One machine: the servers, the chief and the workers share its
-        # cores, and the traffic of the workers updating at once is measured
-        # so; an update costs that and a worker's step on its share of the
-        # cores, one after the other (BUILD_NOTES.md: how close it comes).
+        # cores. The traffic of the W workers updating at once is measured
+        # so (seconds per update, T); the workers compute side by side, each
+        # on its share of the cores and crowded as measured, so W steps
+        # take one such step: an update costs T + t(B, C/W) x crowding / W
+        # (BUILD_NOTES.md: how close it comes).
+        t_compute *= compute.crowded(w)
         t_comm = shared
-        updates = 1 / (shared + t_compute)
+        updates = 1 / (shared + t_compute / w)
         ps_rate = math.inf
     else:
         t_comm = links.ps_step + link.seconds(moved / ps, 0)
