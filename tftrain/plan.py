@@ -573,6 +573,49 @@ def inputs_document(compute, model, links, stages, microbatches, max_ps, input_r
     }
 
 
+def readable_inputs(inputs: dict) -> dict:
+    """plan.json's ``measured_inputs``: what was measured, from ``inputs``,
+    named for a person reading it."""
+    c, li = inputs["compute"], inputs["links"]
+    return {
+        "compute": [
+            {"cores": n, "step_overhead_seconds": o, "seconds_per_example": e}
+            for n, o, e in c["fits"]
+        ],
+        # What each micro-batch past the first adds, per core count, and the
+        # crowding factor of tasks side by side (costmodel.Compute).
+        "microbatch_seconds": {str(n): t for n, t in c["microbatch"]},
+        "crowding": {str(n): f for n, f in c["crowding"]},
+        "pipeline_step_seconds": {
+            f"{k} stages, {m} micro-batches": t for k, m, t in c["pipeline_steps"]
+        },
+        "pipeline_cuts": {
+            k: {"shares": shares, "cut_bytes_per_example": cut}
+            for k, (shares, cut) in inputs["model"]["stages"].items()
+        },
+        "parameter_bytes": inputs["model"]["parameter_bytes"],
+        "input_examples_per_second": inputs["input_examples_per_second"],
+        "ring_call_seconds": li["ring_call"],
+        "ring": {
+            "bandwidth_bytes_per_second": li["ring"]["bandwidth"],
+            "latency_seconds": li["ring"]["latency"],
+        },
+        "grpc": {
+            "bandwidth_bytes_per_second": li["grpc"]["bandwidth"],
+            "latency_seconds": li["grpc"]["latency"],
+            "ps_update_seconds": li["ps_step"],
+            "round_trip_seconds": li["grpc_round_trip"],
+            "ps_updates_here_seconds": {f"{w} workers, {p} ps": t for w, p, t in li["local_ps"]},
+        },
+        # A cut's tensor passed between two stages' devices: seconds per pass
+        # and a step's fixed cost.
+        "pipeline_passes": {
+            where: {"per_pass_seconds": per, "fixed_seconds": fixed}
+            for where, (per, fixed) in li["pipeline_passes"].items()
+        },
+    }
+
+
 def predictions_of(document: dict, cluster_text: str | None = None) -> list:
     """The predictions of a plan.json's ``inputs`` for ``cluster_text``
     (default: the plan's own cluster)."""
@@ -856,53 +899,16 @@ def main(argv: list[str]) -> None:
     if measured:
         fastest = max(measured, key=measured.get)
         print(f"Fastest measured: {fastest}, {measured[fastest]:,.0f} examples/s.")
+    inputs = inputs_document(
+        compute, model, links, k_values, microbatches, fv.max_ps, memory.get("input")
+    )
     document = {
         "experiment": config.experiment,
         "global_batch": batch,
         "cluster": fv.cluster,
         "cores": cores,
-        "measured_inputs": {
-            "compute": [
-                {"cores": c, "step_overhead_seconds": o, "seconds_per_example": e}
-                for c, o, e in compute.fits
-            ],
-            # What each micro-batch past the first adds, per core count, and
-            # the crowding factor of tasks side by side (costmodel.Compute).
-            "microbatch_seconds": {str(c): t for c, t in compute.microbatch},
-            "crowding": {str(n): f for n, f in compute.crowding},
-            "pipeline_step_seconds": {
-                f"{k} stages, {m} micro-batches": t for k, m, t in compute.pipeline_steps
-            },
-            "pipeline_cuts": {
-                str(k): {"shares": list(shares), "cut_bytes_per_example": list(cut)}
-                for k, (shares, cut) in model.stages.items()
-            },
-            "parameter_bytes": model.parameter_bytes,
-            "input_examples_per_second": memory.get("input"),
-            "ring_call_seconds": links.ring_call,
-            "ring": {
-                "bandwidth_bytes_per_second": links.ring.bandwidth,
-                "latency_seconds": links.ring.latency,
-            },
-            "grpc": {
-                "bandwidth_bytes_per_second": links.grpc.bandwidth,
-                "latency_seconds": links.grpc.latency,
-                "ps_update_seconds": links.ps_step,
-                "round_trip_seconds": links.grpc_round_trip,
-                "ps_updates_here_seconds": {
-                    f"{w} workers, {p} ps": t for (w, p), t in links.local_ps.items()
-                },
-            },
-            # A cut's tensor passed between two stages' devices: seconds per
-            # pass and a step's fixed cost.
-            "pipeline_passes": {
-                where: {"per_pass_seconds": per, "fixed_seconds": fixed}
-                for where, (per, fixed) in links.pipeline_passes.items()
-            },
-        },
-        "inputs": inputs_document(
-            compute, model, links, k_values, microbatches, fv.max_ps, memory.get("input")
-        ),
+        "measured_inputs": readable_inputs(inputs),
+        "inputs": inputs,
         "modes": [
             {
                 "mode": p.mode,

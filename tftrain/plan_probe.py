@@ -114,26 +114,30 @@ def _input_rate(config, seconds: float = 1.0) -> float:
     return count * config.batch_size / (time.perf_counter() - start)
 
 
+def _median_call_seconds(call, repeats: int) -> float:
+    """The median wall time of ``repeats`` calls of ``call`` (warmed up by one)."""
+    import statistics
+
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def _ring_call_seconds(shapes) -> float:
     """What entering tftrain's ring from the graph costs a step, the network
     aside: the gradients through ``tf.numpy_function`` and copied once (a
     ring of one)."""
-    import statistics
-
     import tensorflow as tf
 
     from tftrain.distribute.ring import RingAllReduce
 
     alone = RingAllReduce(0, 1, timeout=10)
     gradients = [tf.ones(s) for s in shapes]
-    call = tf.function(lambda: alone.reduce_in_graph(gradients))
-    call()
-    times = []
-    for _ in range(21):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _median_call_seconds(tf.function(lambda: alone.reduce_in_graph(gradients)), 21)
 
 
 def _model_profile(config, stages: list[int], microbatches: dict) -> dict:
@@ -281,8 +285,6 @@ def grpc(request: dict) -> dict:
     as many one-value variables), with the cluster's workers updating at
     once, and one round trip to a server: the chief here, the workers and
     servers of the request's TF_CONFIG."""
-    import statistics
-
     import tensorflow as tf
 
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
@@ -313,12 +315,7 @@ def grpc(request: dict) -> dict:
         timings[name] = (time.perf_counter() - start) / repeats / int(loop)
     with strategy.scope():
         one = tf.Variable([0.0])
-    trips = []
-    for _ in range(101):
-        start = time.perf_counter()
-        one.read_value().numpy()
-        trips.append(time.perf_counter() - start)
-    timings["round_trip"] = statistics.median(trips[1:])
+    timings["round_trip"] = _median_call_seconds(lambda: one.read_value().numpy(), 100)
     if request.get("pass_bytes") is not None:
         # Passes between this process and a worker's, as a launched
         # pipeline's stages pass a cut's tensors.
@@ -349,8 +346,6 @@ def hop_seconds(devices: list[str], nbytes: int, long: int = 20) -> dict:
     a pipeline passes a cut's activations and gradients: the seconds each
     pass adds to a step, and a step's fixed cost (fitted from chains of 2
     and ``long`` passes inside one function)."""
-    import statistics
-
     import tensorflow as tf
 
     x = tf.ones([max(int(nbytes) // 4, 1)])
@@ -363,18 +358,9 @@ def hop_seconds(devices: list[str], nbytes: int, long: int = 20) -> dict:
                     x = x * 1.000001  # an op on each side; nothing to optimise away
             return x
 
-        return passes
+        return lambda: passes(x).numpy()
 
-    seconds = {}
-    for n in (2, long):
-        passes = chain(n)
-        passes(x).numpy()
-        times = []
-        for _ in range(31):
-            start = time.perf_counter()
-            passes(x).numpy()
-            times.append(time.perf_counter() - start)
-        seconds[n] = statistics.median(times)
+    seconds = {n: _median_call_seconds(chain(n), 31) for n in (2, long)}
     per = max((seconds[long] - seconds[2]) / (long - 2), 0.0)
     return {"per_pass": per, "fixed": max(seconds[2] - 2 * per, 0.0)}
 
