@@ -321,22 +321,20 @@ def measure_compute(
             f"measuring training steps of 2 tasks side by side, each at batch {half} "
             f"on {share} core(s)..."
         )
+        request = {
+            "train_argv": train_argv,
+            "threads": share,
+            "inter_op_threads": resources.cluster_inter_op_threads(2),
+            "thread_spinning": False,
+            "batches": [half],
+            "seconds": 4.0,
+        }
+        # Each round: the mean step of the two tasks; the median over rounds.
         side = statistics.median(
-            statistics.mean(1 / r["steps_per_second"][str(half)] for r in together)
-            for together in (
-                _probes_side_by_side(
-                    {
-                        "train_argv": train_argv,
-                        "threads": share,
-                        "inter_op_threads": resources.cluster_inter_op_threads(2),
-                        "thread_spinning": False,
-                        "batches": [half],
-                        "seconds": 4.0,
-                    },
-                    2,
-                )
-                for _ in range(rounds)
+            statistics.mean(
+                1 / r["steps_per_second"][str(half)] for r in _probes_side_by_side(request, 2)
             )
+            for _ in range(rounds)
         )
         crowding.append((2, side / compute.seconds(half, share)))
     steps = []
