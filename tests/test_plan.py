@@ -416,3 +416,35 @@ def test_a_model_that_cannot_be_cut_gets_no_pipeline_rows():
     assert sum(m.startswith("model_parallel") for m in modes(cut)) == 2
     assert not [m for m in modes(uncut) if m.startswith("model_parallel")]
     assert "one_device" in modes(uncut)
+
+
+@pytest.mark.slow
+def test_tasks_measured_side_by_side_wait_for_each_other_after_tracing_not_in_the_timing(
+    monkeypatch, tmp_path
+):
+    """The side-by-side probe's barrier sits in the timed run, after its first
+    stretch (which builds and traces), so the tasks' timed steps overlap
+    whatever each took to trace; the wait itself is not timed."""
+    import time
+
+    from tftrain import plan_probe
+    from tftrain.distribute import launch
+
+    config = launch.config_of_train_argv(
+        ["--experiment=fashion_mnist_mlp:smoke", f"--model_dir={tmp_path}"]
+    )
+    steps = []
+    called = plan_probe._Once.__call__
+
+    def at(self, output):
+        steps.append((self.interval, output.step))
+        called(self, output)
+
+    monkeypatch.setattr(plan_probe._Once, "__call__", at)
+    waited = plan_probe._steps_per_second(config, 32, 1.0, ready=lambda: time.sleep(3.0))
+    alone = plan_probe._steps_per_second(config, 32, 1.0)
+    [(loop, step)] = steps  # once, after the first loop of the timed run
+    assert step == loop > 0
+    # 3 s of waiting inside a timed stretch of about 1 s would cut the rate
+    # several times over.
+    assert waited > 0.5 * alone

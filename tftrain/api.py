@@ -52,23 +52,32 @@ def prepare(config: ExperimentConfig):
     return config, cluster, mode
 
 
-def execute(config, cluster, mode, *, log=print, stop=None, watchdog_box=None):
+def execute(config, cluster, mode, *, log=print, stop=None, watchdog_box=None, train_actions=None):
     """Runs this task's part: the training run (returns metrics.json's dict),
     or a role that serves or evaluates (returns its exit code, an int).
 
     ``watchdog_box``: a list that receives the watchdog, so that the caller
-    can stop it whatever happens.
+    can stop it whatever happens. ``train_actions``: in place of the default
+    ones (controller.run).
     """
     from tftrain import runlock
 
     lock = runlock.for_task(config.model_dir, cluster, log)
     try:
-        return _execute(config, cluster, mode, log=log, stop=stop, watchdog_box=watchdog_box)
+        return _execute(
+            config,
+            cluster,
+            mode,
+            log=log,
+            stop=stop,
+            watchdog_box=watchdog_box,
+            train_actions=train_actions,
+        )
     finally:
         lock.release()
 
 
-def _execute(config, cluster, mode, *, log, stop, watchdog_box):
+def _execute(config, cluster, mode, *, log, stop, watchdog_box, train_actions):
     from tftrain import controller, resources
 
     if config.restart:
@@ -104,7 +113,9 @@ def _execute(config, cluster, mode, *, log, stop, watchdog_box):
         # TensorFlow's coordination service installs a SIGTERM handler of its
         # own when a multi-worker strategy starts; tftrain's comes back on top.
         stop.install()
-    result = controller.run(config, mode, log=log, watchdog=watchdog, stop=stop)
+    result = controller.run(
+        config, mode, log=log, watchdog=watchdog, stop=stop, train_actions=train_actions
+    )
     watchdog.stop()
     return result
 

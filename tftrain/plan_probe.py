@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+from tftrain import actions
+
 SLOTS = {"sgd": 0, "momentum": 1, "adagrad": 1, "adam": 2, "rmsprop": 2}
 
 
@@ -41,42 +43,69 @@ def _rss() -> int:
 
 
 def _steps_per_second(
-    config, batch: int, target: float, microbatches: int = 1, ready=lambda: None, **mode
+    config, batch: int, target: float, microbatches: int = 1, ready=None, **mode
 ) -> float:
     """Training steps a second at ``batch`` (in ``microbatches`` micro-batches):
     steady state (tftrain leaves the first loop, which traces, out of
-    examples/s). ``ready`` is called between the rough run and the timed one."""
-    import tftrain
+    examples/s). ``ready`` is called once in the timed run, after that first
+    loop: tasks measured side by side wait there for each other, so that
+    their timed steps overlap whatever each took to build and trace."""
+    from tftrain import api
 
-    def run(loop: int, loops: int) -> float:
+    def run(loop: int, loops: int, actions=None) -> float:
         with tempfile.TemporaryDirectory() as model_dir:
-            result = tftrain.train(
-                config,
-                **(mode or {"strategy": "one_device"}),
-                batch_size=batch,
-                num_microbatches=microbatches,
-                train_steps=loop * loops,
-                steps_per_loop=loop,
-                eval_interval=10**9,
-                checkpoint_interval=10**9,
-                max_eval_examples=config.eval_batch_size or batch,
-                log_interval_secs=10**6,
-                export=False,
-                model_dir=model_dir,
+            checked = api.prepare(
+                config.replace(
+                    **(mode or {"strategy": "one_device"}),
+                    batch_size=batch,
+                    num_microbatches=microbatches,
+                    train_steps=loop * loops,
+                    steps_per_loop=loop,
+                    eval_interval=10**9,
+                    checkpoint_interval=10**9,
+                    max_eval_examples=config.eval_batch_size or batch,
+                    log_interval_secs=10**6,
+                    export=False,
+                    model_dir=model_dir,
+                )
             )
+            box = []
+            try:
+                result = api.execute(
+                    *checked, log=lambda _: None, watchdog_box=box, train_actions=actions
+                )
+            finally:
+                for watchdog in box:
+                    watchdog.stop()
         return result["examples_per_second"] / batch
 
     rough = run(2, 2)
     loop = int(min(max(round(0.5 * rough), 2), config.steps_per_loop or 100))
     loops = 1 + max(math.ceil(target * rough / loop), 1)
-    ready()
     if loops * loop <= 4:
+        if ready:
+            ready()
         return rough
-    return run(loop, loops)
+    return run(loop, loops, [_Once(loop, ready)] if ready else None)
+
+
+class _Once(actions.Action):
+    """A train action that calls ``call`` once, after the first stretch of
+    ``interval`` steps."""
+
+    def __init__(self, interval: int, call):
+        self.interval, self.call = interval, call
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.call is not None and step >= self.interval
+
+    def __call__(self, output) -> None:
+        call, self.call = self.call, None
+        call()
 
 
 def _barrier(folder: str, rank: int, tasks: int, timeout: float = 300.0):
-    """Tasks measured side by side start their timed runs together: each
+    """Tasks measured side by side start their timed steps together: each
     marks itself ready in ``folder`` and waits for the others (bounded)."""
 
     def ready():
@@ -222,7 +251,7 @@ def compute(request: dict) -> dict:
     base = _rss()
     result = {"threads": request["threads"], "steps_per_second": {}}
     together = request.get("together")  # {"folder", "rank", "tasks"}: side by side
-    ready = _barrier(**together) if together else (lambda: None)
+    ready = _barrier(**together) if together else None
     for batch in request["batches"]:
         result["steps_per_second"][str(batch)] = _steps_per_second(
             config, batch, request.get("seconds", 2.0), ready=ready
