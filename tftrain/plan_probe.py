@@ -143,30 +143,18 @@ def _input_rate(config, seconds: float = 1.0) -> float:
     return count * config.batch_size / (time.perf_counter() - start)
 
 
-def _median_call_seconds(call, repeats: int) -> float:
-    """The median wall time of ``repeats`` calls of ``call`` (warmed up by one)."""
-    import statistics
-
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _ring_call_seconds(shapes) -> float:
     """What entering tftrain's ring from the graph costs a step, the network
     aside: the gradients through ``tf.numpy_function`` and copied once (a
     ring of one)."""
     import tensorflow as tf
 
+    from tftrain import pipeline
     from tftrain.distribute.ring import RingAllReduce
 
     alone = RingAllReduce(0, 1, timeout=10)
     gradients = [tf.ones(s) for s in shapes]
-    return _median_call_seconds(tf.function(lambda: alone.reduce_in_graph(gradients)), 21)
+    return pipeline.median_call_seconds(tf.function(lambda: alone.reduce_in_graph(gradients)), 21)
 
 
 def _model_profile(config, stages: list[int], microbatches: dict) -> dict:
@@ -321,7 +309,7 @@ def grpc(request: dict) -> dict:
     coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
     workers = len(resolver.cluster_spec().as_dict()["worker"])
     timings = {}
-    from tftrain import optimizers
+    from tftrain import optimizers, pipeline
 
     config = _config(request["train_argv"])
     for name, shapes in (("full", request["shapes"]), ("tiny", [[1]] * len(request["shapes"]))):
@@ -344,7 +332,7 @@ def grpc(request: dict) -> dict:
         timings[name] = (time.perf_counter() - start) / repeats / int(loop)
     with strategy.scope():
         one = tf.Variable([0.0])
-    timings["round_trip"] = _median_call_seconds(lambda: one.read_value().numpy(), 100)
+    timings["round_trip"] = pipeline.median_call_seconds(lambda: one.read_value().numpy(), 100)
     if request.get("pass_bytes") is not None:
         # Passes between this process and a worker's, as a launched
         # pipeline's stages pass a cut's tensors.
@@ -377,6 +365,8 @@ def hop_seconds(devices: list[str], nbytes: int, long: int = 20) -> dict:
     and ``long`` passes inside one function)."""
     import tensorflow as tf
 
+    from tftrain import pipeline
+
     x = tf.ones([max(int(nbytes) // 4, 1)])
 
     def chain(n):
@@ -389,7 +379,7 @@ def hop_seconds(devices: list[str], nbytes: int, long: int = 20) -> dict:
 
         return lambda: passes(x).numpy()
 
-    seconds = {n: _median_call_seconds(chain(n), 31) for n in (2, long)}
+    seconds = {n: pipeline.median_call_seconds(chain(n), 31) for n in (2, long)}
     per = max((seconds[long] - seconds[2]) / (long - 2), 0.0)
     return {"per_pass": per, "fixed": max(seconds[2] - 2 * per, 0.0)}
 
