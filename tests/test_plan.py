@@ -448,3 +448,41 @@ def test_tasks_measured_side_by_side_wait_for_each_other_after_tracing_not_in_th
     # 3 s of waiting inside a timed stretch of about 1 s would cut the rate
     # several times over.
     assert waited > 0.5 * alone
+
+
+def test_two_tasks_in_lockstep_meet_after_every_step(tmp_path):
+    """benchmarks.crowding --lockstep: each step ends when both tasks have
+    finished it; a task that leaves early is an error, not a hang."""
+    import threading
+    import time
+
+    from tftrain import plan_probe
+
+    meets = [plan_probe._Meet(str(tmp_path), rank, 2) for rank in range(2)]
+    starts = [threading.Thread(target=m.begin, args=(0,)) for m in meets]
+    for t in starts:
+        t.start()
+    for t in starts:
+        t.join(30)
+
+    def steps(meet, pause):
+        for _ in range(5):
+            time.sleep(pause)
+            meet(None)
+
+    both = [threading.Thread(target=steps, args=(m, p)) for m, p in zip(meets, (0.0, 0.05))]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join(30)
+    # The fast task waited for the slow one at every step.
+    assert meets[0].steps_per_second() == pytest.approx(meets[1].steps_per_second(), rel=0.3)
+    assert meets[0].steps_per_second() < 1 / 0.04
+    meets[1].peer.close()
+    with pytest.raises(RuntimeError, match="left early"):
+        meets[0](None)
+    alone = plan_probe._Meet()
+    alone.begin(0)
+    for _ in range(3):
+        alone(None)
+    assert alone.peer is None and alone.steps_per_second() > 0

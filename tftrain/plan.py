@@ -217,18 +217,24 @@ def _probe_rounds(kind: str, request: dict, rounds: int) -> dict:
     return median_of(results)
 
 
-def _probes_side_by_side(request: dict, tasks: int, timeout: float = 1800) -> list[dict]:
+def _probes_side_by_side(
+    request: dict, tasks: int, timeout: float = 1800, pinned: bool = False
+) -> list[dict]:
     """The compute probe in ``tasks`` processes at once, their timed runs
-    started together."""
+    started together; ``pinned``: each on cores of its own, as ``tftrain
+    launch`` pins its tasks when there are enough to go round."""
     env = _probe_env()
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    share = len(cores) // tasks
     with tempfile.TemporaryDirectory() as folder:
         procs = []
         for rank in range(tasks):
             ask = os.path.join(folder, f"request-{rank}.json")
+            mine = dict(request, together={"folder": folder, "rank": rank, "tasks": tasks})
+            if pinned and share:
+                mine["cores"] = cores[rank * share : (rank + 1) * share]
             with open(ask, "w") as f:
-                json.dump(
-                    dict(request, together={"folder": folder, "rank": rank, "tasks": tasks}), f
-                )
+                json.dump(mine, f)
             answer = os.path.join(folder, f"result-{rank}.json")
             procs.append(
                 (

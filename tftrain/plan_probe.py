@@ -50,34 +50,9 @@ def _steps_per_second(
     examples/s). ``ready`` is called once in the timed run, after that first
     loop: tasks measured side by side wait there for each other, so that
     their timed steps overlap whatever each took to build and trace."""
-    from tftrain import api
 
     def run(loop: int, loops: int, actions=None) -> float:
-        with tempfile.TemporaryDirectory() as model_dir:
-            checked = api.prepare(
-                config.replace(
-                    **(mode or {"strategy": "one_device"}),
-                    batch_size=batch,
-                    num_microbatches=microbatches,
-                    train_steps=loop * loops,
-                    steps_per_loop=loop,
-                    eval_interval=10**9,
-                    checkpoint_interval=10**9,
-                    max_eval_examples=config.eval_batch_size or batch,
-                    log_interval_secs=10**6,
-                    export=False,
-                    model_dir=model_dir,
-                )
-            )
-            box = []
-            try:
-                result = api.execute(
-                    *checked, log=lambda _: None, watchdog_box=box, train_actions=actions
-                )
-            finally:
-                for watchdog in box:
-                    watchdog.stop()
-        return result["examples_per_second"] / batch
+        return _train(config, batch, microbatches, loop * loops, loop, actions, **mode)
 
     rough = run(2, 2)
     loop = int(min(max(round(0.5 * rough), 2), config.steps_per_loop or 100))
@@ -87,6 +62,38 @@ def _steps_per_second(
             ready()
         return rough
     return run(loop, loops, [_Once(loop, ready)] if ready else None)
+
+
+def _train(config, batch, microbatches, steps, loop, actions=None, **mode) -> float:
+    """Steps a second of a short ``tftrain.train`` run in a temporary folder,
+    with ``actions`` in place of the default ones (None: the defaults)."""
+    from tftrain import api
+
+    with tempfile.TemporaryDirectory() as model_dir:
+        checked = api.prepare(
+            config.replace(
+                **(mode or {"strategy": "one_device"}),
+                batch_size=batch,
+                num_microbatches=microbatches,
+                train_steps=steps,
+                steps_per_loop=loop,
+                eval_interval=10**9,
+                checkpoint_interval=10**9,
+                max_eval_examples=config.eval_batch_size or batch,
+                log_interval_secs=10**6,
+                export=False,
+                model_dir=model_dir,
+            )
+        )
+        box = []
+        try:
+            result = api.execute(
+                *checked, log=lambda _: None, watchdog_box=box, train_actions=actions
+            )
+        finally:
+            for watchdog in box:
+                watchdog.stop()
+    return result["examples_per_second"] / batch
 
 
 class _Once(actions.Action):
@@ -102,6 +109,62 @@ class _Once(actions.Action):
     def __call__(self, output) -> None:
         call, self.call = self.call, None
         call()
+
+
+class _Meet(actions.Action):
+    """A train action after every step that meets the other task measured
+    side by side (a byte each way over loopback), as a synchronous step
+    meets the others in its all-reduce; it times the steps between its
+    first meeting and its last, the waits included."""
+
+    interval = 1
+
+    def __init__(self, folder: str | None = None, rank: int = 0, tasks: int = 1):
+        self.folder, self.rank, self.peer = folder, rank, None
+        self.meet = folder is not None and tasks == 2
+        self.times = []
+
+    def begin(self, step: int) -> None:
+        import socket
+
+        if not self.meet:
+            return
+        path = os.path.join(self.folder, "meet-port")
+        if self.rank == 0:
+            server = socket.create_server(("127.0.0.1", 0))
+            server.settimeout(300)
+            with open(path + ".tmp", "w") as f:
+                f.write(str(server.getsockname()[1]))
+            os.replace(path + ".tmp", path)
+            self.peer, _ = server.accept()
+            server.close()
+        else:
+            deadline = time.monotonic() + 300
+            while not os.path.exists(path):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the other task measured in lockstep never came")
+                time.sleep(0.01)
+            with open(path) as f:
+                self.peer = socket.create_connection(("127.0.0.1", int(f.read())), timeout=300)
+        self.peer.settimeout(300)
+
+    def __call__(self, output) -> None:
+        if self.peer is not None:
+            self.peer.sendall(b"x")
+            if not self.peer.recv(1):
+                raise RuntimeError("the other task measured in lockstep left early")
+        self.times.append(time.perf_counter())
+
+    def steps_per_second(self) -> float:
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
+def _lockstep_steps_per_second(config, batch: int, steps: int, together=None) -> float:
+    """Steps a second of ``steps`` steps that each end by meeting the other
+    task (``together``; alone: the same stretches of one step, no one to meet)."""
+    meet = _Meet(**(together or {}))
+    _train(config, batch, 1, steps + 1, 1, [meet])
+    return meet.steps_per_second()
 
 
 def _barrier(folder: str, rank: int, tasks: int, timeout: float = 300.0):
@@ -241,9 +304,11 @@ def compute(request: dict) -> dict:
     together = request.get("together")  # {"folder", "rank", "tasks"}: side by side
     ready = _barrier(**together) if together else None
     for batch in request["batches"]:
-        result["steps_per_second"][str(batch)] = _steps_per_second(
-            config, batch, request.get("seconds", 2.0), ready=ready
-        )
+        if request.get("lockstep"):  # steps that meet the other task's (benchmarks.crowding)
+            rate = _lockstep_steps_per_second(config, batch, request["lockstep"], together)
+        else:
+            rate = _steps_per_second(config, batch, request.get("seconds", 2.0), ready=ready)
+        result["steps_per_second"][str(batch)] = rate
     # The global batch in micro-batches, as a pipeline would split it.
     result["microbatched_steps_per_second"] = {
         str(m): _steps_per_second(config, config.batch_size, request.get("seconds", 2.0), m)
@@ -400,6 +465,11 @@ def main(argv: list[str]) -> None:
         return
     with open(argv[2]) as f:
         request = json.load(f)
+    if request.get("cores") and hasattr(os, "sched_setaffinity"):
+        # Pinned before TensorFlow starts, so that every thread it makes (the
+        # input pipeline's too) stays on the task's cores, as a launched
+        # task's does.
+        os.sched_setaffinity(0, set(request["cores"]))
     result = {"compute": compute, "grpc": grpc, "hops": hops, "pipeline": pipeline}[kind](request)
     with open(argv[3], "w") as f:
         json.dump(result, f)
