@@ -7,8 +7,8 @@ real runs (BUILD_NOTES.md, "round four"):
 
 BATCH: each task's batch (a 2-worker run's global batch over 2). Each task
 gets 1 intra-op thread and the thread settings ``tftrain launch`` gives a
-task; ``--pinned``: each task (and, alone, the one task) on a core of its
-own, as ``tftrain launch`` pins them; ``--lockstep=N``: N steps, each
+task; ``--pinned``: each task (and, alone, the one task) on its share of
+the cores, as ``tftrain launch`` pins two tasks; ``--lockstep=N``: N steps, each
 ending when both tasks have finished it, as a synchronous all-reduce
 makes them (alone: the same one-step stretches). Medians of 2 rounds.
 """
@@ -38,7 +38,9 @@ def main(argv: list[str]) -> None:
         "seconds": 4.0,
         "lockstep": lockstep[0] if lockstep else None,
     }
-    alone_request = dict(request, cores=[0]) if pinned else request
+    # Pinned alone: on the cores the first of two pinned tasks would get.
+    share = resources.core_share(0, 2) if pinned else None
+    alone_request = dict(request, cores=share) if share else request
     alone = [
         1 / plan._probe("compute", alone_request)["steps_per_second"][str(batch)] for _ in range(2)
     ]

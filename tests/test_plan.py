@@ -436,15 +436,20 @@ def test_tasks_measured_side_by_side_wait_for_each_other_after_tracing_not_in_th
     steps = []
     called = plan_probe._Once.__call__
 
+    def wait():
+        time.sleep(3.0)
+
     def at(self, output):
-        steps.append((self.interval, output.step))
+        if self.call is wait:
+            steps.append((self.interval, output.step, output.total_steps))
         called(self, output)
 
     monkeypatch.setattr(plan_probe._Once, "__call__", at)
-    waited = plan_probe._steps_per_second(config, 32, 1.0, ready=lambda: time.sleep(3.0))
+    waited = plan_probe._steps_per_second(config, 32, 1.0, ready=wait)
     alone = plan_probe._steps_per_second(config, 32, 1.0)
-    [(loop, step)] = steps  # once, after the first loop of the timed run
-    assert step == loop > 0
+    # Once, after the first loop of the timed run (the longer of its two runs).
+    [(loop, step, total)] = steps
+    assert step == loop > 0 and total > 4
     # 3 s of waiting inside a timed stretch of about 1 s would cut the rate
     # several times over.
     assert waited > 0.5 * alone
@@ -464,6 +469,7 @@ def test_two_tasks_in_lockstep_meet_after_every_step(tmp_path):
         t.start()
     for t in starts:
         t.join(30)
+        assert not t.is_alive()
 
     def steps(meet, pause):
         for _ in range(5):
@@ -475,14 +481,39 @@ def test_two_tasks_in_lockstep_meet_after_every_step(tmp_path):
         t.start()
     for t in both:
         t.join(30)
-    # The fast task waited for the slow one at every step.
-    assert meets[0].steps_per_second() == pytest.approx(meets[1].steps_per_second(), rel=0.3)
-    assert meets[0].steps_per_second() < 1 / 0.04
-    meets[1].peer.close()
+        assert not t.is_alive()
+    # The task without a pause waited for the other at every step.
+    assert len(meets[0].times) == 5 and meets[0].steps_per_second() < 1 / 0.04
+    meets[1].close()
     with pytest.raises(RuntimeError, match="left early"):
         meets[0](None)
+    meets[0].close()
+    # Alone: no one to meet, the same calls timed.
     alone = plan_probe._Meet()
     alone.begin(0)
     for _ in range(3):
+        time.sleep(0.02)
         alone(None)
-    assert alone.peer is None and alone.steps_per_second() > 0
+    assert alone.peer is None and alone.steps_per_second() < 1 / 0.015
+    with pytest.raises(ValueError, match="expected 2"):
+        plan_probe._Meet(str(tmp_path), 0, 3)
+
+
+def test_each_side_by_side_barrier_is_a_meeting_of_its_own(tmp_path):
+    """A second barrier in the same folder (a request of two batches) waits
+    for the other task again, not for the first barrier's files."""
+    import threading
+
+    from tftrain import plan_probe
+
+    ready = [plan_probe._barrier(str(tmp_path), rank, 2, timeout=5) for rank in range(2)]
+    both = [threading.Thread(target=r) for r in ready]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join(10)
+        assert not t.is_alive()
+    lonely = plan_probe._barrier(str(tmp_path), 0, 2, timeout=0.5)
+    lonely()  # the first meeting, already held: its files are there
+    with pytest.raises(RuntimeError, match="never got ready"):
+        lonely()  # the second: the other task never comes

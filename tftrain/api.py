@@ -149,10 +149,18 @@ def train(config: ExperimentConfig | str, **overrides) -> dict:
             f"tftrain.train({type(config).__name__}): expected a tftrain.ExperimentConfig "
             "or an experiment's name or path."
         )
-    config, cluster, mode = prepare(config.replace(**overrides))
+    return run(config.replace(**overrides))
+
+
+def run(config: ExperimentConfig, *, log=print, train_actions=None) -> dict:
+    """``train`` of a config: checked, then run; ``train_actions`` in place
+    of the default ones (controller.run)."""
+    config, cluster, mode = prepare(config)
     box = []
     try:
-        result = execute(config, cluster, mode, watchdog_box=box)
+        result = execute(
+            config, cluster, mode, log=log, watchdog_box=box, train_actions=train_actions
+        )
     finally:
         for watchdog in box:
             watchdog.stop()

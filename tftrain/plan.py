@@ -223,16 +223,17 @@ def _probes_side_by_side(
     """The compute probe in ``tasks`` processes at once, their timed runs
     started together; ``pinned``: each on cores of its own, as ``tftrain
     launch`` pins its tasks when there are enough to go round."""
+    from tftrain import resources
+
     env = _probe_env()
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    share = len(cores) // tasks
     with tempfile.TemporaryDirectory() as folder:
         procs = []
         for rank in range(tasks):
             ask = os.path.join(folder, f"request-{rank}.json")
             mine = dict(request, together={"folder": folder, "rank": rank, "tasks": tasks})
-            if pinned and share:
-                mine["cores"] = cores[rank * share : (rank + 1) * share]
+            cores = resources.core_share(rank, tasks) if pinned else None
+            if cores:
+                mine["cores"] = cores
             with open(ask, "w") as f:
                 json.dump(mine, f)
             answer = os.path.join(folder, f"result-{rank}.json")

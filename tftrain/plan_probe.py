@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from tftrain import actions
+from tftrain import actions, resources
 
 SLOTS = {"sgd": 0, "momentum": 1, "adagrad": 1, "adam": 2, "rmsprop": 2}
 
@@ -49,28 +49,26 @@ def _steps_per_second(
     steady state (tftrain leaves the first loop, which traces, out of
     examples/s). ``ready`` is called once in the timed run, after that first
     loop: tasks measured side by side wait there for each other, so that
-    their timed steps overlap whatever each took to build and trace."""
+    their timed steps overlap whatever each took to build and trace. Alone
+    or side by side, the runs make the same calls (one action, no others)."""
+    ready = ready or (lambda: None)
 
-    def run(loop: int, loops: int, actions=None) -> float:
-        return _train(config, batch, microbatches, loop * loops, loop, actions, **mode)
+    def run(loop: int, loops: int, call=lambda: None) -> float:
+        return _train(config, batch, microbatches, loop * loops, loop, [_Once(loop, call)], **mode)
 
     rough = run(2, 2)
     loop = int(min(max(round(0.5 * rough), 2), config.steps_per_loop or 100))
     loops = 1 + max(math.ceil(target * rough / loop), 1)
-    if loops * loop <= 4:
-        if ready:
-            ready()
-        return rough
-    return run(loop, loops, [_Once(loop, ready)] if ready else None)
+    return run(loop, loops, ready)
 
 
-def _train(config, batch, microbatches, steps, loop, actions=None, **mode) -> float:
+def _train(config, batch, microbatches, steps, loop, train_actions, **mode) -> float:
     """Steps a second of a short ``tftrain.train`` run in a temporary folder,
-    with ``actions`` in place of the default ones (None: the defaults)."""
+    with ``train_actions`` in place of the default ones."""
     from tftrain import api
 
     with tempfile.TemporaryDirectory() as model_dir:
-        checked = api.prepare(
+        result = api.run(
             config.replace(
                 **(mode or {"strategy": "one_device"}),
                 batch_size=batch,
@@ -83,25 +81,22 @@ def _train(config, batch, microbatches, steps, loop, actions=None, **mode) -> fl
                 log_interval_secs=10**6,
                 export=False,
                 model_dir=model_dir,
-            )
+            ),
+            log=lambda _: None,
+            train_actions=train_actions,
         )
-        box = []
-        try:
-            result = api.execute(
-                *checked, log=lambda _: None, watchdog_box=box, train_actions=actions
-            )
-        finally:
-            for watchdog in box:
-                watchdog.stop()
     return result["examples_per_second"] / batch
 
 
 class _Once(actions.Action):
     """A train action that calls ``call`` once, after the first stretch of
-    ``interval`` steps."""
+    ``interval`` steps (and then never ends a stretch early)."""
 
     def __init__(self, interval: int, call):
         self.interval, self.call = interval, call
+
+    def steps_until_due(self, step: int) -> int | None:
+        return None if self.call is None else super().steps_until_due(step)
 
     def due(self, step: int, last: bool) -> bool:
         return self.call is not None and step >= self.interval
@@ -111,49 +106,62 @@ class _Once(actions.Action):
         call()
 
 
+def _wait_for_file(path: str, what: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} in {timeout:.0f} s")
+        time.sleep(0.01)
+
+
 class _Meet(actions.Action):
     """A train action after every step that meets the other task measured
     side by side (a byte each way over loopback), as a synchronous step
     meets the others in its all-reduce; it times the steps between its
-    first meeting and its last, the waits included."""
+    first meeting and its last, the waits included. ``name``: this
+    meeting's, unique in ``folder``."""
 
     interval = 1
 
-    def __init__(self, folder: str | None = None, rank: int = 0, tasks: int = 1):
-        self.folder, self.rank, self.peer = folder, rank, None
-        self.meet = folder is not None and tasks == 2
+    def __init__(self, folder: str | None = None, rank: int = 0, tasks: int = 1, name="meet"):
+        if folder is not None and tasks != 2:
+            raise ValueError(f"tasks in lockstep: expected 2, got {tasks}")
+        self.folder, self.rank, self.name, self.peer = folder, rank, name, None
         self.times = []
 
     def begin(self, step: int) -> None:
         import socket
 
-        if not self.meet:
+        if self.folder is None:
             return
-        path = os.path.join(self.folder, "meet-port")
+        path = os.path.join(self.folder, f"{self.name}-port")
         if self.rank == 0:
-            server = socket.create_server(("127.0.0.1", 0))
-            server.settimeout(300)
-            with open(path + ".tmp", "w") as f:
-                f.write(str(server.getsockname()[1]))
-            os.replace(path + ".tmp", path)
-            self.peer, _ = server.accept()
-            server.close()
+            with socket.create_server(("127.0.0.1", 0)) as server:
+                server.settimeout(300)
+                with open(path + ".tmp", "w") as f:
+                    f.write(str(server.getsockname()[1]))
+                os.replace(path + ".tmp", path)
+                self.peer, _ = server.accept()
         else:
-            deadline = time.monotonic() + 300
-            while not os.path.exists(path):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the other task measured in lockstep never came")
-                time.sleep(0.01)
+            _wait_for_file(path, "the other task measured in lockstep never came")
             with open(path) as f:
                 self.peer = socket.create_connection(("127.0.0.1", int(f.read())), timeout=300)
         self.peer.settimeout(300)
 
     def __call__(self, output) -> None:
         if self.peer is not None:
-            self.peer.sendall(b"x")
-            if not self.peer.recv(1):
+            try:
+                self.peer.sendall(b"x")
+                answered = self.peer.recv(1)
+            except OSError as e:
+                raise RuntimeError(f"the other task measured in lockstep left early ({e})") from e
+            if not answered:
                 raise RuntimeError("the other task measured in lockstep left early")
         self.times.append(time.perf_counter())
+
+    def close(self) -> None:
+        if self.peer is not None:
+            self.peer.close()
 
     def steps_per_second(self) -> float:
         return (len(self.times) - 1) / (self.times[-1] - self.times[0])
@@ -162,25 +170,28 @@ class _Meet(actions.Action):
 def _lockstep_steps_per_second(config, batch: int, steps: int, together=None) -> float:
     """Steps a second of ``steps`` steps that each end by meeting the other
     task (``together``; alone: the same stretches of one step, no one to meet)."""
-    meet = _Meet(**(together or {}))
-    _train(config, batch, 1, steps + 1, 1, [meet])
+    meet = _Meet(**(together or {}), name=f"meet-{batch}")
+    try:
+        _train(config, batch, 1, steps + 1, 1, [meet])
+    finally:
+        meet.close()
     return meet.steps_per_second()
 
 
 def _barrier(folder: str, rank: int, tasks: int, timeout: float = 300.0):
     """Tasks measured side by side start their timed steps together: each
-    marks itself ready in ``folder`` and waits for the others (bounded)."""
+    marks itself ready in ``folder`` and waits for the others (bounded).
+    Each call is a meeting of its own (its files are numbered)."""
+    calls = []
 
     def ready():
-        open(os.path.join(folder, f"ready-{rank}"), "w").close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(os.path.exists(os.path.join(folder, f"ready-{i}")) for i in range(tasks)):
-                return
-            time.sleep(0.01)
-        raise RuntimeError(
-            f"the other tasks measured side by side never got ready in {timeout:.0f} s"
-        )
+        calls.append(None)
+        mark = os.path.join(folder, f"ready-{len(calls)}-{{}}")
+        open(mark.format(rank), "w").close()
+        for i in range(tasks):
+            _wait_for_file(
+                mark.format(i), "the other tasks measured side by side never got ready", timeout
+            )
 
     return ready
 
@@ -465,11 +476,11 @@ def main(argv: list[str]) -> None:
         return
     with open(argv[2]) as f:
         request = json.load(f)
-    if request.get("cores") and hasattr(os, "sched_setaffinity"):
+    if request.get("cores"):
         # Pinned before TensorFlow starts, so that every thread it makes (the
         # input pipeline's too) stays on the task's cores, as a launched
         # task's does.
-        os.sched_setaffinity(0, set(request["cores"]))
+        resources.pin(0, request["cores"])
     result = {"compute": compute, "grpc": grpc, "hops": hops, "pipeline": pipeline}[kind](request)
     with open(argv[3], "w") as f:
         json.dump(result, f)

@@ -16,6 +16,29 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def core_share(position: int, tasks: int) -> list[int] | None:
+    """The cores of task ``position`` of ``tasks`` on this machine when each
+    gets cores of its own (None: too few to go round, or no affinity here)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    per_task = len(cores) // max(tasks, 1)
+    if per_task < 1:
+        return None
+    return cores[position * per_task : (position + 1) * per_task]
+
+
+def pin(pid: int, cores) -> None:
+    """Keeps process ``pid`` (0: this one) and the threads it starts later on
+    ``cores``; nothing where that cannot be done."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        os.sched_setaffinity(pid, set(cores))
+    except OSError:  # the process already exited, or a container forbids it
+        pass
+
+
 def available_memory() -> int | None:
     """Bytes of memory this machine can still give (MemAvailable), or None if unknown."""
     try:

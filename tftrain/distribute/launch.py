@@ -359,17 +359,9 @@ class Cluster:
         Unpinned, the tasks' threads migrate between cores and interrupt each
         other; pinned, each worker's step runs undisturbed (BUILD_NOTES.md).
         """
-        if not hasattr(os, "sched_setaffinity"):
-            return
-        cores = sorted(os.sched_getaffinity(0))
-        per_task = len(cores) // len(self.local)
-        if per_task < 1:
-            return
-        mine = set(cores[position * per_task : (position + 1) * per_task])
-        try:
-            os.sched_setaffinity(task.process.pid, mine)
-        except OSError:  # the task already exited, or a container forbids it
-            pass
+        mine = resources.core_share(position, len(self.local))
+        if mine:
+            resources.pin(task.process.pid, mine)
 
     def start(self) -> None:
         self._release_ports()
