@@ -29,6 +29,7 @@ def main(argv: list[str]) -> None:
     head, train_argv = argv[1 : argv.index("--")], argv[argv.index("--") + 1 :]
     batch, pinned = int(head[0]), "--pinned" in head
     lockstep = [int(h.split("=", 1)[1]) for h in head if h.startswith("--lockstep=")]
+    replica = "--replica" in head
     request = {
         "train_argv": train_argv,
         "threads": 1,
@@ -41,13 +42,16 @@ def main(argv: list[str]) -> None:
     # Pinned alone: on the cores the first of two pinned tasks would get.
     share = resources.core_share(0, 2) if pinned else None
     alone_request = dict(request, cores=share) if share else request
+    # --replica: the tasks side by side each step through the strategy, as
+    # one replica of a data-parallel run (the alone figure stays one_device's).
+    side_request = dict(request, mode=plan.REPLICA) if replica else request
     alone = [
         1 / plan._probe("compute", alone_request)["steps_per_second"][str(batch)] for _ in range(2)
     ]
     side = [
         statistics.mean(
             1 / r["steps_per_second"][str(batch)]
-            for r in plan._probes_side_by_side(request, 2, pinned=pinned)
+            for r in plan._probes_side_by_side(side_request, 2, pinned=pinned)
         )
         for _ in range(2)
     ]

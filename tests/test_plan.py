@@ -101,6 +101,36 @@ def test_tasks_side_by_side_on_this_machine_are_as_much_slower_as_measured():
     assert side.step_seconds == pytest.approx(alone.step_seconds)
 
 
+def test_data_parallel_replicas_cost_what_their_measured_step_costs():
+    # Measured: a replica's step through the strategy is 1.2x one_device's
+    # alone and 2.2x side by side; independent tasks crowd each other 1.4x.
+    both = dataclasses.replace(COMPUTE, crowding=((2, 1.4),), replicas=((1, 1.2), (2, 2.2)))
+    model = costmodel.Model(parameter_bytes=4)
+    here = costmodel.Cluster(2, 2, costmodel.Link(1e12, 0), cores=2)
+    links = _links(costmodel.Link(1e12, 0))
+    one = COMPUTE.seconds(50, 1)
+    for p in (
+        costmodel.mirrored(model, both, 100, here, 2),
+        costmodel.multi_worker(model, both, 100, here, links, "tcp"),
+    ):
+        assert p.parts["compute"] == pytest.approx(2.2 * one)  # side by side: as measured
+    # Workers on machines of their own (2 cores each): the replica's step alone.
+    apart = costmodel.multi_worker(
+        model, both, 100, _cluster(2, costmodel.Link(1e12, 0)), links, "tcp"
+    )
+    assert apart.parts["compute"] == pytest.approx(1.2 * COMPUTE.seconds(50, 2))
+    # The parameter server's workers are not replicas of a synchronous step:
+    # crowded as independent tasks.
+    served = dataclasses.replace(links, local_ps={(2, 1): 2e-3})
+    ps = costmodel.parameter_server(model, both, 100, here, served, 1)
+    assert ps.parts["compute"] == pytest.approx(1.4 * COMPUTE.seconds(100, 1))
+    # Only the replica alone measured: alone's cost, crowded as tasks are.
+    alone_only = dataclasses.replace(both, replicas=((1, 1.2),))
+    assert alone_only.replicated(2) == pytest.approx(1.2 * 1.4)
+    assert alone_only.replicated(2, side_by_side=False) == pytest.approx(1.2)
+    assert COMPUTE.replicated(4) == 1.0  # nothing measured: one_device's step
+
+
 def test_all_reduce_beats_one_parameter_server_for_a_dense_model_as_workers_grow():
     # A ResNet-50-sized dense model (25.6 M float32 parameters), 50 ms of compute a step.
     model = costmodel.Model(parameter_bytes=4 * 25_600_000)
@@ -348,6 +378,9 @@ def test_a_plan_of_a_user_run_ranks_every_mode_and_writes_plan_json(tmp_path):
     )
     if len(os.sched_getaffinity(0)) >= 2:  # two tasks side by side: a measured factor
         assert measured["crowding"]["2"] > 0
+        # A replica's step through the strategy, alone and side by side.
+        assert set(measured["replica_step"]) == {"1", "2"}
+        assert all(f > 0 for f in measured["replica_step"].values())
     # The scaling curves: one TensorBoard scalar per mode and axis.
     import tensorflow as tf
 

@@ -38,6 +38,15 @@ class Compute:
     # process at one example per micro-batch, what its schedule costs
     # beside the examples' compute (measured).
     pipeline_steps: tuple[tuple[int, int, float], ...] = ()
+    # (tasks, factor): a synchronous data-parallel replica's step (through
+    # its tf.distribute strategy, one replica a task), that many side by
+    # side on this machine, over one_device's step alone on the same share;
+    # (1, factor): one such replica alone (measured). A strategy's step
+    # costs more than one_device's before a second replica exists (its
+    # replica function, distributed variables and iterator), and side by
+    # side the replicas crowd each other more than independent tasks do
+    # (BUILD_NOTES.md, "round five"). None measured: the crowding.
+    replicas: tuple[tuple[int, float], ...] = ()
 
     def seconds(self, batch: float, cores: float) -> float:
         return self._term(1, cores) + batch * self._term(2, cores)
@@ -46,6 +55,18 @@ class Compute:
         if tasks <= 1 or not self.crowding:
             return 1.0
         return min(self.crowding, key=lambda tc: (abs(tc[0] - tasks), -tc[0]))[1]
+
+    def replicated(self, tasks: int, side_by_side: bool = True) -> float:
+        """What a data-parallel replica's step costs over one_device's:
+        ``tasks`` of them on this machine (``side_by_side``) or each on a
+        machine of its own."""
+        alone = dict(self.replicas).get(1, 1.0)
+        if tasks <= 1 or not side_by_side:
+            return alone
+        measured = [tf for tf in self.replicas if tf[0] > 1]
+        if not measured:
+            return alone * self.crowded(tasks)
+        return min(measured, key=lambda tf: (abs(tf[0] - tasks), -tf[0]))[1]
 
     def microbatch_seconds(self, cores: float) -> float:
         fixed = self.seconds(0, cores)
@@ -219,7 +240,7 @@ def mirrored(model, compute, batch, cluster, replicas: int, input_rate=None):
     sharing the cores, each replica with its share, side by side; the
     all-reduce is in memory (its cost: one pass over the gradients each)."""
     cores = (cluster.cores if cluster.local else cluster.cores_per_task) / replicas
-    t_compute = compute.seconds(batch / replicas, cores) * compute.crowded(replicas)
+    t_compute = compute.seconds(batch / replicas, cores) * compute.replicated(replicas)
     t_reduce = replicas * model.parameter_bytes / 10e9  # memory bandwidth, order of magnitude
     p = Prediction(
         f"mirrored x{replicas}",
@@ -241,7 +262,7 @@ def multi_worker(model, compute, batch, cluster, links: Links, collective: str, 
     n = cluster.workers
     cores = _cores(cluster, n)
     per_worker = batch / n
-    t_compute = compute.seconds(per_worker, cores) * (compute.crowded(n) if cluster.local else 1)
+    t_compute = compute.seconds(per_worker, cores) * compute.replicated(n, cluster.local)
     g = model.parameter_bytes
     if collective == "tcp":
         link = _slower(links.ring, cluster)

@@ -266,6 +266,12 @@ def _probes_side_by_side(
         return results
 
 
+# A synchronous data-parallel replica's step: one replica through the
+# strategy (on CPU as fast as one launched multi_worker_mirrored worker's;
+# BUILD_NOTES.md, "round four").
+REPLICA = {"strategy": "mirrored", "num_replicas": 1}
+
+
 def measure_compute(
     train_argv, config, cores: int, stages, microbatches, log, rounds: int = 1
 ) -> tuple:
@@ -316,7 +322,7 @@ def measure_compute(
             extra = (1 / rate - seconds[batch]) / (int(m) - 1)
             micro.append((c, max(extra, 0.0)))
     compute = costmodel.Compute(tuple(fits), tuple(micro))
-    crowding = []
+    crowding, replicas = [], []
     if cores >= 2:
         # Two tasks of this machine at once, each on half the cores, with
         # the thread settings tftrain gives a launched task: how much slower
@@ -344,6 +350,26 @@ def measure_compute(
             for _ in range(rounds)
         )
         crowding.append((2, side / compute.seconds(half, share)))
+        # The same through the strategy, one replica a task (as a 2-worker
+        # launch pins them, each on its cores), and one such replica alone.
+        log("measuring a data-parallel replica's step, alone and 2 side by side...")
+        replica = dict(request, mode=REPLICA)
+        try:
+            alone = 1 / _probe_rounds("compute", replica, rounds)["steps_per_second"][str(half)]
+            side = statistics.median(
+                statistics.mean(
+                    1 / r["steps_per_second"][str(half)]
+                    for r in _probes_side_by_side(replica, 2, pinned=True)
+                )
+                for _ in range(rounds)
+            )
+        except RuntimeError as e:
+            log(
+                f"  (no replica step: {str(e).splitlines()[0]}; data parallelism from the crowding)"
+            )
+        else:
+            one = compute.seconds(half, share)
+            replicas += [(1, alone / one), (2, side / one)]
     steps = []
     if model and not model.get("cannot_cut"):
         for k in stages:
@@ -355,7 +381,9 @@ def measure_compute(
                     rounds,
                 )
                 steps.append((k, microbatches[k], got["step_seconds"]))
-    compute = dataclasses.replace(compute, crowding=tuple(crowding), pipeline_steps=tuple(steps))
+    compute = dataclasses.replace(
+        compute, crowding=tuple(crowding), pipeline_steps=tuple(steps), replicas=tuple(replicas)
+    )
     return compute, model, memory
 
 
@@ -556,6 +584,7 @@ def inputs_document(compute, model, links, stages, microbatches, max_ps, input_r
             "microbatch": [list(m) for m in compute.microbatch],
             "crowding": [list(c) for c in compute.crowding],
             "pipeline_steps": [list(p) for p in compute.pipeline_steps],
+            "replicas": [list(r) for r in compute.replicas],
         },
         "model": {
             **{k: v for k, v in dataclasses.asdict(model).items() if k != "stages"},
@@ -591,6 +620,9 @@ def readable_inputs(inputs: dict) -> dict:
         # crowding factor of tasks side by side (costmodel.Compute).
         "microbatch_seconds": {str(n): t for n, t in c["microbatch"]},
         "crowding": {str(n): f for n, f in c["crowding"]},
+        # A data-parallel replica's step over one_device's: alone ("1") and
+        # side by side ("2").
+        "replica_step": {str(n): f for n, f in c.get("replicas", [])},
         "pipeline_step_seconds": {
             f"{k} stages, {m} micro-batches": t for k, m, t in c["pipeline_steps"]
         },
@@ -627,7 +659,10 @@ def predictions_of(document: dict, cluster_text: str | None = None) -> list:
     i = document["inputs"]
     c = i["compute"]
     compute = costmodel.Compute(
-        *(tuple(map(tuple, c[k])) for k in ("fits", "microbatch", "crowding", "pipeline_steps"))
+        *(
+            tuple(map(tuple, c.get(k, [])))
+            for k in ("fits", "microbatch", "crowding", "pipeline_steps", "replicas")
+        )
     )
     model = costmodel.Model(
         **{k: v for k, v in i["model"].items() if k != "stages"},

@@ -167,12 +167,12 @@ class _Meet(actions.Action):
         return (len(self.times) - 1) / (self.times[-1] - self.times[0])
 
 
-def _lockstep_steps_per_second(config, batch: int, steps: int, together=None) -> float:
+def _lockstep_steps_per_second(config, batch: int, steps: int, together=None, **mode) -> float:
     """Steps a second of ``steps`` steps that each end by meeting the other
     task (``together``; alone: the same stretches of one step, no one to meet)."""
     meet = _Meet(**(together or {}), name=f"meet-{batch}")
     try:
-        _train(config, batch, 1, steps + 1, 1, [meet])
+        _train(config, batch, 1, steps + 1, 1, [meet], **mode)
     finally:
         meet.close()
     return meet.steps_per_second()
@@ -314,11 +314,16 @@ def compute(request: dict) -> dict:
     result = {"threads": request["threads"], "steps_per_second": {}}
     together = request.get("together")  # {"folder", "rank", "tasks"}: side by side
     ready = _barrier(**together) if together else None
+    # The strategy's flags (default one_device): {"strategy": "mirrored",
+    # "num_replicas": 1} is a data-parallel replica's step, alone.
+    mode = request.get("mode") or {}
     for batch in request["batches"]:
         if request.get("lockstep"):  # steps that meet the other task's (benchmarks.crowding)
-            rate = _lockstep_steps_per_second(config, batch, request["lockstep"], together)
+            rate = _lockstep_steps_per_second(config, batch, request["lockstep"], together, **mode)
         else:
-            rate = _steps_per_second(config, batch, request.get("seconds", 2.0), ready=ready)
+            rate = _steps_per_second(
+                config, batch, request.get("seconds", 2.0), ready=ready, **mode
+            )
         result["steps_per_second"][str(batch)] = rate
     # The global batch in micro-batches, as a pipeline would split it.
     result["microbatched_steps_per_second"] = {
