@@ -2,6 +2,7 @@
 the installed versions: a failure here names what an upgrade changed."""
 
 import inspect
+import os
 import subprocess
 import sys
 
@@ -26,6 +27,40 @@ def test_thread_spinning_can_be_turned_off_before_tensorflow_starts():
         "TensorFlow's eager context no longer takes ConfigProto from its private _config: "
         f"tftrain._internal.disable_thread_spinning needs another way.\n{out.stderr[-2000:]}"
     )
+
+
+def test_tensorflow_pools_cpu_memory_when_asked_before_it_starts():
+    code = (
+        "import os, sys; from tftrain import _internal\n"
+        "if sys.argv[1] == 'pool': _internal.pool_cpu_memory()\n"
+        "import tensorflow as tf; tf.ones([100, 100]) + 1\n"
+        "print(_internal.cpu_memory_pooled())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != _internal.CPU_POOL_VARIABLE}
+    said = {}
+    for how in ("pool", "malloc"):
+        out = subprocess.run(
+            [sys.executable, "-c", code, how],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        said[how] = out.stdout.strip().splitlines()[-1:] or [out.stderr[-2000:]]
+    assert said == {"pool": ["True"], "malloc": ["False"]}, (
+        f"TensorFlow no longer reads {_internal.CPU_POOL_VARIABLE} (or its CPU allocator's "
+        f"statistics moved): tftrain._internal.pool_cpu_memory needs another way. {said}"
+    )
+
+
+def test_a_cpu_allocator_the_user_chose_is_kept(monkeypatch):
+    monkeypatch.setenv(_internal.CPU_POOL_VARIABLE, "false")
+    _internal.pool_cpu_memory()
+    assert os.environ[_internal.CPU_POOL_VARIABLE] == "false"
+    monkeypatch.delenv(_internal.CPU_POOL_VARIABLE)
+    _internal.pool_cpu_memory()
+    assert os.environ[_internal.CPU_POOL_VARIABLE] == "true"
 
 
 def test_the_iteration_counter_adds_in_place():

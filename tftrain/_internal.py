@@ -28,6 +28,38 @@ def disable_thread_spinning() -> None:
     ctx._config = config
 
 
+CPU_POOL_VARIABLE = "TF_CPU_ALLOCATOR_USE_BFC"
+
+
+def pool_cpu_memory() -> None:
+    """Makes TensorFlow's CPU allocator a pool (its best-fit-with-coalescing
+    allocator) instead of a malloc per tensor: ``TF_CPU_ALLOCATOR_USE_BFC``,
+    an environment variable TensorFlow reads once, when it first allocates
+    on the CPU, and does not document. A value the user set is kept.
+
+    With malloc, a step under a ``tf.distribute`` strategy got its large
+    temporaries (a convolution's backward pass) from fresh mappings of
+    glibc's per-thread arenas, zero-filled page by page, every step: 8,000
+    page faults a step for the CNN, a ResNet's step under ``mirrored`` 2.4x
+    slower (BUILD_NOTES.md, "round five"). Call before any other
+    TensorFlow work; later it changes nothing."""
+    import os
+
+    os.environ.setdefault(CPU_POOL_VARIABLE, "true")
+
+
+def cpu_memory_pooled() -> bool:
+    """Whether TensorFlow's CPU allocator is the pool (only its allocators
+    keep the statistics ``get_memory_info`` reads)."""
+    import tensorflow as tf
+
+    try:
+        tf.config.experimental.get_memory_info("CPU:0")
+    except ValueError:
+        return False
+    return True
+
+
 def thread_spinning_disabled() -> bool:
     from tensorflow.python.eager import context
 

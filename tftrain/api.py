@@ -86,6 +86,9 @@ def _execute(config, cluster, mode, *, log, stop, watchdog_box, train_actions):
         aside = checkpoints.set_aside_run(config.model_dir)
         if aside:
             log(f"--restart: moved the earlier run's files to {aside}.")
+    # As `tftrain train` does; too late (and then a no-op) where the caller
+    # has already run TensorFlow.
+    resources.prepare_memory()
     intra, inter = mode.default_threads()
     try:
         resources.configure_threads(

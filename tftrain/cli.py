@@ -400,11 +400,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from tftrain import _malloc, lifeline
+        from tftrain import lifeline, resources
 
         lifeline.follow_launcher()  # before anything that can take long
 
-        _malloc.tune()  # before TensorFlow allocates anything
+        resources.prepare_memory()  # before TensorFlow allocates anything
         _run_absl(_train_main, define_train_flags, "train", rest)
     elif command == "launch":
         from tftrain.distribute import launch

@@ -486,6 +486,7 @@ def main(argv: list[str]) -> None:
         # input pipeline's too) stays on the task's cores, as a launched
         # task's does.
         resources.pin(0, request["cores"])
+    resources.prepare_memory()  # as a tftrain process allocates
     result = {"compute": compute, "grpc": grpc, "hops": hops, "pipeline": pipeline}[kind](request)
     with open(argv[3], "w") as f:
         json.dump(result, f)

@@ -60,6 +60,16 @@ def cluster_inter_op_threads(num_workers: int) -> int:
     return max(num_workers + 1, 2)
 
 
+def prepare_memory() -> None:
+    """How a tftrain process allocates, set before TensorFlow allocates
+    anything: TensorFlow's CPU tensors from a pool, and glibc's large
+    buffers reused instead of mapped afresh (BUILD_NOTES.md)."""
+    from tftrain import _internal, _malloc
+
+    _internal.pool_cpu_memory()
+    _malloc.tune()
+
+
 def configure_threads(intra_op: int = 0, inter_op: int = 0, spinning: bool = True) -> None:
     """Sizes TensorFlow's thread pools (0 leaves TensorFlow's default).
 
