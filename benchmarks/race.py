@@ -370,6 +370,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         kind, *rest = args.child
+        if kind != "fit":
+            from tftrain import _internal
+
+            # Keras fit at its best settings, and the hardware's bounds, with
+            # the CPU allocator tftrain runs with (Keras's defaults: TensorFlow's).
+            _internal.pool_cpu_memory()
         children = {"peak": _peak_child, "input": _input_child, "bound": _bound_child}
         if kind in children:
             print(json.dumps(children[kind](*rest)))
