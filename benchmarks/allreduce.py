@@ -64,9 +64,9 @@ def loopback_bandwidth(total_bytes: int = 512 << 20, chunk: int = 1 << 20) -> fl
 
 def worker(repeats: int, collective: str) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tftrain import _malloc
+    from tftrain import resources
 
-    _malloc.tune()  # as `tftrain train` does
+    resources.prepare_memory()  # as `tftrain train` does
     import tensorflow as tf
 
     from tftrain import resources

@@ -3,14 +3,18 @@ than one of them alone: the crowding factor ``tftrain plan`` measures,
 with the same request, here on its own so that it can be compared with
 real runs (BUILD_NOTES.md, "round four"):
 
-    .venv/bin/python -m benchmarks.crowding BATCH [--pinned] [--lockstep=N] -- TRAIN_FLAGS...
+    .venv/bin/python -m benchmarks.crowding BATCH [--pinned] [--lockstep=N] [--replica] \
+        -- TRAIN_FLAGS...
 
 BATCH: each task's batch (a 2-worker run's global batch over 2). Each task
 gets 1 intra-op thread and the thread settings ``tftrain launch`` gives a
 task; ``--pinned``: each task (and, alone, the one task) on its share of
 the cores, as ``tftrain launch`` pins two tasks; ``--lockstep=N``: N steps, each
 ending when both tasks have finished it, as a synchronous all-reduce
-makes them (alone: the same one-step stretches). Medians of 2 rounds.
+makes them (alone: the same one-step stretches); ``--replica``: the tasks
+side by side each step through the strategy, as one replica of a
+data-parallel run (``tftrain plan``'s replica probe; alone stays one_device).
+Medians of 2 rounds.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ def main(argv: list[str]) -> None:
 
     if "--" not in argv or len(argv) < 4:
         sys.exit(
-            "usage: python -m benchmarks.crowding BATCH [--pinned] [--lockstep=N] -- TRAIN_FLAGS..."
+            "usage: python -m benchmarks.crowding BATCH [--pinned] [--lockstep=N] [--replica] "
+            "-- TRAIN_FLAGS..."
         )
     head, train_argv = argv[1 : argv.index("--")], argv[argv.index("--") + 1 :]
     batch, pinned = int(head[0]), "--pinned" in head

@@ -131,6 +131,20 @@ def test_data_parallel_replicas_cost_what_their_measured_step_costs():
     assert COMPUTE.replicated(4) == 1.0  # nothing measured: one_device's step
 
 
+def test_a_plan_json_from_before_the_replica_probe_predicts_from_the_crowding():
+    crowded = dataclasses.replace(COMPUTE, crowding=((2, 1.5),))
+    model = costmodel.Model(parameter_bytes=4000)
+    inputs = plan.inputs_document(crowded, model, _links(), [], {}, 1, None)
+    del inputs["compute"]["replicas"]  # written by an earlier version
+    document = {"inputs": inputs, "cores": 2, "global_batch": 100, "cluster": "local"}
+    again = {p.mode: p for p in plan.predictions_of(document)}
+    here = plan.parse_cluster("local", cores=2)
+    assert again["mirrored x2"].step_seconds == pytest.approx(
+        costmodel.mirrored(model, crowded, 100, here, 2).step_seconds
+    )
+    assert again["mirrored x2"].parts["compute"] == pytest.approx(1.5 * COMPUTE.seconds(50, 1))
+
+
 def test_all_reduce_beats_one_parameter_server_for_a_dense_model_as_workers_grow():
     # A ResNet-50-sized dense model (25.6 M float32 parameters), 50 ms of compute a step.
     model = costmodel.Model(parameter_bytes=4 * 25_600_000)

@@ -46,6 +46,14 @@ def pool_cpu_memory() -> None:
     import os
 
     os.environ.setdefault(CPU_POOL_VARIABLE, "true")
+    # The pool stops at 64 GiB unless told (malloc had no cap): on a larger
+    # machine, its memory.
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = 0
+    if total > 64 << 30:
+        os.environ.setdefault("TF_CPU_BFC_MEM_LIMIT_IN_MB", str(total >> 20))
 
 
 def cpu_memory_pooled() -> bool:

@@ -86,9 +86,6 @@ def _execute(config, cluster, mode, *, log, stop, watchdog_box, train_actions):
         aside = checkpoints.set_aside_run(config.model_dir)
         if aside:
             log(f"--restart: moved the earlier run's files to {aside}.")
-    # As `tftrain train` does; too late (and then a no-op) where the caller
-    # has already run TensorFlow.
-    resources.prepare_memory()
     intra, inter = mode.default_threads()
     try:
         resources.configure_threads(
@@ -123,6 +120,16 @@ def _execute(config, cluster, mode, *, log, stop, watchdog_box, train_actions):
     return result
 
 
+def _prepare_memory() -> None:
+    """As ``tftrain train`` allocates, before the user's code runs. Where the
+    caller has already allocated TensorFlow tensors, the CPU allocator of
+    this process stays TensorFlow's default; processes it starts later
+    inherit the setting (resources.prepare_memory)."""
+    from tftrain import resources
+
+    resources.prepare_memory()
+
+
 def train(config: ExperimentConfig | str, **overrides) -> dict:
     """Trains, evaluates and exports one run, as ``tftrain train`` does
     (checkpoints, TensorBoard summaries, ``export/``, ``metrics.json``), and
@@ -143,6 +150,7 @@ def train(config: ExperimentConfig | str, **overrides) -> dict:
     same call resumes from the last checkpoint. In a cluster (TF_CONFIG), a
     task that serves rather than trains returns ``{"exit_code": N}``.
     """
+    _prepare_memory()
     if isinstance(config, str):
         from tftrain import registry
 
@@ -158,6 +166,7 @@ def train(config: ExperimentConfig | str, **overrides) -> dict:
 def run(config: ExperimentConfig, *, log=print, train_actions=None) -> dict:
     """``train`` of a config: checked, then run; ``train_actions`` in place
     of the default ones (controller.run)."""
+    _prepare_memory()
     config, cluster, mode = prepare(config)
     box = []
     try:

@@ -41,11 +41,9 @@ class Compute:
     # (tasks, factor): a synchronous data-parallel replica's step (through
     # its tf.distribute strategy, one replica a task), that many side by
     # side on this machine, over one_device's step alone on the same share;
-    # (1, factor): one such replica alone (measured). A strategy's step
-    # costs more than one_device's before a second replica exists (its
-    # replica function, distributed variables and iterator), and side by
-    # side the replicas crowd each other more than independent tasks do
-    # (BUILD_NOTES.md, "round five"). None measured: the crowding.
+    # (1, factor): one such replica alone (measured through the strategy,
+    # pinned as tftrain launch pins its tasks: the step a data-parallel run
+    # takes; BUILD_NOTES.md, "round five"). None measured: the crowding.
     replicas: tuple[tuple[int, float], ...] = ()
 
     def seconds(self, batch: float, cores: float) -> float:
@@ -54,7 +52,7 @@ class Compute:
     def crowded(self, tasks: int) -> float:
         if tasks <= 1 or not self.crowding:
             return 1.0
-        return min(self.crowding, key=lambda tc: (abs(tc[0] - tasks), -tc[0]))[1]
+        return _nearest(self.crowding, tasks)
 
     def replicated(self, tasks: int, side_by_side: bool = True) -> float:
         """What a data-parallel replica's step costs over one_device's:
@@ -66,7 +64,7 @@ class Compute:
         measured = [tf for tf in self.replicas if tf[0] > 1]
         if not measured:
             return alone * self.crowded(tasks)
-        return min(measured, key=lambda tf: (abs(tf[0] - tasks), -tf[0]))[1]
+        return _nearest(measured, tasks)
 
     def microbatch_seconds(self, cores: float) -> float:
         fixed = self.seconds(0, cores)
@@ -104,6 +102,12 @@ class Compute:
             serial = min(max((ratio * a - b) / ((1 - b) - ratio * (1 - a)), 0.0), 1.0)
             at_one = low[index] / (serial + (1 - serial) * a)
         return at_one * (serial + (1 - serial) / max(cores, 1e-9))
+
+
+def _nearest(factors, tasks: int) -> float:
+    """The factor measured at the task count nearest ``tasks`` (the larger
+    count on a tie)."""
+    return min(factors, key=lambda tf: (abs(tf[0] - tasks), -tf[0]))[1]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -268,7 +268,7 @@ def _probes_side_by_side(
 
 # A synchronous data-parallel replica's step: one replica through the
 # strategy (on CPU as fast as one launched multi_worker_mirrored worker's;
-# BUILD_NOTES.md, "round four").
+# BUILD_NOTES.md, rounds four and five).
 REPLICA = {"strategy": "mirrored", "num_replicas": 1}
 
 
@@ -342,13 +342,18 @@ def measure_compute(
             "batches": [half],
             "seconds": 4.0,
         }
-        # Each round: the mean step of the two tasks; the median over rounds.
-        side = statistics.median(
-            statistics.mean(
-                1 / r["steps_per_second"][str(half)] for r in _probes_side_by_side(request, 2)
+
+        def side_by_side(request, pinned=False) -> float:
+            # Each round: the mean step of the two tasks; the median over rounds.
+            return statistics.median(
+                statistics.mean(
+                    1 / r["steps_per_second"][str(half)]
+                    for r in _probes_side_by_side(request, 2, pinned=pinned)
+                )
+                for _ in range(rounds)
             )
-            for _ in range(rounds)
-        )
+
+        side = side_by_side(request)
         crowding.append((2, side / compute.seconds(half, share)))
         # The same through the strategy, one replica a task (as a 2-worker
         # launch pins them, each on its cores), and one such replica alone.
@@ -356,13 +361,7 @@ def measure_compute(
         replica = dict(request, mode=REPLICA)
         try:
             alone = 1 / _probe_rounds("compute", replica, rounds)["steps_per_second"][str(half)]
-            side = statistics.median(
-                statistics.mean(
-                    1 / r["steps_per_second"][str(half)]
-                    for r in _probes_side_by_side(replica, 2, pinned=True)
-                )
-                for _ in range(rounds)
-            )
+            side = side_by_side(replica, pinned=True)
         except RuntimeError as e:
             log(
                 f"  (no replica step: {str(e).splitlines()[0]}; data parallelism from the crowding)"
@@ -453,6 +452,7 @@ def measure_grpc(
     }
     servers = []
     code = (
+        "from tftrain import resources; resources.prepare_memory()\n"
         "import os, json, tensorflow as tf\n"
         "c = tf.distribute.cluster_resolver.TFConfigClusterResolver()\n"
         "tf.distribute.Server(c.cluster_spec(), job_name=c.task_type, task_index=c.task_id,"

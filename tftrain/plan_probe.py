@@ -475,6 +475,7 @@ def hops(request: dict) -> dict:
 
 def main(argv: list[str]) -> None:
     kind = argv[1]
+    resources.prepare_memory()  # as a tftrain process allocates
     if kind == "ring":
         rank, ports, sizes = int(argv[2]), [int(argv[3]), int(argv[4])], [int(a) for a in argv[5:]]
         ring(rank, ports, sizes)
@@ -486,7 +487,6 @@ def main(argv: list[str]) -> None:
         # input pipeline's too) stays on the task's cores, as a launched
         # task's does.
         resources.pin(0, request["cores"])
-    resources.prepare_memory()  # as a tftrain process allocates
     result = {"compute": compute, "grpc": grpc, "hops": hops, "pipeline": pipeline}[kind](request)
     with open(argv[3], "w") as f:
         json.dump(result, f)
