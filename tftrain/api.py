@@ -8,7 +8,7 @@ cluster). The command line turns the errors into one line and an exit code;
 
 from __future__ import annotations
 
-from tftrain import fileio
+from tftrain import fileio, resources
 from tftrain.config import ConfigError, ExperimentConfig
 
 
@@ -120,16 +120,6 @@ def _execute(config, cluster, mode, *, log, stop, watchdog_box, train_actions):
     return result
 
 
-def _prepare_memory() -> None:
-    """As ``tftrain train`` allocates, before the user's code runs. Where the
-    caller has already allocated TensorFlow tensors, the CPU allocator of
-    this process stays TensorFlow's default; processes it starts later
-    inherit the setting (resources.prepare_memory)."""
-    from tftrain import resources
-
-    resources.prepare_memory()
-
-
 def train(config: ExperimentConfig | str, **overrides) -> dict:
     """Trains, evaluates and exports one run, as ``tftrain train`` does
     (checkpoints, TensorBoard summaries, ``export/``, ``metrics.json``), and
@@ -150,7 +140,9 @@ def train(config: ExperimentConfig | str, **overrides) -> dict:
     same call resumes from the last checkpoint. In a cluster (TF_CONFIG), a
     task that serves rather than trains returns ``{"exit_code": N}``.
     """
-    _prepare_memory()
+    # As `tftrain train` allocates, before the user's code runs (where the
+    # caller has already allocated tensors, TensorFlow's allocator stays).
+    resources.prepare_memory()
     if isinstance(config, str):
         from tftrain import registry
 
@@ -166,7 +158,7 @@ def train(config: ExperimentConfig | str, **overrides) -> dict:
 def run(config: ExperimentConfig, *, log=print, train_actions=None) -> dict:
     """``train`` of a config: checked, then run; ``train_actions`` in place
     of the default ones (controller.run)."""
-    _prepare_memory()
+    resources.prepare_memory()
     config, cluster, mode = prepare(config)
     box = []
     try:
