@@ -94,6 +94,13 @@ def test_tasks_side_by_side_on_this_machine_are_as_much_slower_as_measured():
     for c in (COMPUTE, crowded):
         ps = costmodel.parameter_server(model, c, 100, here, served, 1)
         assert ps.step_seconds == pytest.approx(2e-3 + c.seconds(100, 1) * c.crowded(2) / 2)
+        # T measured by running the mode at batch 4: its 4 examples' compute
+        # is in T already; only the rest of the batch's is added.
+        ran = dataclasses.replace(served, local_ps_batch=4)
+        ps4 = costmodel.parameter_server(model, c, 100, here, ran, 1)
+        rest = (c.seconds(100, 1) - c.seconds(4, 1)) * c.crowded(2)
+        assert ps4.step_seconds == pytest.approx(2e-3 + rest / 2)
+        assert ps4.step_seconds < ps.step_seconds
     # Workers on machines of their own do not crowd each other.
     apart = _cluster(2, costmodel.Link(1e12, 0))
     alone = costmodel.multi_worker(model, COMPUTE, 100, apart, links, "tcp")
@@ -134,8 +141,10 @@ def test_data_parallel_replicas_cost_what_their_measured_step_costs():
 def test_a_plan_json_from_before_the_replica_probe_predicts_from_the_crowding():
     crowded = dataclasses.replace(COMPUTE, crowding=((2, 1.5),))
     model = costmodel.Model(parameter_bytes=4000)
-    inputs = plan.inputs_document(crowded, model, _links(), [], {}, 1, None)
+    ran = dataclasses.replace(_links(), local_ps={(2, 1): 2e-3}, local_ps_batch=1)
+    inputs = plan.inputs_document(crowded, model, ran, [], {}, 1, None)
     del inputs["compute"]["replicas"]  # written by an earlier version
+    del inputs["links"]["local_ps_batch"]  # so too: bare updates, no compute in them
     document = {"inputs": inputs, "cores": 2, "global_batch": 100, "cluster": "local"}
     again = {p.mode: p for p in plan.predictions_of(document)}
     here = plan.parse_cluster("local", cores=2)
@@ -143,6 +152,10 @@ def test_a_plan_json_from_before_the_replica_probe_predicts_from_the_crowding():
         costmodel.mirrored(model, crowded, 100, here, 2).step_seconds
     )
     assert again["mirrored x2"].parts["compute"] == pytest.approx(1.5 * COMPUTE.seconds(50, 1))
+    bare = dataclasses.replace(ran, local_ps_batch=0)
+    assert again["parameter_server 2 workers, 1 ps"].step_seconds == pytest.approx(
+        costmodel.parameter_server(model, crowded, 100, here, bare, 1).step_seconds
+    )
 
 
 def test_all_reduce_beats_one_parameter_server_for_a_dense_model_as_workers_grow():
@@ -231,6 +244,49 @@ def test_stages_sharing_one_machines_cores_are_never_faster_than_one_device():
     one = costmodel.one_device(model, compute, 100, here)
     piped = costmodel.model_parallel(model, compute, 100, here, _links(), 2, 4, False)
     assert piped.examples_per_second <= one.examples_per_second * 1.0001
+
+
+def test_the_in_process_pipeline_costs_an_example_what_its_measured_schedule_does():
+    # Measured: the schedule's step is 1 ms at one example per micro-batch
+    # (4) and 1.44 ms at batch 48: 10 us an example, twice one_device's.
+    model = costmodel.Model(parameter_bytes=10**6, stages={2: ((0.5, 0.5), (0.0,))})
+    here = costmodel.Cluster(2, 2, costmodel.Link(1e12, 0), cores=2)
+    schedule = dataclasses.replace(COMPUTE, pipeline_steps=((2, 4, 1e-3),))
+    fitted = dataclasses.replace(schedule, pipeline_batches=((2, 4, 48, 1.44e-3),))
+    piped = costmodel.model_parallel(model, fitted, 100, here, _links(), 2, 4, False)
+    assert piped.step_seconds == pytest.approx(1e-3 + 96 * 1e-5)
+    # Without the larger batch: one_device's cost per example (5 us on 2 cores).
+    bare = costmodel.model_parallel(model, schedule, 100, here, _links(), 2, 4, False)
+    assert bare.step_seconds == pytest.approx(1e-3 + 96 * 5e-6)
+    # Another schedule's figures do not apply.
+    other = dataclasses.replace(schedule, pipeline_batches=((2, 8, 48, 1.44e-3),))
+    again = costmodel.model_parallel(model, other, 100, here, _links(), 2, 4, False)
+    assert again.step_seconds == pytest.approx(bare.step_seconds)
+    # plan.json keeps them: made again, the same.
+    inputs = plan.inputs_document(fitted, model, _links(), [2], {2: 4}, 1, None)
+    document = {"inputs": inputs, "cores": 2, "global_batch": 100, "cluster": "local"}
+    rows = {p.mode: p for p in plan.predictions_of(document)}
+    assert rows[piped.mode].step_seconds == pytest.approx(piped.step_seconds)
+
+
+def test_a_pipeline_launched_here_follows_its_steps_measured_at_two_batches():
+    model = costmodel.Model(parameter_bytes=10**6, stages={2: ((0.5, 0.5), (1024.0,))})
+    here = plan.parse_cluster("local", cores=2)
+    # Measured: 6 ms a step at batch 4 (one example per micro-batch), 7.2 ms at 48.
+    ran = dataclasses.replace(_links(), local_pipeline={(2, 4): ((4, 6e-3), (48, 7.2e-3))})
+    launched = costmodel.model_parallel(model, COMPUTE, 100, here, ran, 2, 4, processes=True)
+    assert launched.step_seconds == pytest.approx(6e-3 + 96 * (1.2e-3 / 44))
+    # Other schedules, the stages in one process and a cluster of machines
+    # are modelled from their parts, as without it.
+    for args, cluster in (((2, 8, True), here), ((2, 4, False), here), ((2, 4, True), _cluster(2))):
+        plain = costmodel.model_parallel(model, COMPUTE, 100, cluster, _links(), *args)
+        other = costmodel.model_parallel(model, COMPUTE, 100, cluster, ran, *args)
+        assert other.step_seconds == pytest.approx(plain.step_seconds)
+    # plan.json keeps them: made again, the same.
+    inputs = plan.inputs_document(COMPUTE, model, ran, [2], {2: 4}, 1, None)
+    document = {"inputs": inputs, "cores": 2, "global_batch": 100, "cluster": "local"}
+    rows = {p.mode: p for p in plan.predictions_of(document)}
+    assert rows[launched.mode].step_seconds == pytest.approx(launched.step_seconds)
 
 
 def test_all_reduce_is_the_bound_below_the_batch_the_plan_names_and_compute_above():
@@ -407,7 +463,7 @@ def test_a_plan_of_a_user_run_ranks_every_mode_and_writes_plan_json(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.long  # about 2 minutes: every mode started for real
+@pytest.mark.long  # about 8 minutes: every mode started for real, and the probes
 def test_measure_runs_every_mode_here_and_records_what_it_measured(tmp_path):
     out = tmp_path / "plan.json"
     result = run_tftrain(
@@ -421,8 +477,16 @@ def test_measure_runs_every_mode_here_and_records_what_it_measured(tmp_path):
         "--experiment=fashion_mnist_mlp:smoke",
         timeout=1200,
     )
-    modes = json.loads(out.read_text())["modes"]
+    document = json.loads(out.read_text())
+    modes = document["modes"]
     assert len(modes) == 7, [m["mode"] for m in modes]
+    # The parameter server's updates, measured by running the mode at batch 1.
+    measured = document["measured_inputs"]
+    assert measured["grpc"]["ps_updates_here_batch"] == 1
+    assert measured["grpc"]["ps_updates_here_seconds"]["2 workers, 1 ps"] > 0
+    # And the pipeline launched here, at two batches.
+    assert len(measured["pipeline_launched_here_seconds"]) == 2
+    assert all(t > 0 for t in measured["pipeline_launched_here_seconds"].values())
     for m in modes:
         assert m["measured_examples_per_second"] and m["measured_examples_per_second"] > 0, m
         assert m["mode"] in result.stdout

@@ -38,6 +38,10 @@ class Compute:
     # process at one example per micro-batch, what its schedule costs
     # beside the examples' compute (measured).
     pipeline_steps: tuple[tuple[int, int, float], ...] = ()
+    # (stages, micro-batches, batch, seconds): the same schedule's step at a
+    # larger batch, from which the pipeline's own cost per example is
+    # fitted (none: one_device's).
+    pipeline_batches: tuple[tuple[int, int, int, float], ...] = ()
     # (tasks, factor): a synchronous data-parallel replica's step (through
     # its tf.distribute strategy, one replica a task), that many side by
     # side on this machine, over one_device's step alone on the same share;
@@ -170,8 +174,15 @@ class Links:
     # waits for its input so); the per-message latency is grpc's.
     grpc_round_trip: float = 0.0
     # This machine: (workers, ps) -> seconds per update with that many
-    # workers updating at once and no compute (the servers share the cores).
+    # workers updating at once (the servers share the cores): measured by
+    # running the mode at ``local_ps_batch`` examples a step, which that
+    # time includes the compute of; 0: bare updates, no compute.
     local_ps: dict = dataclasses.field(default_factory=dict)
+    local_ps_batch: int = 0
+    # This machine: (stages, micro-batches) -> ((batch, seconds), ...), steps
+    # of model_parallel launched here (its stages' processes sharing the
+    # cores) at two batches.
+    local_pipeline: dict = dataclasses.field(default_factory=dict)
     # "launched" (between two processes) and "one process" (two logical
     # devices) -> (seconds per pass of a cut's tensor, a step's fixed cost),
     # measured as a pipeline passes them; absent: from the link.
@@ -323,14 +334,20 @@ def parameter_server(model, compute, batch, cluster, links: Links, ps: int, inpu
     shared = links.local_ps.get((w, ps)) if cluster.local else None
     if shared is not None:
         # One machine: the servers, the chief and the workers share its
-        # cores. The traffic of the W workers updating at once is measured
-        # so (seconds per update, T); the workers compute side by side, each
-        # on its share of the cores and crowded as measured, so W steps
-        # take one such step: an update costs T + t(B, C/W) x crowding / W
-        # (BUILD_NOTES.md: how close it comes).
+        # cores. The mode itself is measured so at a small batch b (seconds
+        # per update, T: the traffic, dispatch and bookkeeping of the W
+        # workers updating at once, and b examples' compute); the workers
+        # compute the rest side by side, each on its share of the cores and
+        # crowded as measured, so W steps take one such step: an update
+        # costs T + (t(B, C/W) - t(b, C/W)) x crowding / W (BUILD_NOTES.md:
+        # how close it comes).
         t_compute *= compute.crowded(w)
+        measured = links.local_ps_batch
+        more = t_compute
+        if measured:
+            more = max(t_compute - compute.seconds(measured, cores) * compute.crowded(w), 0.0)
         t_comm = shared
-        updates = 1 / (shared + t_compute / w)
+        updates = 1 / (shared + more / w)
         ps_rate = math.inf
     else:
         t_comm = links.ps_step + link.seconds(moved / ps, 0)
@@ -425,11 +442,27 @@ def model_parallel(
     schedule = {(k_, m_): t_ for k_, m_, t_ in compute.pipeline_steps}.get((k, microbatches))
     if schedule is not None:
         # The stages' schedule, passes and updates, measured at one example
-        # per micro-batch, and the rest of the examples' compute; never
-        # below the same work on one device (both probes are noisy).
-        work = max(work, schedule + (batch - microbatches) * per_example)
+        # per micro-batch, and the rest of the examples' compute, at what
+        # an example cost the same schedule at a larger batch (the stages'
+        # small micro-batches on devices that share the cores: 1.5-2x
+        # one_device's cost per example for the MLP); never below the same
+        # work on one device (the probes are noisy).
+        per = per_example
+        larger = {(k_, m_): (b_, t_) for k_, m_, b_, t_ in compute.pipeline_batches}
+        b_, t_ = larger.get((k, microbatches), (0, 0.0))
+        if b_ > microbatches:
+            per = max((t_ - schedule) / (b_ - microbatches), 0.0)
+        work = max(work, schedule + (batch - microbatches) * per)
     if shared and work > t:
         t, bound = work, "compute"
+    ran = links.local_pipeline.get((k, microbatches)) if processes and cluster.local else None
+    if ran and len(ran) >= 2:
+        # Launched on this machine at two batches: the stages' processes
+        # share its cores, so their passes, dispatch and compute are
+        # measured so and the step follows the line through them
+        # (BUILD_NOTES.md: a model of passes timed alone missed by 37%).
+        (b1, t1), (b2, t2) = min(ran), max(ran)
+        t = t1 + (batch - b1) * max((t2 - t1) / (b2 - b1), 0.0)
     where = "launched" if processes else "one process"
     p = Prediction(
         f"model_parallel {k} stages, {microbatches} micro-batches ({where})",

@@ -290,9 +290,12 @@ def measure_compute(
                 "train_argv": train_argv,
                 "threads": c,
                 "batches": batches,
-                # Timed runs of about 4 s: runs of 2 s measured the MLP's
-                # step 7-14% slower than the --measure runs of 15-20 s did.
-                "seconds": 4.0,
+                # The median of 3 timed runs of about 2 s: single runs of
+                # 4 s put the MLP's step anywhere in 1.5-2.5 ms, against
+                # 1.6 ms in the --measure runs of 15 s (BUILD_NOTES.md,
+                # round six).
+                "seconds": 2.0,
+                "repeats": 3,
                 "profile": model is None,
                 "stages": stages,
                 "microbatches": {str(k): m for k, m in microbatches.items()},
@@ -369,19 +372,34 @@ def measure_compute(
         else:
             one = compute.seconds(half, share)
             replicas += [(1, alone / one), (2, side / one)]
-    steps = []
+    steps, larger = [], []
     if model and not model.get("cannot_cut"):
         for k in stages:
             if str(k) in model.get("stages", {}):
+                m = microbatches[k]
+                # And at about half the global batch (a whole number of
+                # micro-batches): the pipeline's own cost per example.
+                more = batch // 2 // m * m
                 log(f"measuring model_parallel's schedule in one process ({k} stages)...")
                 got = _probe_rounds(
                     "pipeline",
-                    {"train_argv": train_argv, "stages": k, "microbatches": microbatches[k]},
+                    {
+                        "train_argv": train_argv,
+                        "stages": k,
+                        "microbatches": m,
+                        "batch": more if more > m else None,
+                    },
                     rounds,
                 )
-                steps.append((k, microbatches[k], got["step_seconds"]))
+                steps.append((k, m, got["step_seconds"]))
+                if got.get("batch_step_seconds"):
+                    larger.append((k, m, more, got["batch_step_seconds"]))
     compute = dataclasses.replace(
-        compute, crowding=tuple(crowding), pipeline_steps=tuple(steps), replicas=tuple(replicas)
+        compute,
+        crowding=tuple(crowding),
+        pipeline_steps=tuple(steps),
+        pipeline_batches=tuple(larger),
+        replicas=tuple(replicas),
     )
     return compute, model, memory
 
@@ -491,6 +509,96 @@ def measure_grpc(
             s.wait()
 
 
+# The batch of the parameter-server probe: one example, so that an update
+# is nearly all the mode's own cost.
+PS_PROBE_BATCH = 1
+
+
+def measure_launched(
+    name: str,
+    flags: list,
+    launch: dict,
+    train_argv,
+    config,
+    batch: int,
+    guess: float,
+    log,
+    rounds: int = 1,
+) -> float:
+    """Seconds a step of the mode (``flags``, launched on this machine as
+    ``launch`` says) at ``batch`` examples: the median of ``rounds`` short
+    runs of about 4 s (sized by ``guess``, the step's seconds), each
+    launched as a real run is."""
+    probe = costmodel.Prediction(f"{name}, at batch {batch}", flags, launch, 0.0, 0.0, "", 0)
+    probe.examples_per_second = batch / max(guess, 1e-4)
+    argv = [a for a in train_argv if not a.startswith("--batch_size=")]
+    argv.append(f"--batch_size={batch}")
+    small = config.replace(batch_size=batch)
+    rates = []
+    for _ in range(max(rounds, 1)):
+        rate = measure_mode(probe, argv, small, 4.0, log)
+        if rate is None:
+            raise RuntimeError(f"the probe of {name} at batch {batch} failed")
+        rates.append(rate / batch)
+    return 1 / statistics.median(rates)
+
+
+def measure_ps_updates(
+    train_argv, config, compute, workers: int, ps: int, log, rounds: int = 1
+) -> float:
+    """Seconds per update of ``parameter_server`` launched on this machine with
+    ``workers`` workers and ``ps`` servers, at ``PS_PROBE_BATCH`` examples a
+    step: the servers' traffic, the coordinator's dispatch and the run's
+    bookkeeping (the update counter, the step's statistics), all sharing the
+    cores with the workers as a real run's do; the examples' compute is
+    added by the cost model. A probe of bare variable updates missed about
+    1 ms of an MLP's 5.8 ms update (BUILD_NOTES.md, round six)."""
+    return measure_launched(
+        f"parameter_server {workers} workers, {ps} ps",
+        ["--strategy=parameter_server"],
+        {"num_workers": workers, "num_ps": ps},
+        train_argv,
+        config,
+        PS_PROBE_BATCH,
+        # A step's compute, and about what loopback's updates take.
+        compute.seconds(PS_PROBE_BATCH, 1) + 5e-3,
+        log,
+        rounds,
+    )
+
+
+def measure_launched_pipeline(
+    train_argv, config, compute, stages: int, microbatches: int, log, rounds: int = 1
+):
+    """``model_parallel`` launched on this machine, ``stages`` processes, at
+    one example per micro-batch and at about half the global batch:
+    ((batch, seconds a step), ...). Its passes, dispatch and bookkeeping,
+    and what an example costs the stages' processes on these cores (about
+    twice one_device's for the MLP; a model of passes timed with nothing
+    computing missed its step by 37%: BUILD_NOTES.md, round six)."""
+    larger = config.batch_size // 2 // microbatches * microbatches
+    batches = sorted({microbatches, max(larger, microbatches)})
+    if len(batches) < 2:
+        return ()
+    return tuple(
+        (
+            b,
+            measure_launched(
+                f"model_parallel {stages} stages, {microbatches} micro-batches (launched)",
+                ["--strategy=model_parallel", f"--num_microbatches={microbatches}"],
+                {"num_workers": stages},
+                train_argv,
+                config,
+                b,
+                compute.seconds(b, 1) + 5e-3,
+                log,
+                rounds,
+            ),
+        )
+        for b in batches
+    )
+
+
 def grpc_link(timings: dict, shapes: list) -> costmodel.Link:
     """gRPC's bandwidth, from the bytes one update moves (each variable read
     and written), and its latency per message: a one-value update's time
@@ -584,6 +692,7 @@ def inputs_document(compute, model, links, stages, microbatches, max_ps, input_r
             "microbatch": [list(m) for m in compute.microbatch],
             "crowding": [list(c) for c in compute.crowding],
             "pipeline_steps": [list(p) for p in compute.pipeline_steps],
+            "pipeline_batches": [list(p) for p in compute.pipeline_batches],
             "replicas": [list(r) for r in compute.replicas],
         },
         "model": {
@@ -598,6 +707,10 @@ def inputs_document(compute, model, links, stages, microbatches, max_ps, input_r
             "grpc_pack": links.grpc_pack,
             "grpc_round_trip": links.grpc_round_trip,
             "local_ps": [[w, p, t] for (w, p), t in links.local_ps.items()],
+            "local_ps_batch": links.local_ps_batch,
+            "local_pipeline": [
+                [k, m, [list(p) for p in points]] for (k, m), points in links.local_pipeline.items()
+            ],
             "pipeline_passes": {k: list(v) for k, v in links.pipeline_passes.items()},
         },
         "stages": list(stages),
@@ -626,6 +739,10 @@ def readable_inputs(inputs: dict) -> dict:
         "pipeline_step_seconds": {
             f"{k} stages, {m} micro-batches": t for k, m, t in c["pipeline_steps"]
         },
+        "pipeline_step_seconds_at_batch": {
+            f"{k} stages, {m} micro-batches, batch {b}": t
+            for k, m, b, t in c.get("pipeline_batches", [])
+        },
         "pipeline_cuts": {
             k: {"shares": shares, "cut_bytes_per_example": cut}
             for k, (shares, cut) in inputs["model"]["stages"].items()
@@ -642,7 +759,15 @@ def readable_inputs(inputs: dict) -> dict:
             "latency_seconds": li["grpc"]["latency"],
             "ps_update_seconds": li["ps_step"],
             "round_trip_seconds": li["grpc_round_trip"],
+            # The mode run here at this batch (0: bare updates, no compute).
             "ps_updates_here_seconds": {f"{w} workers, {p} ps": t for w, p, t in li["local_ps"]},
+            "ps_updates_here_batch": li.get("local_ps_batch", 0),
+        },
+        # model_parallel launched here: its step's seconds at each batch.
+        "pipeline_launched_here_seconds": {
+            f"{k} stages, {m} micro-batches, batch {b}": t
+            for k, m, points in li.get("local_pipeline", [])
+            for b, t in points
         },
         # A cut's tensor passed between two stages' devices: seconds per pass
         # and a step's fixed cost.
@@ -658,11 +783,19 @@ def predictions_of(document: dict, cluster_text: str | None = None) -> list:
     (default: the plan's own cluster)."""
     i = document["inputs"]
     c = i["compute"]
+    # What an earlier version did not measure is absent: nothing measured.
     compute = costmodel.Compute(
-        *(
-            tuple(map(tuple, c.get(k, [])))
-            for k in ("fits", "microbatch", "crowding", "pipeline_steps", "replicas")
-        )
+        **{
+            k: tuple(map(tuple, c.get(k, [])))
+            for k in (
+                "fits",
+                "microbatch",
+                "crowding",
+                "pipeline_steps",
+                "pipeline_batches",
+                "replicas",
+            )
+        }
     )
     model = costmodel.Model(
         **{k: v for k, v in i["model"].items() if k != "stages"},
@@ -677,6 +810,11 @@ def predictions_of(document: dict, cluster_text: str | None = None) -> list:
         grpc_pack=li["grpc_pack"],
         grpc_round_trip=li["grpc_round_trip"],
         local_ps={(w, p): t for w, p, t in li["local_ps"]},
+        # Absent (plan.json before it): measured as bare updates, no compute.
+        local_ps_batch=li.get("local_ps_batch", 0),
+        local_pipeline={
+            (k, m): tuple(map(tuple, points)) for k, m, points in li.get("local_pipeline", [])
+        },
         pipeline_passes={k: tuple(v) for k, v in li["pipeline_passes"].items()},
     )
     cores = document["cores"]
@@ -881,11 +1019,18 @@ def main(argv: list[str]) -> None:
                 log("measuring tensors passed between two devices of one process...")
                 here = _probe("hops", {"nbytes": pass_bytes}, timeout=600)
                 passes["one process"] = (here["per_pass"], here["fixed"])
-        local_ps = {}
+        local_ps, local_pipeline = {}, {}
         if cluster.local:
+            for k in k_values if profile and not profile.get("cannot_cut") else ():
+                got = measure_launched_pipeline(
+                    train_argv, config, compute, k, microbatches[k], log, fv.probe_rounds
+                )
+                if got:
+                    local_pipeline[(k, microbatches[k])] = got
             for ps in range(1, fv.max_ps + 1):
-                got = measure_grpc(shapes, train_argv, log, cluster.workers, ps, loop)
-                local_ps[(cluster.workers, ps)] = got["full"]
+                local_ps[(cluster.workers, ps)] = measure_ps_updates(
+                    train_argv, config, compute, cluster.workers, ps, log, fv.probe_rounds
+                )
         links = costmodel.Links(
             ring=measure_ring(model.parameter_bytes, log),
             ring_call=profile["ring_call_seconds"],
@@ -893,6 +1038,8 @@ def main(argv: list[str]) -> None:
             ps_step=one["tiny"],
             grpc_round_trip=one["round_trip"],
             local_ps=local_ps,
+            local_ps_batch=PS_PROBE_BATCH if local_ps else 0,
+            local_pipeline=local_pipeline,
             pipeline_passes=passes,
         )
     except (RuntimeError, subprocess.TimeoutExpired) as e:

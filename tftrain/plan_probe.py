@@ -23,6 +23,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -43,14 +44,16 @@ def _rss() -> int:
 
 
 def _steps_per_second(
-    config, batch: int, target: float, microbatches: int = 1, ready=None, **mode
+    config, batch: int, target: float, microbatches: int = 1, ready=None, repeats=1, **mode
 ) -> float:
     """Training steps a second at ``batch`` (in ``microbatches`` micro-batches):
     steady state (tftrain leaves the first loop, which traces, out of
-    examples/s). ``ready`` is called once in the timed run, after that first
-    loop: tasks measured side by side wait there for each other, so that
-    their timed steps overlap whatever each took to build and trace. Alone
-    or side by side, the runs make the same calls (one action, no others)."""
+    examples/s); the median of ``repeats`` timed runs of about ``target``
+    seconds each. ``ready`` is called once in each timed run, after that
+    first loop: tasks measured side by side wait there for each other, so
+    that their timed steps overlap whatever each took to build and trace.
+    Alone or side by side, the runs make the same calls (one action, no
+    others)."""
     ready = ready or (lambda: None)
 
     def run(loop: int, loops: int, call=lambda: None) -> float:
@@ -59,7 +62,7 @@ def _steps_per_second(
     rough = run(2, 2)
     loop = int(min(max(round(0.5 * rough), 2), config.steps_per_loop or 100))
     loops = 1 + max(math.ceil(target * rough / loop), 1)
-    return run(loop, loops, ready)
+    return statistics.median(run(loop, loops, ready) for _ in range(max(repeats, 1)))
 
 
 def _train(config, batch, microbatches, steps, loop, train_actions, **mode) -> float:
@@ -322,7 +325,12 @@ def compute(request: dict) -> dict:
             rate = _lockstep_steps_per_second(config, batch, request["lockstep"], together, **mode)
         else:
             rate = _steps_per_second(
-                config, batch, request.get("seconds", 2.0), ready=ready, **mode
+                config,
+                batch,
+                request.get("seconds", 2.0),
+                ready=ready,
+                repeats=request.get("repeats", 1),
+                **mode,
             )
         result["steps_per_second"][str(batch)] = rate
     # The global batch in micro-batches, as a pipeline would split it.
@@ -428,15 +436,19 @@ def grpc(request: dict) -> dict:
 
 
 def pipeline(request: dict) -> dict:
-    """Steps a second of ``model_parallel`` in this process (its stages on
-    logical devices) at one example per micro-batch: what the schedule
-    itself costs a step, beside the examples' compute."""
+    """Seconds a step of ``model_parallel`` in this process (its stages on
+    logical devices) at one example per micro-batch (what the schedule
+    itself costs a step, beside the examples' compute) and at ``batch``."""
     config = _config(request["train_argv"])
     m = request["microbatches"]
-    rate = _steps_per_second(
-        config, m, 4.0, m, strategy="model_parallel", num_stages=request["stages"]
-    )
-    return {"step_seconds": 1 / rate}
+    mode = {"strategy": "model_parallel", "num_stages": request["stages"]}
+    result = {"step_seconds": 1 / _steps_per_second(config, m, 4.0, m, **mode)}
+    if request.get("batch"):
+        # And at a larger batch: what an example costs the same schedule.
+        result["batch_step_seconds"] = 1 / _steps_per_second(
+            config, request["batch"], 4.0, m, **mode
+        )
+    return result
 
 
 def hop_seconds(devices: list[str], nbytes: int, long: int = 20) -> dict:
