@@ -175,8 +175,8 @@ class Links:
     grpc_round_trip: float = 0.0
     # This machine: (workers, ps) -> seconds per update with that many
     # workers updating at once (the servers share the cores): measured by
-    # running the mode at ``local_ps_batch`` examples a step, which that
-    # time includes the compute of; 0: bare updates, no compute.
+    # running the mode at ``local_ps_batch`` examples a step (0: bare
+    # updates, no compute).
     local_ps: dict = dataclasses.field(default_factory=dict)
     local_ps_batch: int = 0
     # This machine: (stages, micro-batches) -> ((batch, seconds), ...), steps
@@ -334,20 +334,19 @@ def parameter_server(model, compute, batch, cluster, links: Links, ps: int, inpu
     shared = links.local_ps.get((w, ps)) if cluster.local else None
     if shared is not None:
         # One machine: the servers, the chief and the workers share its
-        # cores. The mode itself is measured so at a small batch b (seconds
-        # per update, T: the traffic, dispatch and bookkeeping of the W
-        # workers updating at once, and b examples' compute); the workers
-        # compute the rest side by side, each on its share of the cores and
-        # crowded as measured, so W steps take one such step: an update
-        # costs T + (t(B, C/W) - t(b, C/W)) x crowding / W (BUILD_NOTES.md:
-        # how close it comes).
+        # cores. The mode itself is measured so at one example a step
+        # (seconds per update, T: the traffic, dispatch and bookkeeping of
+        # the W workers updating at once; or, from an earlier version, bare
+        # updates); the workers compute side by side, each on its share of
+        # the cores and crowded as measured, so W steps take one such step:
+        # an update costs T + t(B, C/W) x crowding / W. T's one example is
+        # counted twice: the fitted line's t(1) is no estimate of it (the
+        # ResNet's, through batches 64 and 128, is 5x a real step's), and
+        # leaving it out over-predicted the ResNet by 46-59%
+        # (BUILD_NOTES.md, round six).
         t_compute *= compute.crowded(w)
-        measured = links.local_ps_batch
-        more = t_compute
-        if measured:
-            more = max(t_compute - compute.seconds(measured, cores) * compute.crowded(w), 0.0)
         t_comm = shared
-        updates = 1 / (shared + more / w)
+        updates = 1 / (shared + t_compute / w)
         ps_rate = math.inf
     else:
         t_comm = links.ps_step + link.seconds(moved / ps, 0)
