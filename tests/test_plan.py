@@ -94,11 +94,6 @@ def test_tasks_side_by_side_on_this_machine_are_as_much_slower_as_measured():
     for c in (COMPUTE, crowded):
         ps = costmodel.parameter_server(model, c, 100, here, served, 1)
         assert ps.step_seconds == pytest.approx(2e-3 + c.seconds(100, 1) * c.crowded(2) / 2)
-        # T measured by running the mode at one example a step: the same
-        # rule (a fitted line's t(1) is no estimate of that example's cost).
-        ran = dataclasses.replace(served, local_ps_batch=1)
-        ps1 = costmodel.parameter_server(model, c, 100, here, ran, 1)
-        assert ps1.step_seconds == pytest.approx(ps.step_seconds)
     # Workers on machines of their own do not crowd each other.
     apart = _cluster(2, costmodel.Link(1e12, 0))
     alone = costmodel.multi_worker(model, COMPUTE, 100, apart, links, "tcp")
@@ -137,12 +132,28 @@ def test_data_parallel_replicas_cost_what_their_measured_step_costs():
 
 
 def test_a_plan_json_from_before_the_replica_probe_predicts_from_the_crowding():
-    crowded = dataclasses.replace(COMPUTE, crowding=((2, 1.5),))
-    model = costmodel.Model(parameter_bytes=4000)
+    crowded = dataclasses.replace(COMPUTE, crowding=((2, 1.5),), pipeline_steps=((2, 4, 1e-3),))
+    model = costmodel.Model(parameter_bytes=4000, stages={2: ((0.5, 0.5), (1024.0,))})
     ran = dataclasses.replace(_links(), local_ps={(2, 1): 2e-3}, local_ps_batch=1)
-    inputs = plan.inputs_document(crowded, model, ran, [], {}, 1, None)
-    del inputs["compute"]["replicas"]  # written by an earlier version
-    del inputs["links"]["local_ps_batch"]  # so too: bare updates, no compute in them
+    # What this version measures beside them, gone from the document below.
+    newer = dataclasses.replace(
+        crowded, replicas=((1, 1.2), (2, 2.2)), pipeline_batches=((2, 4, 48, 3e-3),)
+    )
+    ran_newer = dataclasses.replace(ran, local_pipeline={(2, 4): ((4, 6e-3), (48, 9e-3))})
+    inputs = plan.inputs_document(newer, model, ran_newer, [2], {2: 4}, 1, None)
+    # Written by earlier versions: no replica probe, the parameter server's
+    # updates measured bare, no pipeline measured at a second batch.
+    for part, key in (
+        ("compute", "replicas"),
+        ("compute", "pipeline_batches"),
+        ("links", "local_ps_batch"),
+        ("links", "local_pipeline"),
+    ):
+        del inputs[part][key]
+    shown = plan.readable_inputs(inputs)
+    assert shown["grpc"]["ps_updates_here_batch"] == 0
+    assert shown["pipeline_step_seconds_at_batch"] == {}
+    assert shown["pipeline_launched_here_seconds"] == {}
     document = {"inputs": inputs, "cores": 2, "global_batch": 100, "cluster": "local"}
     again = {p.mode: p for p in plan.predictions_of(document)}
     here = plan.parse_cluster("local", cores=2)
@@ -150,10 +161,15 @@ def test_a_plan_json_from_before_the_replica_probe_predicts_from_the_crowding():
         costmodel.mirrored(model, crowded, 100, here, 2).step_seconds
     )
     assert again["mirrored x2"].parts["compute"] == pytest.approx(1.5 * COMPUTE.seconds(50, 1))
-    bare = dataclasses.replace(ran, local_ps_batch=0)
     assert again["parameter_server 2 workers, 1 ps"].step_seconds == pytest.approx(
-        costmodel.parameter_server(model, crowded, 100, here, bare, 1).step_seconds
+        costmodel.parameter_server(model, crowded, 100, here, ran, 1).step_seconds
     )
+    # The pipelines from their parts and the one-example schedule alone.
+    for processes in (False, True):
+        p = costmodel.model_parallel(model, crowded, 100, here, ran, 2, 4, processes)
+        assert again[p.mode].step_seconds == pytest.approx(p.step_seconds)
+        newer_p = costmodel.model_parallel(model, newer, 100, here, ran_newer, 2, 4, processes)
+        assert newer_p.step_seconds != pytest.approx(p.step_seconds)  # the keys mattered
 
 
 def test_all_reduce_beats_one_parameter_server_for_a_dense_model_as_workers_grow():

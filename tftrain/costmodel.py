@@ -176,7 +176,8 @@ class Links:
     # This machine: (workers, ps) -> seconds per update with that many
     # workers updating at once (the servers share the cores): measured by
     # running the mode at ``local_ps_batch`` examples a step (0: bare
-    # updates, no compute).
+    # updates, no compute). Either way the rule is the same
+    # (parameter_server); the batch is kept to say what was measured.
     local_ps: dict = dataclasses.field(default_factory=dict)
     local_ps_batch: int = 0
     # This machine: (stages, micro-batches) -> ((batch, seconds), ...), steps
@@ -455,12 +456,15 @@ def model_parallel(
     if shared and work > t:
         t, bound = work, "compute"
     ran = links.local_pipeline.get((k, microbatches)) if processes and cluster.local else None
-    if ran and len(ran) >= 2:
+    line = None
+    if ran and len(ran) >= 2 and max(ran)[0] > min(ran)[0]:
         # Launched on this machine at two batches: the stages' processes
         # share its cores, so their passes, dispatch and compute are
         # measured so and the step follows the line through them
         # (BUILD_NOTES.md: a model of passes timed alone missed by 37%).
+        # The bound stays the parts' reading of what dominates.
         (b1, t1), (b2, t2) = min(ran), max(ran)
+        line = ((b1, t1), (b2, t2))
         t = t1 + (batch - b1) * max((t2 - t1) / (b2 - b1), 0.0)
     where = "launched" if processes else "one process"
     p = Prediction(
@@ -474,4 +478,6 @@ def model_parallel(
         _memory(model, mb * (microbatches + k - 1), state_share=1 / k),
     )
     p.parts = {"slot": slot, "transfer": transfer, "bubble": bubble}
+    if line is not None:
+        p.parts["measured steps (batch, seconds)"] = line
     return _finish(p, batch, input_rate)

@@ -266,6 +266,12 @@ def _probes_side_by_side(
         return results
 
 
+def half_in_microbatches(batch: int, microbatches: int) -> int:
+    """About half of ``batch``, in whole micro-batches: the second batch the
+    pipelines' probes run at."""
+    return batch // 2 // microbatches * microbatches
+
+
 # A synchronous data-parallel replica's step: one replica through the
 # strategy (on CPU as fast as one launched multi_worker_mirrored worker's;
 # BUILD_NOTES.md, rounds four and five).
@@ -379,7 +385,7 @@ def measure_compute(
                 m = microbatches[k]
                 # And at about half the global batch (a whole number of
                 # micro-batches): the pipeline's own cost per example.
-                more = batch // 2 // m * m
+                more = half_in_microbatches(batch, m)
                 log(f"measuring model_parallel's schedule in one process ({k} stages)...")
                 got = _probe_rounds(
                     "pipeline",
@@ -576,7 +582,7 @@ def measure_launched_pipeline(
     and what an example costs the stages' processes on these cores (about
     twice one_device's for the MLP; a model of passes timed with nothing
     computing missed its step by 37%: BUILD_NOTES.md, round six)."""
-    larger = config.batch_size // 2 // microbatches * microbatches
+    larger = half_in_microbatches(config.batch_size, microbatches)
     batches = sorted({microbatches, max(larger, microbatches)})
     if len(batches) < 2:
         return ()
@@ -1021,10 +1027,14 @@ def main(argv: list[str]) -> None:
                 passes["one process"] = (here["per_pass"], here["fixed"])
         local_ps, local_pipeline = {}, {}
         if cluster.local:
-            for k in k_values if profile and not profile.get("cannot_cut") else ():
-                got = measure_launched_pipeline(
-                    train_argv, config, compute, k, microbatches[k], log, fv.probe_rounds
-                )
+            for k in k_values if not profile.get("cannot_cut") else ():
+                try:
+                    got = measure_launched_pipeline(
+                        train_argv, config, compute, k, microbatches[k], log, fv.probe_rounds
+                    )
+                except RuntimeError as e:
+                    log(f"  (no launched pipeline probe: {e}; modelled from its parts)")
+                    continue
                 if got:
                     local_pipeline[(k, microbatches[k])] = got
             for ps in range(1, fv.max_ps + 1):

@@ -335,7 +335,13 @@ def compute(request: dict) -> dict:
         result["steps_per_second"][str(batch)] = rate
     # The global batch in micro-batches, as a pipeline would split it.
     result["microbatched_steps_per_second"] = {
-        str(m): _steps_per_second(config, config.batch_size, request.get("seconds", 2.0), m)
+        str(m): _steps_per_second(
+            config,
+            config.batch_size,
+            request.get("seconds", 2.0),
+            m,
+            repeats=request.get("repeats", 1),
+        )
         for m in sorted(set(request.get("microbatches", {}).values()))
         if m > 1
     }
