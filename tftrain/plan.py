@@ -1032,15 +1032,20 @@ def main(argv: list[str]) -> None:
                     got = measure_launched_pipeline(
                         train_argv, config, compute, k, microbatches[k], log, fv.probe_rounds
                     )
-                except RuntimeError as e:
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
                     log(f"  (no launched pipeline probe: {e}; modelled from its parts)")
                     continue
                 if got:
                     local_pipeline[(k, microbatches[k])] = got
             for ps in range(1, fv.max_ps + 1):
-                local_ps[(cluster.workers, ps)] = measure_ps_updates(
-                    train_argv, config, compute, cluster.workers, ps, log, fv.probe_rounds
-                )
+                try:
+                    local_ps[(cluster.workers, ps)] = measure_ps_updates(
+                        train_argv, config, compute, cluster.workers, ps, log, fv.probe_rounds
+                    )
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    # An experiment that cannot run at one example a step,
+                    # say: the updates from the gRPC probe's links instead.
+                    log(f"  (no parameter-server probe: {e}; modelled from the links)")
         links = costmodel.Links(
             ring=measure_ring(model.parameter_bytes, log),
             ring_call=profile["ring_call_seconds"],
