@@ -342,7 +342,7 @@ def parameter_server(model, compute, batch, cluster, links: Links, ps: int, inpu
         # the cores and crowded as measured, so W steps take one such step:
         # an update costs T + t(B, C/W) x crowding / W. T's one example is
         # counted twice: the fitted line's t(1) is no estimate of it (the
-        # ResNet's, through batches 64 and 128, is 5x a real step's), and
+        # ResNet's, through batches 64 and 128, puts 0.10 s at batch 0), and
         # leaving it out over-predicted the ResNet by 46-59%
         # (BUILD_NOTES.md, round six).
         t_compute *= compute.crowded(w)

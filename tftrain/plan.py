@@ -558,7 +558,7 @@ def measure_ps_updates(
     bookkeeping (the update counter, the step's statistics), all sharing the
     cores with the workers as a real run's do; the examples' compute is
     added by the cost model. A probe of bare variable updates missed about
-    1 ms of an MLP's 5.8 ms update (BUILD_NOTES.md, round six)."""
+    0.8 ms of an MLP's 5.8 ms update (BUILD_NOTES.md, round six)."""
     return measure_launched(
         f"parameter_server {workers} workers, {ps} ps",
         ["--strategy=parameter_server"],
