@@ -139,7 +139,11 @@ def test_a_plan_json_from_before_the_replica_probe_predicts_from_the_crowding():
     newer = dataclasses.replace(
         crowded, replicas=((1, 1.2), (2, 2.2)), pipeline_batches=((2, 4, 48, 3e-3),)
     )
-    ran_newer = dataclasses.replace(ran, local_pipeline={(2, 4): ((4, 6e-3), (48, 9e-3))})
+    ran_newer = dataclasses.replace(
+        ran,
+        local_pipeline={(2, 4): ((4, 6e-3), (48, 9e-3))},
+        local_ps_steps={(2, 1): ((1, 2e-3), (50, 9e-3))},
+    )
     inputs = plan.inputs_document(newer, model, ran_newer, [2], {2: 4}, 1, None)
     # Written by earlier versions: no replica probe, the parameter server's
     # updates measured bare, no pipeline measured at a second batch.
@@ -148,12 +152,14 @@ def test_a_plan_json_from_before_the_replica_probe_predicts_from_the_crowding():
         ("compute", "pipeline_batches"),
         ("links", "local_ps_batch"),
         ("links", "local_pipeline"),
+        ("links", "local_ps_steps"),
     ):
         del inputs[part][key]
     shown = plan.readable_inputs(inputs)
     assert shown["grpc"]["ps_updates_here_batch"] == 0
     assert shown["pipeline_step_seconds_at_batch"] == {}
     assert shown["pipeline_launched_here_seconds"] == {}
+    assert shown["grpc"]["ps_updates_here_seconds_at_batch"] == {}
     document = {"inputs": inputs, "cores": 2, "global_batch": 100, "cluster": "local"}
     again = {p.mode: p for p in plan.predictions_of(document)}
     here = plan.parse_cluster("local", cores=2)
@@ -163,6 +169,10 @@ def test_a_plan_json_from_before_the_replica_probe_predicts_from_the_crowding():
     assert again["mirrored x2"].parts["compute"] == pytest.approx(1.5 * COMPUTE.seconds(50, 1))
     assert again["parameter_server 2 workers, 1 ps"].step_seconds == pytest.approx(
         costmodel.parameter_server(model, crowded, 100, here, ran, 1).step_seconds
+    )
+    newer_ps = costmodel.parameter_server(model, newer, 100, here, ran_newer, 1)
+    assert newer_ps.step_seconds != pytest.approx(
+        again["parameter_server 2 workers, 1 ps"].step_seconds
     )
     # The pipelines from their parts and the one-example schedule alone.
     for processes in (False, True):
@@ -301,6 +311,42 @@ def test_a_pipeline_launched_here_follows_its_steps_measured_at_two_batches():
     document = {"inputs": inputs, "cores": 2, "global_batch": 100, "cluster": "local"}
     rows = {p.mode: p for p in plan.predictions_of(document)}
     assert rows[launched.mode].step_seconds == pytest.approx(launched.step_seconds)
+
+
+def test_a_parameter_server_launched_here_follows_its_updates_measured_at_two_batches():
+    model = costmodel.Model(parameter_bytes=10**6)
+    here = plan.parse_cluster("local", cores=2)
+    # Measured: 4 ms an update at one example a step, 29 ms at batch 50.
+    ran = dataclasses.replace(
+        _links(), local_ps={(2, 1): 4e-3}, local_ps_steps={(2, 1): ((1, 4e-3), (50, 29e-3))}
+    )
+    p = costmodel.parameter_server(model, COMPUTE, 100, here, ran, 1)
+    slope = 25e-3 / 49
+    assert p.step_seconds == pytest.approx(4e-3 + 99 * slope)
+    assert p.examples_per_second == pytest.approx(100 / p.step_seconds)
+    # Its height at batch 0 is what an update costs whatever its batch: the
+    # bound below the batch where the examples' share passes it.
+    fixed = 4e-3 - slope
+    assert p.communication_bound_below_batch == math.ceil(fixed / slope)
+    assert p.bound == "compute"
+    small = costmodel.parameter_server(model, COMPUTE, 2, here, ran, 1)
+    assert small.bound == "ps traffic"
+    # Another server count, or a cluster of machines: as without it.
+    for ps, cluster in ((2, here), (1, _cluster(2))):
+        plain = costmodel.parameter_server(model, COMPUTE, 100, cluster, _links(), ps)
+        other = costmodel.parameter_server(model, COMPUTE, 100, cluster, ran, ps)
+        assert other.step_seconds == pytest.approx(plain.step_seconds)
+    # One batch measured: the rule from T and the compute (round six).
+    one = dataclasses.replace(ran, local_ps_steps={(2, 1): ((1, 4e-3),)})
+    alone = costmodel.parameter_server(model, COMPUTE, 100, here, one, 1)
+    assert alone.step_seconds == pytest.approx(4e-3 + COMPUTE.seconds(100, 1) / 2)
+    # plan.json keeps them: made again, the same.
+    inputs = plan.inputs_document(COMPUTE, model, ran, [], {}, 1, None)
+    document = {"inputs": inputs, "cores": 2, "global_batch": 100, "cluster": "local"}
+    rows = {r.mode: r for r in plan.predictions_of(document)}
+    assert rows[p.mode].step_seconds == pytest.approx(p.step_seconds)
+    shown = plan.readable_inputs(inputs)["grpc"]["ps_updates_here_seconds_at_batch"]
+    assert shown == {"2 workers, 1 ps, batch 1": 4e-3, "2 workers, 1 ps, batch 50": 29e-3}
 
 
 def test_all_reduce_is_the_bound_below_the_batch_the_plan_names_and_compute_above():
@@ -498,6 +544,9 @@ def test_measure_runs_every_mode_here_and_records_what_it_measured(tmp_path):
     measured = document["measured_inputs"]
     assert measured["grpc"]["ps_updates_here_batch"] == 1
     assert measured["grpc"]["ps_updates_here_seconds"]["2 workers, 1 ps"] > 0
+    # And at about half the global batch, the line's second point.
+    at = measured["grpc"]["ps_updates_here_seconds_at_batch"]
+    assert len(at) == 2 and all(t > 0 for t in at.values()), at
     # And the pipeline launched here, at two batches.
     assert len(measured["pipeline_launched_here_seconds"]) == 2
     assert all(t > 0 for t in measured["pipeline_launched_here_seconds"].values())

@@ -180,6 +180,10 @@ class Links:
     # (parameter_server); the batch is kept to say what was measured.
     local_ps: dict = dataclasses.field(default_factory=dict)
     local_ps_batch: int = 0
+    # This machine: (workers, ps) -> ((batch, seconds per update), ...), the
+    # mode launched here at two batches (one example a step and about half
+    # the global batch): its update follows the line through them.
+    local_ps_steps: dict = dataclasses.field(default_factory=dict)
     # This machine: (stages, micro-batches) -> ((batch, seconds), ...), steps
     # of model_parallel launched here (its stages' processes sharing the
     # cores) at two batches.
@@ -212,6 +216,24 @@ def ring_seconds(nbytes: float, n: int, link: Link, messages_per_hop: int = 1) -
         return 0.0
     hops = 2 * (n - 1)
     return hops * messages_per_hop * link.latency + hops / n * nbytes / link.bandwidth
+
+
+def slope_between(points) -> float:
+    """The slope between the lowest and highest of two or more measured
+    (batch, seconds) points; never below 0 (noise larger than the batch's
+    effect)."""
+    (x1, y1), (x2, y2) = min(points), max(points)
+    return max((y2 - y1) / (x2 - x1), 0.0)
+
+
+def line_at(points, x: float) -> float:
+    """The line through two measured (batch, seconds) points, at ``x``."""
+    x1, y1 = min(points)
+    return y1 + (x - x1) * slope_between(points)
+
+
+def _two_batches(points) -> bool:
+    return bool(points) and len(points) >= 2 and max(points)[0] > min(points)[0]
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
@@ -333,7 +355,25 @@ def parameter_server(model, compute, batch, cluster, links: Links, ps: int, inpu
     link = _slower(links.grpc, cluster)
     t_compute = compute.seconds(batch, cores)
     shared = links.local_ps.get((w, ps)) if cluster.local else None
-    if shared is not None:
+    ran = links.local_ps_steps.get((w, ps)) if cluster.local else None
+    ps_rate = math.inf
+    line = None
+    if _two_batches(ran):
+        # One machine, the mode launched at two batches: the servers', the
+        # chief's and the workers' work sharing the cores, all measured so.
+        # The line's slope is the examples' share of an update, its height
+        # at batch 0 what an update costs whatever its batch. A sum of
+        # parts measured apart (below) under-counted what the ResNet's
+        # workers lose to the servers on 2 cores by 15-34%
+        # (BUILD_NOTES.md, round seven).
+        slope = slope_between(ran)
+        step = line_at(ran, batch)
+        fixed_update = min(max(line_at(ran, 0), 0.0), step)
+        # A worker's step (W updates' time), as the other rows' parts say it.
+        t_comm, t_compute = fixed_update * w, (step - fixed_update) * w
+        updates = 1 / step
+        line = (min(ran), max(ran))
+    elif shared is not None:
         # One machine: the servers, the chief and the workers share its
         # cores. The mode itself is measured so at one example a step
         # (seconds per update, T: the traffic, dispatch and bookkeeping of
@@ -348,7 +388,6 @@ def parameter_server(model, compute, batch, cluster, links: Links, ps: int, inpu
         t_compute *= compute.crowded(w)
         t_comm = shared
         updates = 1 / (shared + t_compute / w)
-        ps_rate = math.inf
     else:
         t_comm = links.ps_step + link.seconds(moved / ps, 0)
         # What the servers' links allow: every update crosses them once.
@@ -369,6 +408,12 @@ def parameter_server(model, compute, batch, cluster, links: Links, ps: int, inpu
         _memory(model, batch),
     )
     p.parts = {"compute": t_compute, "ps traffic": t_comm, "updates/s": updates}
+    if line is not None:
+        p.parts["measured updates (batch, seconds)"] = line
+        if slope > 0:
+            # Below it, an update's fixed cost outweighs its examples'.
+            p.communication_bound_below_batch = int(math.ceil(fixed_update / slope))
+        return _finish(p, batch, input_rate)
     fixed = compute.seconds(0, cores)
     slope = compute.seconds(1, cores) - fixed
     if slope > 0:
@@ -451,21 +496,20 @@ def model_parallel(
         larger = {(k_, m_): (b_, t_) for k_, m_, b_, t_ in compute.pipeline_batches}
         b_, t_ = larger.get((k, microbatches), (0, 0.0))
         if b_ > microbatches:
-            per = max((t_ - schedule) / (b_ - microbatches), 0.0)
+            per = slope_between(((microbatches, schedule), (b_, t_)))
         work = max(work, schedule + (batch - microbatches) * per)
     if shared and work > t:
         t, bound = work, "compute"
     ran = links.local_pipeline.get((k, microbatches)) if processes and cluster.local else None
     line = None
-    if ran and len(ran) >= 2 and max(ran)[0] > min(ran)[0]:
+    if _two_batches(ran):
         # Launched on this machine at two batches: the stages' processes
         # share its cores, so their passes, dispatch and compute are
         # measured so and the step follows the line through them
         # (BUILD_NOTES.md: a model of passes timed alone missed by 37%).
         # The bound stays the parts' reading of what dominates.
-        (b1, t1), (b2, t2) = min(ran), max(ran)
-        line = ((b1, t1), (b2, t2))
-        t = t1 + (batch - b1) * max((t2 - t1) / (b2 - b1), 0.0)
+        line = (min(ran), max(ran))
+        t = line_at(ran, batch)
     where = "launched" if processes else "one process"
     p = Prediction(
         f"model_parallel {k} stages, {microbatches} micro-batches ({where})",

@@ -550,26 +550,35 @@ def measure_launched(
 
 
 def measure_ps_updates(
-    train_argv, config, compute, workers: int, ps: int, log, rounds: int = 1
-) -> float:
-    """Seconds per update of ``parameter_server`` launched on this machine with
-    ``workers`` workers and ``ps`` servers, at ``PS_PROBE_BATCH`` examples a
-    step: the servers' traffic, the coordinator's dispatch and the run's
-    bookkeeping (the update counter, the step's statistics), all sharing the
-    cores with the workers as a real run's do; the examples' compute is
-    added by the cost model. A probe of bare variable updates missed about
-    0.8 ms of an MLP's 5.8 ms update (BUILD_NOTES.md, round six)."""
-    return measure_launched(
-        f"parameter_server {workers} workers, {ps} ps",
-        ["--strategy=parameter_server"],
-        {"num_workers": workers, "num_ps": ps},
-        train_argv,
-        config,
-        PS_PROBE_BATCH,
-        # A step's compute, and about what loopback's updates take.
-        compute.seconds(PS_PROBE_BATCH, 1) + 5e-3,
-        log,
-        rounds,
+    train_argv, config, compute, workers: int, ps: int, update: float, log, rounds: int = 1
+) -> tuple:
+    """``parameter_server`` launched on this machine with ``workers`` workers
+    and ``ps`` servers, at ``PS_PROBE_BATCH`` examples a step and at about
+    half the global batch: ((batch, seconds per update), ...). The servers'
+    traffic, the coordinator's dispatch, the run's bookkeeping (the update
+    counter, the step's statistics) and the workers' compute, all sharing
+    the cores as a real run's do. A probe of bare variable updates missed
+    about 0.8 ms of an MLP's 5.8 ms update, and the workers' compute timed
+    apart missed what the ResNet's lose to the servers (BUILD_NOTES.md,
+    rounds six and seven). ``update``: about what one costs, to size the
+    runs."""
+    batches = sorted({PS_PROBE_BATCH, max(config.batch_size // 2, PS_PROBE_BATCH)})
+    return tuple(
+        (
+            b,
+            measure_launched(
+                f"parameter_server {workers} workers, {ps} ps",
+                ["--strategy=parameter_server"],
+                {"num_workers": workers, "num_ps": ps},
+                train_argv,
+                config,
+                b,
+                compute.seconds(b, 1) * compute.crowded(workers) / workers + update,
+                log,
+                rounds,
+            ),
+        )
+        for b in batches
     )
 
 
@@ -583,9 +592,9 @@ def measure_launched_pipeline(
     twice one_device's for the MLP; a model of passes timed with nothing
     computing missed its step by 37%: BUILD_NOTES.md, round six)."""
     larger = half_in_microbatches(config.batch_size, microbatches)
-    batches = sorted({microbatches, max(larger, microbatches)})
-    if len(batches) < 2:
+    if larger <= microbatches:
         return ()
+    batches = (microbatches, larger)
     return tuple(
         (
             b,
@@ -714,6 +723,9 @@ def inputs_document(compute, model, links, stages, microbatches, max_ps, input_r
             "grpc_round_trip": links.grpc_round_trip,
             "local_ps": [[w, p, t] for (w, p), t in links.local_ps.items()],
             "local_ps_batch": links.local_ps_batch,
+            "local_ps_steps": [
+                [w, p, [list(b) for b in points]] for (w, p), points in links.local_ps_steps.items()
+            ],
             "local_pipeline": [
                 [k, m, [list(p) for p in points]] for (k, m), points in links.local_pipeline.items()
             ],
@@ -768,6 +780,12 @@ def readable_inputs(inputs: dict) -> dict:
             # The mode run here at this batch (0: bare updates, no compute).
             "ps_updates_here_seconds": {f"{w} workers, {p} ps": t for w, p, t in li["local_ps"]},
             "ps_updates_here_batch": li.get("local_ps_batch", 0),
+            # And at each batch it was launched at (the line the model follows).
+            "ps_updates_here_seconds_at_batch": {
+                f"{w} workers, {p} ps, batch {b}": t
+                for w, p, points in li.get("local_ps_steps", [])
+                for b, t in points
+            },
         },
         # model_parallel launched here: its step's seconds at each batch.
         "pipeline_launched_here_seconds": {
@@ -818,6 +836,9 @@ def predictions_of(document: dict, cluster_text: str | None = None) -> list:
         local_ps={(w, p): t for w, p, t in li["local_ps"]},
         # Absent (plan.json before it): measured as bare updates, no compute.
         local_ps_batch=li.get("local_ps_batch", 0),
+        local_ps_steps={
+            (w, p): tuple(map(tuple, points)) for w, p, points in li.get("local_ps_steps", [])
+        },
         local_pipeline={
             (k, m): tuple(map(tuple, points)) for k, m, points in li.get("local_pipeline", [])
         },
@@ -1025,7 +1046,7 @@ def main(argv: list[str]) -> None:
                 log("measuring tensors passed between two devices of one process...")
                 here = _probe("hops", {"nbytes": pass_bytes}, timeout=600)
                 passes["one process"] = (here["per_pass"], here["fixed"])
-        local_ps, local_pipeline = {}, {}
+        local_ps, local_ps_steps, local_pipeline = {}, {}, {}
         if cluster.local:
             for k in k_values if not profile.get("cannot_cut") else ():
                 try:
@@ -1039,13 +1060,24 @@ def main(argv: list[str]) -> None:
                     local_pipeline[(k, microbatches[k])] = got
             for ps in range(1, fv.max_ps + 1):
                 try:
-                    local_ps[(cluster.workers, ps)] = measure_ps_updates(
-                        train_argv, config, compute, cluster.workers, ps, log, fv.probe_rounds
+                    got = measure_ps_updates(
+                        train_argv,
+                        config,
+                        compute,
+                        cluster.workers,
+                        ps,
+                        one["tiny"],
+                        log,
+                        fv.probe_rounds,
                     )
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
                     # An experiment that cannot run at one example a step,
                     # say: the updates from the gRPC probe's links instead.
                     log(f"  (no parameter-server probe: {e}; modelled from the links)")
+                    continue
+                local_ps[(cluster.workers, ps)] = dict(got)[PS_PROBE_BATCH]
+                if len(got) >= 2:
+                    local_ps_steps[(cluster.workers, ps)] = got
         links = costmodel.Links(
             ring=measure_ring(model.parameter_bytes, log),
             ring_call=profile["ring_call_seconds"],
@@ -1054,6 +1086,7 @@ def main(argv: list[str]) -> None:
             grpc_round_trip=one["round_trip"],
             local_ps=local_ps,
             local_ps_batch=PS_PROBE_BATCH if local_ps else 0,
+            local_ps_steps=local_ps_steps,
             local_pipeline=local_pipeline,
             pipeline_passes=passes,
         )
