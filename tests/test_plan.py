@@ -691,3 +691,19 @@ def test_each_side_by_side_barrier_is_a_meeting_of_its_own(tmp_path):
     lonely()  # the first meeting, already held: its files are there
     with pytest.raises(RuntimeError, match="never got ready"):
         lonely()  # the second: the other task never comes
+
+
+def test_a_failed_half_batch_parameter_server_probe_keeps_the_one_example_probe(monkeypatch):
+    # An experiment that cannot run at half its batch, say: the one-example
+    # probe is kept (the round-six rule), and one line says why.
+    def launched(name, flags, launch, argv, config, batch, guess, log, rounds):
+        if batch > plan.PS_PROBE_BATCH:
+            raise RuntimeError(f"the probe of {name} at batch {batch} failed")
+        return 4e-3
+
+    monkeypatch.setattr(plan, "measure_launched", launched)
+    lines = []
+    config = type("Config", (), {"batch_size": 100})()
+    got = plan.measure_ps_updates([], config, COMPUTE, 2, 1, 1e-3, lines.append)
+    assert got == ((1, 4e-3),)
+    assert len(lines) == 1 and "at batch 50" in lines[0] and "one-example rule" in lines[0]
