@@ -170,10 +170,9 @@ def test_a_plan_json_from_before_the_replica_probe_predicts_from_the_crowding():
     assert again["parameter_server 2 workers, 1 ps"].step_seconds == pytest.approx(
         costmodel.parameter_server(model, crowded, 100, here, ran, 1).step_seconds
     )
+    # With the updates measured at two batches, the line through them.
     newer_ps = costmodel.parameter_server(model, newer, 100, here, ran_newer, 1)
-    assert newer_ps.step_seconds != pytest.approx(
-        again["parameter_server 2 workers, 1 ps"].step_seconds
-    )
+    assert newer_ps.step_seconds == pytest.approx(2e-3 + 99 * 7e-3 / 49)
     # The pipelines from their parts and the one-example schedule alone.
     for processes in (False, True):
         p = costmodel.model_parallel(model, crowded, 100, here, ran, 2, 4, processes)
@@ -324,13 +323,25 @@ def test_a_parameter_server_launched_here_follows_its_updates_measured_at_two_ba
     slope = 25e-3 / 49
     assert p.step_seconds == pytest.approx(4e-3 + 99 * slope)
     assert p.examples_per_second == pytest.approx(100 / p.step_seconds)
-    # Its height at batch 0 is what an update costs whatever its batch: the
-    # bound below the batch where the examples' share passes it.
-    fixed = 4e-3 - slope
-    assert p.communication_bound_below_batch == math.ceil(fixed / slope)
+    # Parts as a worker's step (2 updates): what a batch adds, and the
+    # line's height at batch 0 less the workers' own fixed cost (2 of them
+    # at once, each on 1 core: 2e-4 / 2 an update).
+    own = COMPUTE.seconds(0, 1) / 2
+    assert p.parts["compute"] + p.parts["ps traffic"] == pytest.approx(2 * p.step_seconds)
+    assert p.parts["ps traffic"] == pytest.approx(2 * (4e-3 - slope - own))
+    # Traffic-bound below the batch it names, compute-bound from there.
+    edge = p.communication_bound_below_batch
+    assert edge == math.ceil((4e-3 - slope - 2 * own) / slope)
     assert p.bound == "compute"
-    small = costmodel.parameter_server(model, COMPUTE, 2, here, ran, 1)
-    assert small.bound == "ps traffic"
+    at = {
+        b: costmodel.parameter_server(model, COMPUTE, b, here, ran, 1).bound
+        for b in (edge - 1, edge)
+    }
+    assert at == {edge - 1: "ps traffic", edge: "compute"}
+    # A larger batch measured no slower: noise, no line; the one-example rule.
+    flat = dataclasses.replace(ran, local_ps_steps={(2, 1): ((1, 4e-3), (50, 3.9e-3))})
+    rule = costmodel.parameter_server(model, COMPUTE, 100, here, flat, 1)
+    assert rule.step_seconds == pytest.approx(4e-3 + COMPUTE.seconds(100, 1) / 2)
     # Another server count, or a cluster of machines: as without it.
     for ps, cluster in ((2, here), (1, _cluster(2))):
         plain = costmodel.parameter_server(model, COMPUTE, 100, cluster, _links(), ps)
@@ -707,3 +718,22 @@ def test_a_failed_half_batch_parameter_server_probe_keeps_the_one_example_probe(
     got = plan.measure_ps_updates([], config, COMPUTE, 2, 1, 1e-3, lines.append)
     assert got == ((1, 4e-3),)
     assert len(lines) == 1 and "at batch 50" in lines[0] and "one-example rule" in lines[0]
+
+
+def test_the_parameter_server_is_launched_at_one_example_and_at_half_the_batch(monkeypatch):
+    asked = []
+
+    def launched(name, flags, launch, argv, config, batch, guess, log, rounds):
+        asked.append((batch, launch, flags, guess, rounds))
+        return 1e-3 * batch
+
+    monkeypatch.setattr(plan, "measure_launched", launched)
+    config = type("Config", (), {"batch_size": 100})()
+    got = plan.measure_ps_updates([], config, COMPUTE, 2, 2, 3e-3, print, rounds=3)
+    assert got == ((1, 1e-3), (50, 5e-2))
+    for batch, launch, flags, guess, rounds in asked:
+        assert launch == {"num_workers": 2, "num_ps": 2}
+        assert flags == ["--strategy=parameter_server"] and rounds == 3
+        # Sized from the step's compute (2 workers at once, 1 core each) and
+        # the update measured over gRPC.
+        assert guess == pytest.approx(COMPUTE.seconds(batch, 1) / 2 + 3e-3)

@@ -233,7 +233,11 @@ def line_at(points, x: float) -> float:
 
 
 def _two_batches(points) -> bool:
-    return bool(points) and len(points) >= 2 and max(points)[0] > min(points)[0]
+    # Two batches, the larger slower: anything else is noise, no line.
+    if not points or len(points) < 2:
+        return False
+    (x1, y1), (x2, y2) = min(points), max(points)
+    return x2 > x1 and y2 > y1
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
@@ -364,11 +368,15 @@ def parameter_server(model, compute, batch, cluster, links: Links, ps: int, inpu
         # The line's slope is the examples' share of an update, its height
         # at batch 0 what an update costs whatever its batch. A sum of
         # parts measured apart (below) under-counted what the ResNet's
-        # workers lose to the servers on 2 cores by 15-34%
-        # (BUILD_NOTES.md, round seven).
+        # workers lose to the servers on 2 cores: it over-predicted their
+        # examples/s by 15-34% (BUILD_NOTES.md, round seven).
         slope = slope_between(ran)
         step = line_at(ran, batch)
-        fixed_update = min(max(line_at(ran, 0), 0.0), step)
+        # What an update costs at batch 0, less the workers' own fixed cost
+        # of a step (W of them at once): the servers' traffic and the run's
+        # bookkeeping.
+        own = compute.seconds(0, cores) * compute.crowded(w) / w
+        fixed_update = min(max(line_at(ran, 0) - own, 0.0), step)
         # A worker's step (W updates' time), as the other rows' parts say it.
         t_comm, t_compute = fixed_update * w, (step - fixed_update) * w
         updates = 1 / step
@@ -386,7 +394,7 @@ def parameter_server(model, compute, batch, cluster, links: Links, ps: int, inpu
         # leaving it out over-predicted the ResNet by 46-59%
         # (BUILD_NOTES.md, round six).
         t_compute *= compute.crowded(w)
-        t_comm = shared
+        t_comm = shared * w  # a worker's step holds W updates
         updates = 1 / (shared + t_compute / w)
     else:
         t_comm = links.ps_step + link.seconds(moved / ps, 0)
@@ -408,14 +416,15 @@ def parameter_server(model, compute, batch, cluster, links: Links, ps: int, inpu
         _memory(model, batch),
     )
     p.parts = {"compute": t_compute, "ps traffic": t_comm, "updates/s": updates}
+    # Below this batch the traffic takes longer than the compute, both as a
+    # worker's step (W updates on one machine, one elsewhere).
     if line is not None:
         p.parts["measured updates (batch, seconds)"] = line
-        if slope > 0:
-            # Below it, an update's fixed cost outweighs its examples'.
-            p.communication_bound_below_batch = int(math.ceil(fixed_update / slope))
-        return _finish(p, batch, input_rate)
-    fixed = compute.seconds(0, cores)
-    slope = compute.seconds(1, cores) - fixed
+        fixed, slope = own * w, slope * w
+    else:
+        crowd = compute.crowded(w) if shared is not None else 1.0
+        fixed = compute.seconds(0, cores) * crowd
+        slope = compute.seconds(1, cores) * crowd - fixed
     if slope > 0:
         p.communication_bound_below_batch = max(int(math.ceil((t_comm - fixed) / slope)), 0)
     return _finish(p, batch, input_rate)
