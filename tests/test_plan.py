@@ -737,3 +737,69 @@ def test_the_parameter_server_is_launched_at_one_example_and_at_half_the_batch(m
         # Sized from the step's compute (2 workers at once, 1 core each) and
         # the update measured over gRPC.
         assert guess == pytest.approx(COMPUTE.seconds(batch, 1) / 2 + 3e-3)
+
+
+def _descendants(pid: int) -> dict:
+    """{pid: command line} of every live process below ``pid``."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            continue
+    below, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in below:
+                try:
+                    with open(f"/proc/{child}/cmdline", "rb") as f:
+                        below[child] = f.read().replace(b"\0", b" ").decode()
+                except OSError:
+                    continue
+                frontier.append(child)
+    return below
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_a_plan_stopped_by_sigterm_stops_the_run_it_launched(tmp_path):
+    """Stopped while a probe of the parameter server is launched, the plan
+    takes the launcher and its tasks down with it, then exits 143."""
+    import signal
+    import time
+
+    from tests.conftest import start_tftrain
+
+    experiment = tmp_path / "mine.py"
+    experiment.write_text(SUBCLASSED)
+    proc = start_tftrain(
+        "plan",
+        "--probe_rounds=1",
+        f"--output={tmp_path / 'plan.json'}",
+        "--",
+        f"--experiment={experiment}",
+    )
+    try:
+        below, deadline = {}, time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            below = _descendants(proc.pid)
+            if any("tftrain launch" in c for c in below.values()) and len(below) >= 3:
+                break
+            time.sleep(0.5)
+        assert any("tftrain launch" in c for c in below.values()), below
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, err
+        assert err.strip().splitlines()[-1] == "tftrain plan: stopped by SIGTERM; no plan printed."
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in below):
+            time.sleep(0.5)
+        left = {p: c for p, c in below.items() if os.path.exists(f"/proc/{p}")}
+        assert not left, left
+        assert not (tmp_path / "plan.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -172,15 +173,61 @@ def _probe_env(env=None) -> dict:
     return dict(env, TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def _python(args: list[str], timeout: float, env=None) -> subprocess.CompletedProcess:
-    env = _probe_env(env)
-    return subprocess.run(
-        [sys.executable, "-m", "tftrain.plan_probe", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
+# The processes the plan has started and not yet seen end: a plan stopped by
+# a signal stops them first (a launched probe would otherwise train on to
+# its bounded end, minutes later).
+_children: list = []
+
+
+def _popen(args: list[str], **kwargs) -> subprocess.Popen:
+    proc = subprocess.Popen(args, **kwargs)
+    _children[:] = [p for p in _children if p.poll() is None] + [proc]
+    return proc
+
+
+def _run(args: list[str], timeout: float, env) -> subprocess.CompletedProcess:
+    """``subprocess.run(args, capture_output=True, text=True)``, its process
+    one of ``_children`` while it runs."""
+    proc = _popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    finally:
+        if proc in _children:
+            _children.remove(proc)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def stop_children(grace: float = 30.0) -> None:
+    """SIGTERM to every live child (a ``tftrain launch`` then stops its tasks
+    in order), SIGKILL to any still alive after ``grace`` seconds."""
+    live = [p for p in _children if p.poll() is None]
+    for p in live:
+        p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in live:
+        try:
+            p.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _on_signal(signum, _frame) -> None:
+    stop_children()
+    print(
+        f"tftrain plan: stopped by {signal.Signals(signum).name}; no plan printed.",
+        file=sys.stderr,
+        flush=True,
     )
+    raise SystemExit(128 + signum)
+
+
+def _python(args: list[str], timeout: float, env=None) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "tftrain.plan_probe", *args], timeout, _probe_env(env))
 
 
 def _probe(kind: str, request: dict, timeout: float = 1800, env=None) -> dict:
@@ -239,7 +286,7 @@ def _probes_side_by_side(
             answer = os.path.join(folder, f"result-{rank}.json")
             procs.append(
                 (
-                    subprocess.Popen(
+                    _popen(
                         [sys.executable, "-m", "tftrain.plan_probe", "compute", ask, answer],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.PIPE,
@@ -420,7 +467,7 @@ def measure_ring(nbytes: int, log) -> costmodel.Link:
     small, large = 4096, max(int(nbytes), 8192)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     procs = [
-        subprocess.Popen(
+        _popen(
             [
                 sys.executable,
                 "-m",
@@ -438,7 +485,13 @@ def measure_ring(nbytes: int, log) -> costmodel.Link:
         )
         for rank in range(2)
     ]
-    out = [p.communicate(timeout=300) for p in procs]
+    try:
+        out = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:  # its peer failed: it would wait on for it
+                p.kill()
+                p.wait()
     if not out[0][0].strip():
         raise RuntimeError(f"the ring measurement failed:\n{out[0][1][-2000:]}")
     t = json.loads(out[0][0].strip().splitlines()[-1])
@@ -491,7 +544,7 @@ def measure_grpc(
                     TF_CONFIG=json.dumps({"cluster": spec, "task": {"type": role, "index": index}}),
                 )
                 servers.append(
-                    subprocess.Popen(
+                    _popen(
                         [sys.executable, "-c", code],
                         env=env,
                         stdout=subprocess.DEVNULL,
@@ -970,13 +1023,7 @@ def measure_mode(p, train_argv, config, seconds: float, log) -> float | None:
         log(f"measuring {p.mode}: {steps} steps...")
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
         env.pop("TF_CONFIG", None)
-        done = subprocess.run(
-            [sys.executable, "-m", "tftrain", *command],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=max(600, 20 * seconds),
-        )
+        done = _run([sys.executable, "-m", "tftrain", *command], max(600, 20 * seconds), env)
         try:
             with open(os.path.join(model_dir, "metrics.json")) as f:
                 return json.load(f)["examples_per_second"]
@@ -1000,6 +1047,8 @@ def main(argv: list[str]) -> None:
     from tftrain.flagset import user_code_failed
 
     _quiet_tensorflow()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
     fv = flags.FLAGS
     train_argv = list(argv[1:])
     if not any(a.startswith("--experiment=") for a in train_argv):
