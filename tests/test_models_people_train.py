@@ -164,3 +164,61 @@ def test_a_replica_left_without_evaluation_examples_is_skipped(tmp_path):
         export=False,
     )
     assert got["eval_examples"] == 500 and got["eval_accuracy"] > 0.2
+
+
+def vit_module():
+    import sys
+
+    from tftrain import registry
+
+    return sys.modules[registry.get("fashion_mnist_vit").task.__module__]
+
+
+def test_shifted_patches_hold_each_patch_and_its_four_diagonal_neighbours():
+    """Token (r, c) holds, pixel by pixel and channel by channel, the patch
+    at (r, c) of the image and of its four copies moved by half a patch
+    diagonally, with 0 where a copy reaches past the edge."""
+    import numpy as np
+
+    image = np.random.default_rng(0).integers(1, 256, (1, 28, 28, 1)).astype(np.uint8)
+    tokens = np.asarray(vit_module().ShiftedPatches(4)(image))
+    assert tokens.shape == (1, 49, 4 * 4 * 5) and tokens.dtype == np.uint8
+    shifts = [(0, 0), (-2, -2), (-2, 2), (2, -2), (2, 2)]
+    for r, c in [(0, 0), (0, 6), (3, 4), (6, 6)]:
+        token = tokens[0, 7 * r + c].reshape(4, 4, 5)
+        for a in range(4):
+            for b in range(4):
+                for k, (dy, dx) in enumerate(shifts):
+                    y, x = 4 * r + a + dy, 4 * c + b + dx
+                    want = image[0, y, x, 0] if 0 <= y < 28 and 0 <= x < 28 else 0
+                    assert token[a, b, k] == want, (r, c, a, b, k)
+
+
+def test_smoothed_crossentropy_is_the_numpy_reference():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 6)
+    loss = vit_module().SmoothedCrossentropy(10, 0.1, reduction="none")(labels, logits)
+    targets = np.full((6, 10), 0.1 / 10)
+    targets[np.arange(6), labels] += 0.9
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(loss), -(targets * log_softmax).sum(axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1"])
+def test_a_label_smoothing_outside_zero_to_one_is_one_line(tmp_path, value):
+    result = run_tftrain(
+        "train",
+        "--experiment=fashion_mnist_vit:smoke",
+        f"--label_smoothing={value}",
+        f"--model_dir={tmp_path / 'run'}",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"tftrain: error: --label_smoothing={float(value)}: from 0 up to, not including, 1."
+    ]
+    assert not (tmp_path / "run").exists()
