@@ -739,6 +739,28 @@ def test_the_parameter_server_is_launched_at_one_example_and_at_half_the_batch(m
         assert guess == pytest.approx(COMPUTE.seconds(batch, 1) / 2 + 3e-3)
 
 
+def test_a_launched_pipeline_failing_at_its_larger_batch_keeps_the_first_and_says_so(
+    monkeypatch,
+):
+    def launched(name, flags, launch, argv, config, batch, guess, log, rounds):
+        if batch > 4:
+            raise RuntimeError(f"the probe of {name} at batch {batch} failed")
+        return 2e-3
+
+    monkeypatch.setattr(plan, "measure_launched", launched)
+    lines = []
+    config = type("Config", (), {"batch_size": 100})()
+    got = plan.measure_launched_pipeline([], config, COMPUTE, 2, 4, lines.append)
+    assert got == ((4, 2e-3),)
+    assert len(lines) == 1 and "at batch 48" in lines[0] and "from its parts" in lines[0]
+    # One point draws no line: the pipeline is modelled from its parts.
+    assert not costmodel._two_batches(got)
+    # A failure at the first batch is the caller's to report.
+    monkeypatch.setattr(plan, "measure_launched", lambda *a: (_ for _ in ()).throw(RuntimeError))
+    with pytest.raises(RuntimeError):
+        plan.measure_launched_pipeline([], config, COMPUTE, 2, 4, lines.append)
+
+
 def _descendants(pid: int) -> dict:
     """{pid: command line} of every live process below ``pid``."""
     parents = {}

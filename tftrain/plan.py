@@ -602,6 +602,37 @@ def measure_launched(
     return 1 / statistics.median(rates)
 
 
+def measure_at_batches(
+    name: str,
+    flags: list,
+    launch: dict,
+    batches: tuple,
+    guess,
+    instead: str,
+    train_argv,
+    config,
+    log,
+    rounds: int = 1,
+) -> tuple:
+    """The mode launched here at each of ``batches`` in turn (``guess(batch)``:
+    about a step's seconds, to size the runs): ((batch, seconds a step), ...).
+    A failure at the first batch raises; a later one ends the points there,
+    with one line saying what the prediction uses ``instead`` of the line."""
+    points = []
+    for batch in batches:
+        try:
+            seconds = measure_launched(
+                name, flags, launch, train_argv, config, batch, guess(batch), log, rounds
+            )
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            if not points:
+                raise
+            log(f"  (no probe of {name} at batch {batch}: {e}; {instead})")
+            break
+        points.append((batch, seconds))
+    return tuple(points)
+
+
 def measure_ps_updates(
     train_argv, config, compute, workers: int, ps: int, update: float, log, rounds: int = 1
 ) -> tuple:
@@ -616,27 +647,19 @@ def measure_ps_updates(
     rounds six and seven). ``update``: about what one costs, to size the
     runs."""
 
-    def probe(batch: int) -> float:
-        return measure_launched(
-            f"parameter_server {workers} workers, {ps} ps",
-            ["--strategy=parameter_server"],
-            {"num_workers": workers, "num_ps": ps},
-            train_argv,
-            config,
-            batch,
-            compute.seconds(batch, 1) * compute.crowded(workers) / workers + update,
-            log,
-            rounds,
-        )
-
-    points = [(PS_PROBE_BATCH, probe(PS_PROBE_BATCH))]
     half = config.batch_size // 2
-    if half > PS_PROBE_BATCH:
-        try:
-            points.append((half, probe(half)))
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            log(f"  (no parameter-server probe at batch {half}: {e}; the one-example rule)")
-    return tuple(points)
+    return measure_at_batches(
+        f"parameter_server {workers} workers, {ps} ps",
+        ["--strategy=parameter_server"],
+        {"num_workers": workers, "num_ps": ps},
+        (PS_PROBE_BATCH, half) if half > PS_PROBE_BATCH else (PS_PROBE_BATCH,),
+        lambda b: compute.seconds(b, 1) * compute.crowded(workers) / workers + update,
+        "the one-example rule",
+        train_argv,
+        config,
+        log,
+        rounds,
+    )
 
 
 def measure_launched_pipeline(
@@ -651,23 +674,17 @@ def measure_launched_pipeline(
     larger = half_in_microbatches(config.batch_size, microbatches)
     if larger <= microbatches:
         return ()
-    batches = (microbatches, larger)
-    return tuple(
-        (
-            b,
-            measure_launched(
-                f"model_parallel {stages} stages, {microbatches} micro-batches (launched)",
-                ["--strategy=model_parallel", f"--num_microbatches={microbatches}"],
-                {"num_workers": stages},
-                train_argv,
-                config,
-                b,
-                compute.seconds(b, 1) + 5e-3,
-                log,
-                rounds,
-            ),
-        )
-        for b in batches
+    return measure_at_batches(
+        f"model_parallel {stages} stages, {microbatches} micro-batches (launched)",
+        ["--strategy=model_parallel", f"--num_microbatches={microbatches}"],
+        {"num_workers": stages},
+        (microbatches, larger),
+        lambda b: compute.seconds(b, 1) + 5e-3,
+        "modelled from its parts",
+        train_argv,
+        config,
+        log,
+        rounds,
     )
 
 
@@ -754,6 +771,24 @@ def _model_of(profile: dict, memory: dict, batch: int) -> costmodel.Model:
     return model
 
 
+# The modes launched here at two batches, in plan.json: {(a, b): ((batch,
+# seconds), ...)} as [[a, b, [[batch, seconds], ...]], ...].
+def _points_out(measured: dict) -> list:
+    return [[a, b, [list(point) for point in points]] for (a, b), points in measured.items()]
+
+
+def _points_in(rows: list) -> dict:
+    return {(a, b): tuple(map(tuple, points)) for a, b, points in rows}
+
+
+def _points_readable(rows: list, what: str) -> dict:
+    return {
+        f"{what.format(a, b)}, batch {batch}": seconds
+        for a, b, points in rows
+        for batch, seconds in points
+    }
+
+
 def inputs_document(compute, model, links, stages, microbatches, max_ps, input_rate) -> dict:
     """Everything the predictions were made from, as JSON (plan.json's
     ``inputs``): ``predictions_of`` makes them again, for this or another
@@ -780,12 +815,8 @@ def inputs_document(compute, model, links, stages, microbatches, max_ps, input_r
             "grpc_round_trip": links.grpc_round_trip,
             "local_ps": [[w, p, t] for (w, p), t in links.local_ps.items()],
             "local_ps_batch": links.local_ps_batch,
-            "local_ps_steps": [
-                [w, p, [list(b) for b in points]] for (w, p), points in links.local_ps_steps.items()
-            ],
-            "local_pipeline": [
-                [k, m, [list(p) for p in points]] for (k, m), points in links.local_pipeline.items()
-            ],
+            "local_ps_steps": _points_out(links.local_ps_steps),
+            "local_pipeline": _points_out(links.local_pipeline),
             "pipeline_passes": {k: list(v) for k, v in links.pipeline_passes.items()},
         },
         "stages": list(stages),
@@ -838,18 +869,14 @@ def readable_inputs(inputs: dict) -> dict:
             "ps_updates_here_seconds": {f"{w} workers, {p} ps": t for w, p, t in li["local_ps"]},
             "ps_updates_here_batch": li.get("local_ps_batch", 0),
             # And at each batch it was launched at (the line the model follows).
-            "ps_updates_here_seconds_at_batch": {
-                f"{w} workers, {p} ps, batch {b}": t
-                for w, p, points in li.get("local_ps_steps", [])
-                for b, t in points
-            },
+            "ps_updates_here_seconds_at_batch": _points_readable(
+                li.get("local_ps_steps", []), "{} workers, {} ps"
+            ),
         },
         # model_parallel launched here: its step's seconds at each batch.
-        "pipeline_launched_here_seconds": {
-            f"{k} stages, {m} micro-batches, batch {b}": t
-            for k, m, points in li.get("local_pipeline", [])
-            for b, t in points
-        },
+        "pipeline_launched_here_seconds": _points_readable(
+            li.get("local_pipeline", []), "{} stages, {} micro-batches"
+        ),
         # A cut's tensor passed between two stages' devices: seconds per pass
         # and a step's fixed cost.
         "pipeline_passes": {
@@ -893,12 +920,8 @@ def predictions_of(document: dict, cluster_text: str | None = None) -> list:
         local_ps={(w, p): t for w, p, t in li["local_ps"]},
         # Absent (plan.json before it): measured as bare updates, no compute.
         local_ps_batch=li.get("local_ps_batch", 0),
-        local_ps_steps={
-            (w, p): tuple(map(tuple, points)) for w, p, points in li.get("local_ps_steps", [])
-        },
-        local_pipeline={
-            (k, m): tuple(map(tuple, points)) for k, m, points in li.get("local_pipeline", [])
-        },
+        local_ps_steps=_points_in(li.get("local_ps_steps", [])),
+        local_pipeline=_points_in(li.get("local_pipeline", [])),
         pipeline_passes={k: tuple(v) for k, v in li["pipeline_passes"].items()},
     )
     cores = document["cores"]
