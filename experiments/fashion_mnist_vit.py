@@ -13,8 +13,11 @@ decay 0.05 (biases, LayerNorm's scales and offsets and the position
 embedding left out), gradients clipped to a global norm of 1, two epochs of
 warm-up, then cosine decay.
 
-Options: ``dim``, ``depth``, ``heads``, ``patch``, ``augment`` and
-``shift`` (the translation's largest shift in pixels; 0 flips only). Variant:
+Options: ``dim``, ``depth``, ``heads``, ``patch``, ``augment``, ``shift``
+(the translation's largest shift in pixels; 0 flips only), ``spt``
+(shifted patch tokenization: each token also holds its patch of four
+copies of the image shifted diagonally by half a patch, Lee et al. 2021)
+and ``label_smoothing``. Variant:
 ``smoke`` (two blocks of 32 values on 2,048 images).
 """
 
@@ -42,7 +45,7 @@ class PositionEmbedding(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="fashion_mnist_vit")
 class ShiftedPatches(keras.layers.Layer):
     """The image's patches as flat vectors, each with the same patch of four
-    copies of the image shifted diagonally by half a patch (shifted patch
+    copies of the image shifted diagonally by half a patch, rounded down (shifted patch
     tokenization, Lee et al. 2021): every token also sees its neighbours'
     pixels, the locality a ViT lacks on a small dataset. Runs on the raw
     pixels, so the shifts bring in black (0), the images' background."""
@@ -70,20 +73,22 @@ class ShiftedPatches(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="fashion_mnist_vit")
-class SmoothedCrossentropy(keras.losses.Loss):
+class SmoothedSparseCrossentropy(keras.losses.Loss):
     """Cross-entropy of integer labels against targets smoothed by
     ``smoothing``: ``1 - smoothing`` on the label, the rest shared by all
-    classes (Szegedy et al. 2016)."""
+    classes (Szegedy et al. 2016). Its name says "sparse" and
+    "crossentropy" so that tftrain checks the labels and logits against it
+    as it does Keras's own."""
 
-    def __init__(self, num_classes, smoothing, name="loss", **kwargs):
+    def __init__(self, num_classes, smoothing, from_logits=True, name="loss", **kwargs):
         super().__init__(name=name, **kwargs)
-        self.num_classes, self.smoothing = num_classes, smoothing
+        self.num_classes, self.smoothing, self.from_logits = num_classes, smoothing, from_logits
 
     def call(self, y_true, y_pred):
         labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
         targets = keras.ops.one_hot(labels, self.num_classes, dtype=y_pred.dtype)
         return keras.losses.categorical_crossentropy(
-            targets, y_pred, from_logits=True, label_smoothing=self.smoothing
+            targets, y_pred, from_logits=self.from_logits, label_smoothing=self.smoothing
         )
 
     def get_config(self):
@@ -91,6 +96,7 @@ class SmoothedCrossentropy(keras.losses.Loss):
             **super().get_config(),
             "num_classes": self.num_classes,
             "smoothing": self.smoothing,
+            "from_logits": self.from_logits,
         }
 
 
@@ -181,7 +187,7 @@ class ViTTask(tftrain.Task):
                 f"--label_smoothing={config.label_smoothing}: from 0 up to, not including, 1."
             )
         if config.label_smoothing:
-            return SmoothedCrossentropy(self.data(config).num_classes, config.label_smoothing)
+            return SmoothedSparseCrossentropy(self.data(config).num_classes, config.label_smoothing)
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True, name="loss")
 
     def build_metrics(self, config):

@@ -200,12 +200,28 @@ def test_smoothed_crossentropy_is_the_numpy_reference():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(6, 10)).astype(np.float32)
     labels = rng.integers(0, 10, 6)
-    loss = vit_module().SmoothedCrossentropy(10, 0.1, reduction="none")(labels, logits)
+    loss = vit_module().SmoothedSparseCrossentropy(10, 0.1, reduction="none")(labels, logits)
     targets = np.full((6, 10), 0.1 / 10)
     targets[np.arange(6), labels] += 0.9
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     np.testing.assert_allclose(np.asarray(loss), -(targets * log_softmax).sum(axis=1), rtol=1e-5)
+
+
+def test_the_vit_options_layer_and_loss_come_back_from_their_configs():
+    import keras
+
+    vit = vit_module()
+    layer = vit.ShiftedPatches(7, name="cut")
+    again = keras.layers.deserialize(keras.layers.serialize(layer))
+    assert type(again) is vit.ShiftedPatches and again.patch == 7 and again.name == "cut"
+    loss = vit.SmoothedSparseCrossentropy(10, 0.2)
+    again = keras.losses.deserialize(keras.losses.serialize(loss))
+    assert (again.num_classes, again.smoothing, again.from_logits) == (10, 0.2, True)
+    # tftrain checks labels and logits against it as against Keras's own.
+    from tftrain import tasks
+
+    assert tasks._loss_kind(loss) == "sparse" and tasks.from_logits(loss) is True
 
 
 @pytest.mark.parametrize("value", ["1", "-0.1"])

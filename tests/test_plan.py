@@ -5,6 +5,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import subprocess
 
 import pytest
 
@@ -761,27 +763,43 @@ def test_a_launched_pipeline_failing_at_its_larger_batch_keeps_the_first_and_say
         plan.measure_launched_pipeline([], config, COMPUTE, 2, 4, lines.append)
 
 
+def _alive(pid: int, started: str) -> bool:
+    """Whether ``pid`` is still the process that started at ``started`` (not
+    a zombie, not a later process given the same pid)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z" and fields[19] == started
+
+
 def _descendants(pid: int) -> dict:
-    """{pid: command line} of every live process below ``pid``."""
-    parents = {}
+    """{pid: (start time, command line)} of every live process below ``pid``."""
+    stats = {}
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/stat") as f:
-                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                fields = f.read().rsplit(")", 1)[1].split()
+            stats[int(entry)] = (int(fields[1]), fields[19])
         except (ValueError, OSError, IndexError):
             continue
     below, frontier = {}, [pid]
     while frontier:
         parent = frontier.pop()
-        for child, ppid in parents.items():
+        for child, (ppid, started) in stats.items():
             if ppid == parent and child not in below:
                 try:
                     with open(f"/proc/{child}/cmdline", "rb") as f:
-                        below[child] = f.read().replace(b"\0", b" ").decode()
+                        below[child] = (started, f.read().replace(b"\0", b" ").decode())
                 except OSError:
                     continue
                 frontier.append(child)
     return below
+
+
+def _launched(below: dict) -> list:
+    return [p for p, (_, command) in below.items() if "tftrain launch" in command]
 
 
 @pytest.mark.slow
@@ -789,7 +807,6 @@ def _descendants(pid: int) -> dict:
 def test_a_plan_stopped_by_sigterm_stops_the_run_it_launched(tmp_path):
     """Stopped while a probe of the parameter server is launched, the plan
     takes the launcher and its tasks down with it, then exits 143."""
-    import signal
     import time
 
     from tests.conftest import start_tftrain
@@ -807,21 +824,57 @@ def test_a_plan_stopped_by_sigterm_stops_the_run_it_launched(tmp_path):
         below, deadline = {}, time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
             below = _descendants(proc.pid)
-            if any("tftrain launch" in c for c in below.values()) and len(below) >= 3:
+            launched = _launched(below)
+            # The launcher and, below it, its tasks.
+            if launched and any(_descendants(p) for p in launched):
                 break
             time.sleep(0.5)
-        assert any("tftrain launch" in c for c in below.values()), below
+        assert _launched(below), below
+        below = _descendants(proc.pid)
+        assert all(_alive(p, below[p][0]) for p in _launched(below)), below
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 143, err
         assert err.strip().splitlines()[-1] == "tftrain plan: stopped by SIGTERM; no plan printed."
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in below):
+        while time.monotonic() < deadline and any(_alive(p, s) for p, (s, _) in below.items()):
             time.sleep(0.5)
-        left = {p: c for p, c in below.items() if os.path.exists(f"/proc/{p}")}
+        left = {p: c for p, (s, c) in below.items() if _alive(p, s)}
         assert not left, left
         assert not (tmp_path / "plan.json").exists()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_stopping_the_children_asks_first_then_kills_what_stays():
+    import sys
+
+    polite = plan._popen(["sleep", "60"])
+    stubborn = plan._popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert stubborn.stdout.readline() == "ready\n"
+    plan.stop_children(grace=2)
+    assert polite.returncode == -signal.SIGTERM and stubborn.returncode == -signal.SIGKILL
+
+
+def test_a_probe_past_its_time_is_asked_to_stop_before_it_is_killed():
+    import sys
+
+    code = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (print('saving', flush=True), sys.exit(143)))\n"
+        "time.sleep(60)"
+    )
+    with pytest.raises(subprocess.TimeoutExpired):
+        plan._run([sys.executable, "-c", code], timeout=3, env=dict(os.environ))
+    assert [p.returncode for p in plan._children][-1:] == [143]

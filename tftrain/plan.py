@@ -173,40 +173,87 @@ def _probe_env(env=None) -> dict:
     return dict(env, TF_CPP_MIN_LOG_LEVEL="2")
 
 
-# The processes the plan has started and not yet seen end: a plan stopped by
-# a signal stops them first (a launched probe would otherwise train on to
-# its bounded end, minutes later).
+# The processes the plan has started: a plan stopped by a signal stops the
+# live ones first (a launched probe would otherwise train on to its bounded
+# end, minutes later).
 _children: list = []
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# A launched probe's tasks have the launch's --stop_grace_secs (30) to stop
+# after its SIGTERM; the launch gets that and a margin.
+STOP_GRACE = 45.0
+_starting = {"now": False, "signal": None}
+
+
+class Stopped(BaseException):
+    """A signal asked the plan to stop. Raised where the plan was, so that
+    whatever it waited on is left before its children are stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, _frame) -> None:
+    for sig in _SIGNALS:  # one stop, in order: a second signal cannot cut it short
+        signal.signal(sig, signal.SIG_IGN)
+    if _starting["now"]:  # raised once the child is known, in _popen
+        _starting["signal"] = signum
+        return
+    raise Stopped(signum)
+
+
+def listen_for_stop(on: bool) -> None:
+    """From here a signal stops the plan and its children (``on``), or
+    stops it as any program (once its measurements are done)."""
+    for sig in _SIGNALS:
+        default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+        signal.signal(sig, _on_signal if on else default)
 
 
 def _popen(args: list[str], **kwargs) -> subprocess.Popen:
-    proc = subprocess.Popen(args, **kwargs)
-    _children[:] = [p for p in _children if p.poll() is None] + [proc]
+    # A process group of its own: a Ctrl-C at the terminal reaches the plan
+    # alone, which then stops its children in order.
+    _starting["now"] = True
+    try:
+        proc = subprocess.Popen(args, process_group=0, **kwargs)
+        _children[:] = [p for p in _children if p.poll() is None] + [proc]
+    finally:
+        _starting["now"] = False
+        if _starting["signal"] is not None:
+            raise Stopped(_starting["signal"])
     return proc
 
 
 def _run(args: list[str], timeout: float, env) -> subprocess.CompletedProcess:
     """``subprocess.run(args, capture_output=True, text=True)``, its process
-    one of ``_children`` while it runs."""
+    one of ``_children``; past ``timeout`` it gets SIGTERM, then SIGKILL
+    after ``STOP_GRACE`` seconds (a launch stops its tasks in between)."""
     proc = _popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    except Stopped:
+        raise  # main stops it with the rest, in order
     except BaseException:
         proc.kill()
-        proc.communicate()
+        proc.wait()
         raise
-    finally:
-        if proc in _children:
-            _children.remove(proc)
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-def stop_children(grace: float = 30.0) -> None:
+def stop_children(grace: float = STOP_GRACE) -> None:
     """SIGTERM to every live child (a ``tftrain launch`` then stops its tasks
     in order), SIGKILL to any still alive after ``grace`` seconds."""
     live = [p for p in _children if p.poll() is None]
     for p in live:
-        p.send_signal(signal.SIGTERM)
+        p.terminate()
     deadline = time.monotonic() + grace
     for p in live:
         try:
@@ -214,16 +261,6 @@ def stop_children(grace: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-
-
-def _on_signal(signum, _frame) -> None:
-    stop_children()
-    print(
-        f"tftrain plan: stopped by {signal.Signals(signum).name}; no plan printed.",
-        file=sys.stderr,
-        flush=True,
-    )
-    raise SystemExit(128 + signum)
 
 
 def _python(args: list[str], timeout: float, env=None) -> subprocess.CompletedProcess:
@@ -1060,6 +1097,22 @@ def measure_mode(p, train_argv, config, seconds: float, log) -> float | None:
 
 
 def main(argv: list[str]) -> None:
+    listen_for_stop(True)
+    try:
+        _plan(argv)
+    except Stopped as e:
+        stop_children()
+        print(
+            f"tftrain plan: stopped by {signal.Signals(e.signum).name}; no plan printed.",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(128 + e.signum)
+    finally:
+        listen_for_stop(False)
+
+
+def _plan(argv: list[str]) -> None:
     from absl import flags
 
     from tftrain import resources
@@ -1070,8 +1123,6 @@ def main(argv: list[str]) -> None:
     from tftrain.flagset import user_code_failed
 
     _quiet_tensorflow()
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
     fv = flags.FLAGS
     train_argv = list(argv[1:])
     if not any(a.startswith("--experiment=") for a in train_argv):
@@ -1191,6 +1242,7 @@ def main(argv: list[str]) -> None:
                 if got:
                     samples[p.mode].append(got)
         measured = {mode: statistics.median(v) for mode, v in samples.items() if v}
+    listen_for_stop(False)  # nothing runs from here: a signal ends the plan at once
     where = (
         "this machine"
         if cluster.local
