@@ -1,7 +1,9 @@
 """A Vision Transformer (Dosovitskiy et al. 2021) on Fashion-MNIST.
 
-The 28x28 image is cut into 49 patches of 4x4, each projected to 64
-values, with a learned position embedding added; six pre-LayerNorm blocks
+The 28x28 image is cut into 49 patches of 4x4; each, with the same patch
+of four copies of the image shifted diagonally by 2 pixels (shifted patch
+tokenization), is normalized and projected to 64 values, with a learned
+position embedding added; six pre-LayerNorm blocks
 of 4-head self-attention and a GELU MLP (twice as wide), then a LayerNorm,
 the mean over the patches and the class logits. No BatchNormalization and
 no dropout: a step depends on its batch alone, so the pipeline of stages
@@ -11,13 +13,15 @@ augments with a random horizontal flip (``tftrain.data.translate_and_flip``;
 learned more slowly from: BUILD_NOTES.md). AdamW: Adam with decoupled weight
 decay 0.05 (biases, LayerNorm's scales and offsets and the position
 embedding left out), gradients clipped to a global norm of 1, two epochs of
-warm-up, then cosine decay.
+warm-up, then cosine decay; the loss is the cross-entropy against labels
+smoothed by 0.1. The shifted patches and the smoothing took the test
+accuracy from 0.890 to 0.902 (BUILD_NOTES.md); ``--nospt
+--label_smoothing=0`` is the plain ViT.
 
 Options: ``dim``, ``depth``, ``heads``, ``patch``, ``augment``, ``shift``
 (the translation's largest shift in pixels; 0 flips only), ``spt``
-(shifted patch tokenization: each token also holds its patch of four
-copies of the image shifted diagonally by half a patch, Lee et al. 2021)
-and ``label_smoothing``. Variant:
+(shifted patch tokenization, Lee et al. 2021; the shift is half a patch,
+rounded down) and ``label_smoothing``. Variant:
 ``smoke`` (two blocks of 32 values on 2,048 images).
 """
 
@@ -205,8 +209,8 @@ def get_config(variant=None):
             "patch": 4,
             "augment": True,
             "shift": 0,
-            "spt": False,
-            "label_smoothing": 0.0,
+            "spt": True,
+            "label_smoothing": 0.1,
         },
         optimizer="adam",
         learning_rate=1e-3,
