@@ -49,10 +49,10 @@ class PositionEmbedding(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="fashion_mnist_vit")
 class ShiftedPatches(keras.layers.Layer):
     """The image's patches as flat vectors, each with the same patch of four
-    copies of the image shifted diagonally by half a patch, rounded down (shifted patch
-    tokenization, Lee et al. 2021): every token also sees its neighbours'
-    pixels, the locality a ViT lacks on a small dataset. Runs on the raw
-    pixels, so the shifts bring in black (0), the images' background."""
+    copies of the image shifted diagonally by half a patch, rounded down
+    (shifted patch tokenization, Lee et al. 2021): every token also sees its
+    neighbours' pixels, the locality a ViT lacks on a small dataset. Runs on
+    the raw pixels, so the shifts bring in black (0), the images' background."""
 
     def __init__(self, patch, **kwargs):
         super().__init__(**kwargs)
