@@ -122,6 +122,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def alive(pid: int, started: str | None = None) -> bool:
+    """Whether ``pid`` is a live process (not a zombie) and, given
+    ``started``, still the one that started then (not a later process given
+    the same pid)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z" and started in (None, fields[19])
+
+
 def read_until(proc, pattern, lines, timeout=180):
     """Reads ``proc``'s text stdout line by line (kept in ``lines``) until one
     matches ``pattern``; returns the match, or fails with the last lines."""

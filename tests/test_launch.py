@@ -11,6 +11,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, free_port, run_tftrain, start_tftrain
+from tests.conftest import alive as _alive
 from tests.conftest import read_until as _read_until
 from tftrain.distribute import launch
 
@@ -230,18 +231,6 @@ def _launch(args, model_dir, extra=()):
         *extra,
         stderr=subprocess.STDOUT,
     )
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.slow

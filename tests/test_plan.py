@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from tests.conftest import alive as _alive
 from tests.conftest import run_tftrain
 from tftrain import costmodel, plan
 
@@ -761,17 +762,6 @@ def test_a_launched_pipeline_failing_at_its_larger_batch_keeps_the_first_and_say
     monkeypatch.setattr(plan, "measure_launched", lambda *a: (_ for _ in ()).throw(RuntimeError))
     with pytest.raises(RuntimeError):
         plan.measure_launched_pipeline([], config, COMPUTE, 2, 4, lines.append)
-
-
-def _alive(pid: int, started: str) -> bool:
-    """Whether ``pid`` is still the process that started at ``started`` (not
-    a zombie, not a later process given the same pid)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[0] != "Z" and fields[19] == started
 
 
 def _descendants(pid: int) -> dict:

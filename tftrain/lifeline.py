@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+import time
 
 LAUNCHER_PID = "TFTRAIN_LAUNCHER_PID"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -84,3 +86,29 @@ def say(line: str, file=None) -> None:
         print(line, file=stream, flush=True)
     except (OSError, ValueError):
         silence()
+
+
+def signal_group(process: subprocess.Popen, sig: int) -> None:
+    """``sig`` to ``process`` and everything in its process group (it leads
+    one: started with ``process_group=0`` or a session of its own)."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_groups(processes, grace: float) -> None:
+    """SIGTERM to the group of every live process in ``processes``, SIGKILL
+    to those still alive ``grace`` seconds later; returns once each has
+    exited. Only unreaped processes are signalled, so a pid is never one the
+    kernel has given to another process since."""
+    live = [p for p in processes if p.poll() is None]
+    for p in live:
+        signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in live:
+        try:
+            p.wait(max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            signal_group(p, signal.SIGKILL)
+            p.wait()

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from tftrain import costmodel
+from tftrain import costmodel, lifeline
 from tftrain.config import ConfigError
 
 _PREFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
@@ -232,17 +232,17 @@ def _run(args: list[str], timeout: float, env) -> subprocess.CompletedProcess:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.terminate()
+        lifeline.signal_group(proc, signal.SIGTERM)
         try:
             proc.communicate(timeout=STOP_GRACE)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            lifeline.signal_group(proc, signal.SIGKILL)
             proc.communicate()
         raise
     except Stopped:
         raise  # main stops it with the rest, in order
     except BaseException:
-        proc.kill()
+        lifeline.signal_group(proc, signal.SIGKILL)
         proc.wait()
         raise
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
@@ -251,16 +251,7 @@ def _run(args: list[str], timeout: float, env) -> subprocess.CompletedProcess:
 def stop_children(grace: float = STOP_GRACE) -> None:
     """SIGTERM to every live child (a ``tftrain launch`` then stops its tasks
     in order), SIGKILL to any still alive after ``grace`` seconds."""
-    live = [p for p in _children if p.poll() is None]
-    for p in live:
-        p.terminate()
-    deadline = time.monotonic() + grace
-    for p in live:
-        try:
-            p.wait(max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    lifeline.stop_groups(_children, grace)
 
 
 def _python(args: list[str], timeout: float, env=None) -> subprocess.CompletedProcess:

@@ -290,10 +290,7 @@ class _Task:
         self.process.stdout.close()
 
     def signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.process.pid, sig)  # the task and anything it started
-        except ProcessLookupError:
-            pass
+        lifeline.signal_group(self.process, sig)  # the task and anything it started
 
     def drain(self, timeout: float = 5.0) -> None:
         self._pump.join(timeout)
@@ -370,16 +367,7 @@ class Cluster:
 
     def stop(self) -> None:
         """SIGTERM to every live task, SIGKILL after the grace period."""
-        live = [t for t in self.tasks.values() if t.process.poll() is None]
-        for task in live:
-            task.signal(signal.SIGTERM)
-        deadline = time.time() + self.stop_grace_secs
-        for task in live:
-            try:
-                task.process.wait(max(deadline - time.time(), 0))
-            except subprocess.TimeoutExpired:
-                task.signal(signal.SIGKILL)
-                task.process.wait()
+        lifeline.stop_groups([t.process for t in self.tasks.values()], self.stop_grace_secs)
         for task in self.tasks.values():
             task.drain()
         self._release_ports()
