@@ -122,16 +122,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def proc_stat(pid) -> list | None:
+    """The fields of ``/proc/PID/stat`` after the command name (which may
+    hold spaces and parentheses): [0] the state, [1] the parent's pid, [19]
+    the start time. None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def alive(pid: int, started: str | None = None) -> bool:
     """Whether ``pid`` is a live process (not a zombie) and, given
     ``started``, still the one that started then (not a later process given
     the same pid)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[0] != "Z" and started in (None, fields[19])
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z" and started in (None, fields[19])
 
 
 def read_until(proc, pattern, lines, timeout=180):

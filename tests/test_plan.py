@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from tests.conftest import alive as _alive
-from tests.conftest import run_tftrain
+from tests.conftest import proc_stat, run_tftrain
 from tftrain import costmodel, plan
 
 # A CPU worker that needs 0.2 ms a step and 10 us an example on one core,
@@ -767,13 +767,9 @@ def test_a_launched_pipeline_failing_at_its_larger_batch_keeps_the_first_and_say
 def _descendants(pid: int) -> dict:
     """{pid: (start time, command line)} of every live process below ``pid``."""
     stats = {}
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        if fields := proc_stat(entry):
             stats[int(entry)] = (int(fields[1]), fields[19])
-        except (ValueError, OSError, IndexError):
-            continue
     below, frontier = {}, [pid]
     while frontier:
         parent = frontier.pop()
