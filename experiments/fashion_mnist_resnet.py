@@ -25,6 +25,7 @@ import keras
 import numpy as np
 
 import tftrain
+from tftrain.layers import FusedBatchNormalization
 
 # The moving averages' momentum (Keras's default is 0.99): 0.9 follows the
 # batch statistics within tens of steps, so a short run evaluates sensibly.
@@ -35,13 +36,13 @@ def residual_block(x, filters: int, stride: int, name: str):
     """Two 3x3 convolutions, each with BatchNormalization, and the shortcut."""
     conv = dict(padding="same", use_bias=False, kernel_initializer="he_normal")
     y = keras.layers.Conv2D(filters, 3, strides=stride, name=f"{name}_conv1", **conv)(x)
-    y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(y)
+    y = FusedBatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(y)
     y = keras.layers.ReLU(name=f"{name}_relu1")(y)
     y = keras.layers.Conv2D(filters, 3, name=f"{name}_conv2", **conv)(y)
-    y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn2")(y)
+    y = FusedBatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn2")(y)
     if stride != 1 or x.shape[-1] != filters:
         x = keras.layers.Conv2D(filters, 1, strides=stride, name=f"{name}_proj", **conv)(x)
-        x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_proj_bn")(x)
+        x = FusedBatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_proj_bn")(x)
     y = keras.layers.Add(name=f"{name}_add")([x, y])
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
@@ -60,7 +61,7 @@ def resnet(depth: int, width: int, num_classes: int = 10, seed: int = 0):
     x = keras.layers.Conv2D(
         width, 3, padding="same", use_bias=False, kernel_initializer="he_normal", name="stem"
     )(x)
-    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
+    x = FusedBatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     for stage in range(3):
         for block in range(blocks):
