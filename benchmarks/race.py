@@ -344,7 +344,11 @@ def machine() -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         pass
-    return f"{model}, {len(os.sched_getaffinity(0))} cores usable, {platform.system()}"
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "TensorFlow's default")
+    return (
+        f"{model}, {len(os.sched_getaffinity(0))} cores usable, {platform.system()}, "
+        f"oneDNN: {onednn}"
+    )
 
 
 SECTIONS = ("speed", "distributed", "time_to_accuracy")

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+import tftrain  # noqa: F401  (its TensorFlow defaults, oneDNN among them, before TensorFlow loads)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,11 +3,13 @@ the installed versions: a failure here names what an upgrade changed."""
 
 import inspect
 import os
+import platform
 import subprocess
 import sys
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tests.conftest import ROOT
@@ -37,6 +39,8 @@ def test_tensorflow_pools_cpu_memory_when_asked_before_it_starts():
         "print(_internal.cpu_memory_pooled())"
     )
     env = {k: v for k, v in os.environ.items() if k != _internal.CPU_POOL_VARIABLE}
+    # Without oneDNN, whose own CPU allocator (a pool too) would be the default.
+    env["TF_ENABLE_ONEDNN_OPTS"] = "0"
     said = {}
     for how in ("pool", "malloc"):
         out = subprocess.run(
@@ -51,6 +55,35 @@ def test_tensorflow_pools_cpu_memory_when_asked_before_it_starts():
     assert said == {"pool": ["True"], "malloc": ["False"]}, (
         f"TensorFlow no longer reads {_internal.CPU_POOL_VARIABLE} (or its CPU allocator's "
         f"statistics moved): tftrain._internal.pool_cpu_memory needs another way. {said}"
+    )
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.machine() != "x86_64",
+    reason="tftrain turns oneDNN on by default on x86-64 Linux only",
+)
+def test_importing_tftrain_first_runs_onednn_unless_the_user_said_no():
+    code = (
+        "import tftrain, tensorflow as tf; from tftrain import _internal; "
+        "tf.constant(1.0) + 1; print(_internal.onednn_enabled())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    said = {}
+    for setting in (None, "0"):
+        run_env = env if setting is None else dict(env, TF_ENABLE_ONEDNN_OPTS=setting)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        said[setting] = out.stdout.strip().splitlines()[-1:] or [out.stderr[-2000:]]
+    assert said == {None: ["True"], "0": ["False"]}, (
+        "TensorFlow no longer turns oneDNN on from TF_ENABLE_ONEDNN_OPTS, or no longer "
+        f"reports it through _pywrap_util_port.IsMklEnabled: tftrain/__init__.py and "
+        f"tftrain._internal.onednn_enabled need another way. {said}"
     )
 
 

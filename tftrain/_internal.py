@@ -68,6 +68,14 @@ def cpu_memory_pooled() -> bool:
     return True
 
 
+def onednn_enabled() -> bool:
+    """Whether this process runs TensorFlow's oneDNN CPU kernels (built with
+    them and turned on: ``_pywrap_util_port.IsMklEnabled``)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 def thread_spinning_disabled() -> bool:
     from tensorflow.python.eager import context
 
