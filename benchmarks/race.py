@@ -74,7 +74,9 @@ RUNNERS = ("tftrain", "fit", "fit best")
 VARIANTS = {
     "tftrain bf16": ["--precision=bfloat16"],
     "tftrain no summaries": None,  # train scalars only at the end (--summary_every=steps)
+    "tftrain no onednn": (),  # TensorFlow's own CPU kernels (its environment, below)
 }
+VARIANT_ENV = {"tftrain no onednn": {"TF_ENABLE_ONEDNN_OPTS": "0"}}
 LEARNING_RATE = 1e-3
 
 
@@ -283,7 +285,7 @@ def training_flops_per_example(case: str) -> float:
     return total
 
 
-def _measure_tftrain(case: str, precision: str, extra=()) -> tuple[float, float]:
+def _measure_tftrain(case: str, precision: str, extra=(), env=None) -> tuple[float, float]:
     name, hidden, batch, steps = CASES[case]
     if name.startswith("fashion_mnist_"):
         model = [f"--experiment={name}", "--augment=false", "--max_eval_examples=1000"]
@@ -311,7 +313,7 @@ def _measure_tftrain(case: str, precision: str, extra=()) -> tuple[float, float]
         if precision != "float32":
             flags.append(f"--precision={precision}")
         flags += extra if extra is not None else [f"--summary_every={steps}"]
-        metrics, rss = run(flags, model_dir)
+        metrics, rss = run(flags, model_dir, env)
     return metrics["examples_per_second"], rss
 
 
@@ -325,7 +327,7 @@ def measure(runner: str, case: str, precision: str) -> tuple[float, float]:
     if runner == "tftrain":
         return _measure_tftrain(case, precision, ())
     if runner in VARIANTS:
-        return _measure_tftrain(case, precision, VARIANTS[runner])
+        return _measure_tftrain(case, precision, VARIANTS[runner], VARIANT_ENV.get(runner))
     result, rss = _measure_child(runner.replace(" ", "_"), case, precision)
     return result["examples_per_second"], rss
 

@@ -16,6 +16,10 @@ epoch of warm-up then cosine decay over 30 epochs (15 stopped short of the
 The benchmark table's ResNet18 (flips, translation, rotation) reached 0.949;
 Zhong et al. report ResNet-20 at about 94% without random erasing.
 
+Its BatchNormalization is ``tftrain.layers.FusedBatchNormalization``:
+Keras's layer, trained with TensorFlow's fused kernel (its own statistics,
+weights and checkpoints; Keras's path under ``--sync_batchnorm``).
+
 Options: ``depth`` (6n+2: 20, 32, 44, ...), ``width`` (the first stage's
 channels), ``augment``. Variants: ``smoke`` (ResNet-8 of width 8 on 2,048
 images), ``noaugment``.

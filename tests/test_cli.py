@@ -397,12 +397,15 @@ def test_only_tensorflows_start_up_lines_are_filtered():
         "I0000 00:00:1795868752.466742    8000 port.cc:153] oneDNN custom operations are on.",
         "I0000 00:00:1795868752.467071    8000 cudart_stub.cc:31] Could not find cuda drivers",
         "E0000 00:00:1795868753.727477    8000 cuda_platform.cc:52] failed call to cuInit: x",
+        "E0000 00:00:1796500647.801259   14573 util.cc:131] oneDNN supports DT_BFLOAT16 only on "
+        "platforms with AVX-512. Falling back to the default Eigen-based implementation",
         "To enable the following instructions: AVX2 FMA, in other operations, rebuild "
         "TensorFlow with the appropriate compiler flags.",
     ]
     kept = [
         "tftrain: error: --seed=-1: expected an integer in 0-4294967295.",
         "E0000 00:00:1795868753.727477    8000 grpc_server_lib.cc:52] could not bind",
+        "E0000 00:00:1796500647.801259   14573 util.cc:131] something else",
         "Traceback (most recent call last):",
         "W1128 13:49:29.519092 140628470201216 polymorphic_function.py:157] retracing",
     ]

@@ -55,6 +55,7 @@ __all__ = [
     "Task",
     "UserCodeError",
     "data",
+    "layers",
     "optimizers",
     "train",
 ]
@@ -68,7 +69,7 @@ def train(config, **overrides) -> dict:
 
 
 def __getattr__(name: str):
-    if name in ("data", "optimizers"):
+    if name in ("data", "layers", "optimizers"):
         import importlib
 
         return importlib.import_module(f"tftrain.{name}")

@@ -4,7 +4,9 @@ TensorFlow 2.21 prints them before its logging is set up, so
 ``TF_CPP_MIN_LOG_LEVEL`` cannot silence them: a note that logging is not
 set up, oneDNN's round-off notice, a CUDA probe's "could not find cuda
 drivers" and "failed call to cuInit" on a machine without GPUs, and the CPU
-instruction notice, each twice. :func:`filter_native_stderr` sends what the
+instruction notice, each twice; and oneDNN's notice, on a CPU without
+AVX-512, that bfloat16 runs on TensorFlow's own kernels, as the first
+bfloat16 op is built. :func:`filter_native_stderr` sends what the
 C++ runtime writes to file descriptor 2 through a filter that drops exactly
 those lines and passes everything else on; Python's own ``sys.stderr``
 (tftrain's errors, tracebacks) keeps writing straight to the console, so
@@ -23,6 +25,7 @@ NOISE = re.compile(
     r"All log messages before absl::InitializeLog\(\) is called"
     r"|^[IWE]\d{4} [\d:. ]+\d+ (port\.cc|cudart_stub\.cc|cuda_platform\.cc|cuda_executor\.cc"
     r"|cpu_feature_guard\.cc)"
+    r"|^[IWE]\d{4} [\d:. ]+\d+ util\.cc:\d+\] oneDNN supports DT_BFLOAT16 only on platforms"
     r"|^To enable the following instructions: .* rebuild TensorFlow"
 )
 
