@@ -31,6 +31,12 @@ def test_thread_spinning_can_be_turned_off_before_tensorflow_starts():
     )
 
 
+def _last_line(argv, env) -> list:
+    """The last line a child printed (as a list of at most one), or its stderr's tail."""
+    out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return out.stdout.strip().splitlines()[-1:] or [out.stderr[-2000:]]
+
+
 def test_tensorflow_pools_cpu_memory_when_asked_before_it_starts():
     code = (
         "import os, sys; from tftrain import _internal\n"
@@ -43,15 +49,7 @@ def test_tensorflow_pools_cpu_memory_when_asked_before_it_starts():
     env["TF_ENABLE_ONEDNN_OPTS"] = "0"
     said = {}
     for how in ("pool", "malloc"):
-        out = subprocess.run(
-            [sys.executable, "-c", code, how],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        said[how] = out.stdout.strip().splitlines()[-1:] or [out.stderr[-2000:]]
+        said[how] = _last_line([sys.executable, "-c", code, how], env)
     assert said == {"pool": ["True"], "malloc": ["False"]}, (
         f"TensorFlow no longer reads {_internal.CPU_POOL_VARIABLE} (or its CPU allocator's "
         f"statistics moved): tftrain._internal.pool_cpu_memory needs another way. {said}"
@@ -71,15 +69,7 @@ def test_importing_tftrain_first_runs_onednn_unless_the_user_said_no():
     said = {}
     for setting in (None, "0"):
         run_env = env if setting is None else dict(env, TF_ENABLE_ONEDNN_OPTS=setting)
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=ROOT,
-            env=run_env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        said[setting] = out.stdout.strip().splitlines()[-1:] or [out.stderr[-2000:]]
+        said[setting] = _last_line([sys.executable, "-c", code], run_env)
     assert said == {None: ["True"], "0": ["False"]}, (
         "TensorFlow no longer turns oneDNN on from TF_ENABLE_ONEDNN_OPTS, or no longer "
         f"reports it through _pywrap_util_port.IsMklEnabled: tftrain/__init__.py and "
